@@ -1,0 +1,208 @@
+"""One typed configuration for the whole unified model.
+
+`VARGPTConfig` extends transformers' `Qwen2VLConfig` (so the original flat `config.json` with
+`model_type: vargpt_qwen2_vl` parses as is) with the three image-generation tokens, the visual decoder,
+the image tokenizer and the training-loss settings. The original stores none of the decoder or tokenizer
+settings and hard-codes them; our sub-configs default to exactly those values, so an original
+`config.json` yields the original model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+from huggingface_hub.dataclasses import strict
+from transformers import Qwen2VLConfig
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+
+from .image_tokenizer.configuration import ImageTokenizerConfig
+from .visual_decoder.configuration import VisualDecoderConfig
+
+IMAGE_GEN_START = "<|image_gen_start|>"
+IMAGE_GEN_END = "<|image_gen_end|>"
+IMAGE_GEN_PAD = "<|image_gen_pad|>"
+
+# The original's `config.json` as `prepare_vargpt_v1_1` writes it (flat Qwen2-VL 4.4x layout).
+_FULL_SIZE: dict[str, Any] = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_window_layers": 28,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "sliding_window": 32768,
+    "use_sliding_window": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_config": {
+        "depth": 32,
+        "embed_dim": 1280,
+        "hidden_size": 3584,
+        "mlp_ratio": 4,
+        "num_heads": 16,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+}
+
+# A model small enough for unit tests on two CPU cores. Its vocabulary keeps the real special-token
+# ids' *order* but lives in a small id range (see `vargpt.tokenization` for the tiny tokenizer).
+_TINY: dict[str, Any] = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_window_layers": 2,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    # head_dim 16 -> 8 rotary frequency pairs split as t/h/w
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    "tie_word_embeddings": False,
+    "bos_token_id": 500,
+    "eos_token_id": 502,
+    "pad_token_id": 500,
+    "vision_start_token_id": 503,
+    "vision_end_token_id": 504,
+    "image_token_id": 505,
+    "video_token_id": 506,
+    "special_tokens": {
+        "image_gen_start": IMAGE_GEN_START,
+        "image_gen_start_token_id": 507,
+        "image_gen_end": IMAGE_GEN_END,
+        "image_gen_end_token_id": 508,
+        "image_gen_pad": IMAGE_GEN_PAD,
+        "image_gen_pad_token_id": 509,
+    },
+    "vision_config": {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "mlp_ratio": 2,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+    "visual_decoder_config": {
+        "depth": 2,
+        "embed_dim": 32,
+        "num_heads": 2,
+        "mlp_ratio": 2.0,
+        "drop_path_rate": 0.0,
+        "bits": 8,
+        "context_dim": 32,
+        "num_block_chunks": 1,
+        "cfg_uncond_length": 64,
+        "rope_max_grid": 8,
+    },
+    "image_tokenizer_config": {
+        "base_channels": 8,
+        "channel_multipliers": [1, 2, 2],
+        "num_res_blocks": 1,
+        "norm_groups": 4,
+        "bits": 8,
+    },
+    "image_resolution": 32,
+    "image_gen_pad_multiple": 8,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"vargpt-v1.1": _FULL_SIZE, "tiny": _TINY}
+
+
+@strict
+class VARGPTConfig(Qwen2VLConfig):
+    """Configuration of `VARGPTForConditionalGeneration`.
+
+    Beyond Qwen2-VL it carries:
+      * the image-generation special tokens (read from the original's `special_tokens` dict);
+      * `visual_decoder_config` and `image_tokenizer_config` (original hard-coded values by default);
+      * `image_resolution`: the default generation resolution in pixels (512 for the published model);
+      * loss settings: `image_loss_weight` (3.0 as in the report), `image_loss_scale_weighting`
+        ("scale": Infinity's per-scale weights that really take effect; "uniform": the original's plain
+        mean over all bits), bitwise self-correction strength and condition dropout.
+    """
+
+    model_type = "vargpt_qwen2_vl"
+    sub_configs_defaults: ClassVar = {
+        "vision_config": Qwen2VLVisionConfig,
+        "text_config": Qwen2VLTextConfig,
+        "visual_decoder_config": VisualDecoderConfig,
+        "image_tokenizer_config": ImageTokenizerConfig,
+    }
+
+    visual_decoder_config: dict | VisualDecoderConfig | None = None
+    image_tokenizer_config: dict | ImageTokenizerConfig | None = None
+    special_tokens: dict | None = None
+    image_gen_start_token_id: int = 151657
+    image_gen_end_token_id: int = 151658
+    image_gen_pad_token_id: int = 151659
+    image_resolution: int = 512
+    image_gen_pad_multiple: int = 128
+    image_loss_weight: float = 3.0
+    image_loss_scale_weighting: str = "scale"
+    bit_flip_max_prob: float = 0.3
+    bit_flip_prob_step: float = 0.01
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        tokens = self.special_tokens or {}
+        for name in ("image_gen_start", "image_gen_end", "image_gen_pad"):
+            key = f"{name}_token_id"
+            if key in tokens:
+                setattr(self, key, int(tokens[key]))
+        self.special_tokens = {
+            "image_gen_start": IMAGE_GEN_START,
+            "image_gen_start_token_id": self.image_gen_start_token_id,
+            "image_gen_end": IMAGE_GEN_END,
+            "image_gen_end_token_id": self.image_gen_end_token_id,
+            "image_gen_pad": IMAGE_GEN_PAD,
+            "image_gen_pad_token_id": self.image_gen_pad_token_id,
+        }
+        self.validate_vargpt()
+
+    def validate_vargpt(self) -> None:
+        """Reject settings that cannot describe a working model, naming the field."""
+        if self.image_loss_scale_weighting not in ("scale", "uniform"):
+            raise ValueError(
+                f"image_loss_scale_weighting must be 'scale' or 'uniform', got {self.image_loss_scale_weighting!r}"
+            )
+        if self.image_tokenizer_config.bits != self.visual_decoder_config.bits:
+            raise ValueError(
+                "image_tokenizer_config.bits and visual_decoder_config.bits must match, got "
+                f"{self.image_tokenizer_config.bits} and {self.visual_decoder_config.bits}"
+            )
+        vocab = self.text_config.vocab_size
+        for key in ("image_gen_start_token_id", "image_gen_end_token_id", "image_gen_pad_token_id"):
+            if not 0 <= getattr(self, key) < vocab:
+                raise ValueError(f"{key}={getattr(self, key)} lies outside the vocabulary of size {vocab}")
+        if self.vision_config.hidden_size != self.text_config.hidden_size:
+            raise ValueError(
+                f"vision_config.hidden_size ({self.vision_config.hidden_size}) must equal the LLM hidden size "
+                f"({self.text_config.hidden_size}): the ViT merger writes into the LLM's embedding space"
+            )
+        if self.image_resolution % self.image_tokenizer_config.downsample_factor:
+            raise ValueError(
+                f"image_resolution {self.image_resolution} is not a multiple of the tokenizer stride "
+                f"{self.image_tokenizer_config.downsample_factor}"
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> VARGPTConfig:
+        """Build a named configuration: "vargpt-v1.1" (the published 7B+2B model) or "tiny" (tests)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        values = copy.deepcopy(PRESETS[name])
+        values.update(overrides)
+        return cls(**values)
