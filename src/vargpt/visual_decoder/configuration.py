@@ -9,6 +9,8 @@ class VisualDecoderConfig(PreTrainedConfig):
     """Next-scale bit predictor.
 
     Defaults reproduce Infinity-2B as wired into VARGPT-v1.1 (the original hard-codes `infinity_2b`).
+    The initialisation fields reproduce Infinity's training defaults (`tini`, `aln`/`alng`, `hd0`); they
+    matter only for models trained from scratch, since the published decoder is loaded from its weights.
     """
 
     model_type = "vargpt_visual_decoder"
@@ -29,3 +31,12 @@ class VisualDecoderConfig(PreTrainedConfig):
     # Grid of the 1024 px schedule's last scale: 2D RoPE positions are normalised to it.
     rope_max_grid: int = 64
     cond_drop_rate: float = 0.1
+    # FFN width = embed_dim * mlp_ratio rounded to the nearest multiple of this (8192 for Infinity-2B);
+    # widths below one multiple stay unrounded so that tiny test models keep their ratio.
+    ffn_hidden_multiple: int = 256
+    # Std of the truncated-normal init of every Linear and Embedding weight (Infinity's `tini`).
+    init_std: float = 0.02
+    # Multiplier of the AdaLN weights at init: `ada_gss` and the head's ada_lin (Infinity's `aln`, `alng`).
+    ada_init_scale: float = 1e-3
+    # Multiplier of the output head's weight at init (Infinity's `hd0`).
+    head_init_scale: float = 0.02

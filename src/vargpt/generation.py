@@ -1,0 +1,342 @@
+"""Interleaved decoding: text by next-token prediction, images by next-scale prediction.
+
+One batched loop. Each row writes text until it samples `<|image_gen_start|>` (or the caller forces an
+image); then the rows that asked for an image run the scale loop together (LLM and decoder KV caches,
+CFG as one batch), the image's tokens enter the LLM cache in the training layout
+(`<|image_gen_start|>` + pad slots + `<|image_gen_end|>`), and text continues until EOS. Rows that did not
+ask for an image take part in the batched calls with their tokens masked out of their own history.
+Images come back as tensors; nothing is written anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.utils import ModelOutput
+
+from .generation_config import ImageGenerationConfig
+from .image_tokenizer import accumulate_scale, next_scale_input
+from .rope_index import mrope_positions
+from .visual_decoder import DecoderKVCache, sample_bits
+
+GENERATION_MODES = ("text", "image", "interleaved")
+
+
+@dataclass
+class VARGPTGenerateOutput(ModelOutput):
+    """`sequences`: prompt and answer ids (left padding kept), image blocks included as
+    start / pad / end tokens. `images[b]`: the images of row b in order, each `[3, H, W]` in [-1, 1].
+    `image_bits[b]`: per image, the sampled bits of every scale (`[h*w, bits]` each).
+    `image_logits[b]`: per image, the conditional bit logits of all scales `[L, bits, 2]` before tau and CFG."""
+
+    sequences: torch.LongTensor | None = None
+    images: list[list[torch.Tensor]] | None = None
+    image_bits: list[list[list[torch.Tensor]]] | None = None
+    image_logits: list[list[torch.Tensor]] | None = None
+
+
+@dataclass
+class TextSamplingConfig:
+    """Settings of the text part (transformers' meanings)."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.do_sample:
+            if self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k > 0:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+class _DecodingState:
+    """What the loop tracks per row: cache, which cache slots are real, and the next text position."""
+
+    def __init__(self, model, input_ids, attention_mask, pixel_values, image_grid_thw) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.config.text_config)
+        B, L = input_ids.shape
+        self.batch = B
+        self.device = input_ids.device
+        embeds = model.model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            embeds = model.embed_understanding_images(embeds, input_ids, pixel_values, image_grid_thw)
+        positions, deltas = mrope_positions(
+            input_ids,
+            attention_mask,
+            image_grid_thw,
+            model.config.image_token_id,
+            model.config.vision_config.spatial_merge_size,
+        )
+        self.mask_BT = attention_mask.to(torch.long)
+        out = model.model(
+            inputs_embeds=embeds,
+            attention_mask=self.mask_BT,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.hidden_BTH = out.last_hidden_state
+        self.logits_BV = model.lm_head(out.last_hidden_state[:, -1]).float()
+        self.next_pos_B = (deltas[:, 0] + L).to(self.device)
+
+    @property
+    def length(self) -> int:
+        return self.mask_BT.shape[1]
+
+    def step(self, embeds_BlH, real_B, positions_3Bl=None, see_new=None):
+        """Feed l tokens per row. `real_B`: rows for which the tokens are part of their history."""
+        B, l, _ = embeds_BlH.shape
+        if positions_3Bl is None:
+            offs = torch.arange(l, device=self.device)
+            positions_3Bl = (self.next_pos_B.view(B, 1) + offs.view(1, l)).unsqueeze(0).expand(3, B, l)
+        new_mask = torch.ones(B, l, dtype=torch.long, device=self.device)
+        call_mask = torch.cat([self.mask_BT, new_mask], dim=1)
+        out = self.model.model(
+            inputs_embeds=embeds_BlH,
+            attention_mask=call_mask,
+            position_ids=positions_3Bl,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.mask_BT = torch.cat([self.mask_BT, real_B.view(B, 1).long().expand(B, l)], dim=1)
+        self.hidden_BTH = torch.cat([self.hidden_BTH, out.last_hidden_state], dim=1)
+        self.next_pos_B = self.next_pos_B + real_B.long() * l
+        return out.last_hidden_state
+
+
+def _image_events(model, state: _DecodingState, rows_B: torch.Tensor, settings: ImageGenerationConfig, generator):
+    """Run the scale loop for rows `rows_B` (their `<|image_gen_start|>` is the last cached token).
+
+    Returns `(images_B3HW, bits_per_scale)`; the LLM cache afterwards holds the pad slots.
+    """
+    cfg = model.config
+    B = state.batch
+    device = state.device
+    schedule = model.generation_schedule(settings.resolution, settings.aspect_ratio)
+    num_tokens = sum(h * w for h, w in schedule)
+    num_pads = model.num_image_gen_pad_tokens(schedule)
+    use_cfg = settings.cfg_scale != 1.0
+    proj_in, proj_out, decoder = model.image_gen_projector, model.image_gen_projector_out, model.vargpt_gen
+    H = cfg.text_config.hidden_size
+    dtype = decoder.word_embed.weight.dtype
+
+    start_index = state.length - 1
+    context, context_mask = model.context_for_decoder(
+        state.hidden_BTH, state.mask_BT, [(b, start_index) for b in range(B)]
+    )
+    cond_BD = model.image_condition(B)
+    if use_cfg:
+        lengths = context_mask.sum(1).clamp(min=1, max=decoder.cfg_uncond.shape[0])
+        width = int(lengths.max())
+        uncond_ctx = decoder.cfg_uncond[:width].unsqueeze(0).expand(B, -1, -1).to(context.dtype)
+        uncond_mask = torch.arange(width, device=device).view(1, -1) < lengths.view(-1, 1)
+        pad = max(context.shape[1], width)
+        context = torch.cat(
+            [
+                torch.nn.functional.pad(context, (0, 0, 0, pad - context.shape[1])),
+                torch.nn.functional.pad(uncond_ctx, (0, 0, 0, pad - width)),
+            ]
+        )
+        context_mask = torch.cat(
+            [
+                torch.nn.functional.pad(context_mask, (0, pad - context_mask.shape[1])),
+                torch.nn.functional.pad(uncond_mask, (0, pad - width)),
+            ]
+        )
+        cond_BD = torch.cat([cond_BD, model.image_condition(B, unconditional=True)])
+        state.cache.batch_select_indices(torch.cat([torch.arange(B), torch.arange(B)]).to(device))
+    rows = 2 * B if use_cfg else B
+
+    x_RlH = proj_in(decoder.start_tokens(cond_BD).to(dtype))
+    prefix_mask = state.mask_BT  # [B, T] history before the scale tokens
+    cache_len0 = state.length
+    dec_cache = DecoderKVCache()
+    latent = None
+    bits_per_scale: list[torch.Tensor] = []
+    cond_logits: list[torch.Tensor] = []
+    fed = 0
+    for k, (h, w) in enumerate(schedule):
+        l = h * w
+        offs = torch.arange(fed, fed + l, device=device)
+        if settings.position_mode == "cache":
+            cond_pos = (cache_len0 + offs).view(1, l).expand(B, l)
+        else:
+            cond_pos = state.next_pos_B.view(B, 1) + offs.view(1, l)
+        cond_mask = torch.cat([prefix_mask, torch.ones(B, fed + l, dtype=torch.long, device=device)], dim=1)
+        if use_cfg:
+            uncond_pos = torch.arange(l, device=device).view(1, l).expand(B, l)
+            uncond_mask = torch.cat(
+                [
+                    torch.zeros(B, cache_len0 + fed, dtype=torch.long, device=device),
+                    torch.ones(B, l, dtype=torch.long, device=device),
+                ],
+                dim=1,
+            )
+            positions = torch.cat([cond_pos, uncond_pos]).unsqueeze(0).expand(3, rows, l)
+            call_mask = torch.cat([cond_mask, uncond_mask])
+        else:
+            positions = cond_pos.unsqueeze(0).expand(3, rows, l)
+            call_mask = cond_mask
+        out = model.model(
+            inputs_embeds=x_RlH.to(state.hidden_BTH.dtype),
+            attention_mask=call_mask,
+            position_ids=positions,
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        fed += l
+        h_RlC = proj_out(out.last_hidden_state)
+        logits = decoder.forward_scale(h_RlC, cond_BD, context, context_mask, schedule, k, dec_cache).float()
+        cond_logits.append(logits[:B])
+        logits = logits / settings.tau
+        if use_cfg:
+            logits = settings.cfg_scale * logits[:B] + (1.0 - settings.cfg_scale) * logits[B:]
+        if settings.top_k == 1:
+            bits = logits.argmax(-1)
+        else:
+            bits = sample_bits(logits, tau=1.0, top_p=settings.top_p, generator=generator)
+        bits_per_scale.append(bits)
+        if latent is None:
+            latent = torch.zeros(B, bits.shape[-1], *schedule[-1], dtype=torch.float32, device=device)
+        latent = accumulate_scale(latent, bits, (h, w))
+        if k + 1 < len(schedule):
+            nxt = next_scale_input(latent, schedule[k + 1])
+            x_RlH = proj_in(decoder.embed_inputs(nxt.to(dtype)))
+            if use_cfg:
+                x_RlH = torch.cat([x_RlH, x_RlH])
+
+    if use_cfg:
+        state.cache.batch_select_indices(torch.arange(B, device=device))
+    # record the scale tokens as history of the participating rows, then fill the remaining pad slots
+    real = rows_B.long().view(B, 1)
+    state.mask_BT = torch.cat([state.mask_BT, real.expand(B, num_tokens)], dim=1)
+    scale_hidden = torch.zeros(B, num_tokens, H, dtype=state.hidden_BTH.dtype, device=device)
+    state.hidden_BTH = torch.cat([state.hidden_BTH, scale_hidden], dim=1)
+    state.next_pos_B = state.next_pos_B + rows_B.long() * num_tokens
+    if num_pads > num_tokens:
+        filler = proj_in(torch.zeros(B, num_pads - num_tokens, decoder.word_embed.weight.shape[0], dtype=dtype))
+        state.step(filler.to(state.hidden_BTH.dtype), rows_B)
+    images = model.vae_local.decode(latent.to(model.vae_local.decoder.conv_in.conv.weight.dtype))
+    return images.float(), bits_per_scale, torch.cat(cond_logits, dim=1), num_pads
+
+
+@torch.no_grad()
+def generate_interleaved(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    *,
+    generation_mode: str = "interleaved",
+    text_config: TextSamplingConfig | None = None,
+    image_config: ImageGenerationConfig | None = None,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    on_image_step: Callable[[int], None] | None = None,
+) -> VARGPTGenerateOutput:
+    """Decode a batch of prompts (left padded). See the module docstring for the semantics."""
+    if generation_mode not in GENERATION_MODES:
+        raise ValueError(f"generation_mode must be one of {GENERATION_MODES}, got {generation_mode!r}")
+    cfg = model.config
+    text_config = text_config or TextSamplingConfig()
+    image_config = image_config or ImageGenerationConfig()
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError("input_ids must be a non-empty [batch, length] tensor")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    limit = cfg.text_config.max_position_embeddings
+    if input_ids.shape[1] + text_config.max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {input_ids.shape[1]} tokens plus max_new_tokens={text_config.max_new_tokens} exceeds the "
+            f"model's context of {limit} tokens"
+        )
+    eos = set(text_config.eos_token_ids or _default_eos(cfg))
+    B = input_ids.shape[0]
+    device = input_ids.device
+    state = _DecodingState(model, input_ids, attention_mask, pixel_values, image_grid_thw)
+    procs = text_config.processors()
+    sequences = input_ids.clone()
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    images: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    image_bits: list[list[list[torch.Tensor]]] = [[] for _ in range(B)]
+    image_logits: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    embed = model.model.embed_tokens
+    pad_id = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
+    forced_done = False
+
+    new_tokens = 0
+    while new_tokens < text_config.max_new_tokens and not bool(finished.all()):
+        if generation_mode == "image" and not forced_done:
+            next_B = torch.full((B,), cfg.image_gen_start_token_id, dtype=torch.long, device=device)
+            forced_done = True
+        else:
+            scores = state.logits_BV.clone()
+            if generation_mode == "text" or (generation_mode == "image" and forced_done):
+                scores[:, cfg.image_gen_start_token_id] = float("-inf")
+            for banned in (cfg.image_gen_pad_token_id, cfg.image_gen_end_token_id):
+                scores[:, banned] = float("-inf")
+            scores = procs(sequences, scores)
+            if text_config.do_sample:
+                next_B = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                next_B = scores.argmax(-1)
+        next_B = torch.where(finished, torch.full_like(next_B, pad_id), next_B)
+        active = ~finished
+        sequences = torch.cat([sequences, next_B.view(B, 1)], dim=1)
+        new_tokens += 1
+        if on_token is not None:
+            on_token(next_B)
+        hidden = state.step(embed(next_B).unsqueeze(1), active)
+        state.logits_BV = model.lm_head(hidden[:, -1]).float()
+        finished = finished | (active & torch.isin(next_B, torch.tensor(sorted(eos), device=device)))
+
+        wants_image = active & (next_B == cfg.image_gen_start_token_id)
+        if bool(wants_image.any()):
+            imgs, bits, logits_BLd2, num_pads = _image_events(model, state, wants_image, image_config, generator)
+            if on_image_step is not None:
+                on_image_step(len(bits))
+            pads = torch.where(
+                wants_image.view(B, 1),
+                torch.full((B, num_pads), cfg.image_gen_pad_token_id, device=device),
+                torch.full((B, num_pads), pad_id, device=device),
+            )
+            end_B = torch.where(wants_image, cfg.image_gen_end_token_id, pad_id)
+            sequences = torch.cat([sequences, pads, end_B.view(B, 1)], dim=1)
+            kept_logits = state.logits_BV
+            hidden = state.step(embed(end_B).unsqueeze(1), wants_image)
+            state.logits_BV = torch.where(wants_image.view(B, 1), model.lm_head(hidden[:, -1]).float(), kept_logits)
+            for b in wants_image.nonzero().flatten().tolist():
+                images[b].append(imgs[b])
+                image_bits[b].append([s[b] for s in bits])
+                image_logits[b].append(logits_BLd2[b])
+    return VARGPTGenerateOutput(sequences=sequences, images=images, image_bits=image_bits, image_logits=image_logits)
+
+
+def _default_eos(cfg) -> Sequence[int]:
+    eos = cfg.text_config.eos_token_id
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    return [i for i in ids if i is not None]

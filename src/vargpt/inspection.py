@@ -1,0 +1,59 @@
+"""`vargpt inspect`: what a checkpoint (or a preset's architecture) holds, without loading weights."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .checkpoint import compare, read_tensor_shapes
+from .configuration import VARGPTConfig
+
+BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "int8": 1}
+
+
+def module_parameter_counts(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Values per top-level module (state-dict prefix before the first dot)."""
+    counts: dict[str, int] = defaultdict(int)
+    for name, shape in shapes.items():
+        counts[name.split(".", 1)[0]] += math.prod(shape)
+    return dict(counts)
+
+
+def architecture_shapes(config: VARGPTConfig) -> dict[str, tuple[int, ...]]:
+    from .modeling import VARGPTForConditionalGeneration
+
+    with torch.device("meta"):
+        model = VARGPTForConditionalGeneration(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def format_report(shapes: dict[str, tuple[int, ...]], title: str, extra: list[str] | None = None) -> str:
+    counts = module_parameter_counts(shapes)
+    total = sum(counts.values())
+    lines = [title, f"{'module':<28}{'values':>16}"]
+    for name, count in sorted(counts.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{name:<28}{count:>16,}")
+    lines.append(f"{'total':<28}{total:>16,}")
+    lines.append("estimated weight memory: " + ", ".join(
+        f"{k} {total * b / 2**30:.1f} GiB" for k, b in BYTES_PER_VALUE.items()
+    ))
+    lines.extend(extra or [])
+    return "\n".join(lines)
+
+
+def inspect_checkpoint(path: str | None, full_size: str | None = None) -> str:
+    if full_size:
+        config = VARGPTConfig.from_preset(full_size)
+        return format_report(architecture_shapes(config), f"preset {full_size} (architecture, no weights)")
+    if path is None:
+        raise ValueError("give a checkpoint directory or --preset NAME")
+    directory = Path(path)
+    config = VARGPTConfig.from_pretrained(directory)
+    on_disk, dtypes = read_tensor_shapes(directory)
+    report = compare(on_disk, architecture_shapes(config))
+    extra = ["dtypes on disk: " + ", ".join(f"{k}: {v} tensors" for k, v in sorted(dtypes.items()))]
+    extra.append("layout: matches the model its config describes" if report.ok else report.describe())
+    return format_report(on_disk, f"checkpoint {directory}", extra)

@@ -1,0 +1,526 @@
+"""The unified VARGPT model: Qwen2-VL understanding plus next-scale image generation in one network.
+
+Module names follow the published checkpoint exactly (`visual.*`, `model.*`, `lm_head`, `vae_local.*`,
+`vargpt_gen.*`, `image_gen_projector*`, `sos_embedding`), so its sharded safetensors load with no key
+renaming and `save_pretrained` writes the same layout back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VisionTransformerPretrainedModel,
+    Qwen2VLTextModel,
+)
+from transformers.utils import ModelOutput
+
+from .checkpoint import (
+    CheckpointMismatchError,
+    CheckpointReport,
+    atomic_directory_write,
+    compare,
+    expected_tensor_shapes,
+    read_tensor_shapes,
+)
+from .configuration import VARGPTConfig
+from .generation_config import ImageGenerationConfig
+from .image_tokenizer import (
+    BSQVAE,
+    accumulate_scale,
+    next_scale_input,
+    sample_flip_probs,
+    scale_schedule,
+    teacher_forcing,
+)
+from .rope_index import mrope_positions
+from .visual_decoder import InfinityDecoder, bit_cross_entropy
+
+
+class GenerationProjector(nn.Module):
+    """Two-layer MLP between the visual decoder's width and the LLM's width.
+
+    `ln_q` exists only because the published checkpoint stores it (an unused LayerNorm inherited from
+    Qwen2-VL's PatchMerger); it is loaded and saved so the layout round-trips, and never applied.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.ln_q = nn.LayerNorm(in_dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+@dataclass
+class VARGPTOutput(ModelOutput):
+    """Losses and logits of one forward pass.
+
+    `loss` is `text_loss + image_loss_weight * image_loss` over whatever the batch contains;
+    `image_logits` are per-bit 2-way logits `[num_generated_images, L, bits, 2]` and `image_labels` the bits
+    they were trained against.
+    """
+
+    loss: torch.Tensor | None = None
+    text_loss: torch.Tensor | None = None
+    image_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    image_logits: torch.Tensor | None = None
+    image_labels: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: torch.Tensor | None = None
+    rope_deltas: torch.Tensor | None = None
+
+
+class VARGPTPreTrainedModel(PreTrainedModel):
+    config_class = VARGPTConfig
+    config: VARGPTConfig
+    base_model_prefix = "vargpt"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The image tokenizer and the visual decoder initialise themselves in their constructors
+        # (Infinity's schemes); the generic initialiser would overwrite them.
+        if getattr(module, "_vargpt_self_initialised", False):
+            return
+        super()._init_weights(module)
+
+
+def inputs_from_bits(labels_NLd: torch.Tensor, schedule: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Next-scale inputs (scales 2..K) implied by clean bits: what the scale loop feeds after sampling them."""
+    N, _, d = labels_NLd.shape
+    latent = torch.zeros(N, d, *schedule[-1], dtype=torch.float32, device=labels_NLd.device)
+    inputs, offset = [], 0
+    for k, (h, w) in enumerate(schedule[:-1]):
+        latent = accumulate_scale(latent, labels_NLd[:, offset : offset + h * w], (h, w))
+        offset += h * w
+        inputs.append(next_scale_input(latent, schedule[k + 1]))
+    if not inputs:
+        return labels_NLd.new_zeros(N, 0, d, dtype=torch.float32)
+    return torch.cat(inputs, dim=1)
+
+
+def _mark_self_initialised(root: nn.Module) -> None:
+    for module in root.modules():
+        module._vargpt_self_initialised = True
+
+
+class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
+    """Understanding, generation and editing in one model.
+
+    Training: `forward(input_ids, labels, pixel_values, image_grid_thw, pixel_gen_values)` returns the text
+    loss on labelled (assistant) tokens, the bit loss of every generated image, and their weighted sum.
+    Inference: `generate()` (see `vargpt.generation`) writes text and switches to the scale loop at
+    `<|image_gen_start|>`.
+    """
+
+    def __init__(self, config: VARGPTConfig) -> None:
+        super().__init__(config)
+        text = config.text_config
+        decoder_width = config.visual_decoder_config.embed_dim
+        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.model = Qwen2VLTextModel._from_config(text)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.vae_local = BSQVAE(config.image_tokenizer_config)
+        self.vargpt_gen = InfinityDecoder(config.visual_decoder_config)
+        self.image_gen_projector = GenerationProjector(decoder_width, text.hidden_size)
+        self.image_gen_projector_out = GenerationProjector(text.hidden_size, decoder_width)
+        self.sos_embedding = nn.Embedding(config.image_gen_start_token_id + 1, decoder_width)
+        _mark_self_initialised(self.vae_local)
+        _mark_self_initialised(self.vargpt_gen)
+        self.post_init()
+
+    # -- transformers plumbing -------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    # -- pieces shared by training and inference ---------------------------------------------------
+    def generation_schedule(
+        self, resolution: int | None = None, aspect_ratio: float = 1.0
+    ) -> list[tuple[int, int]]:
+        """Latent grids of one generated image, smallest first."""
+        return scale_schedule(
+            resolution or self.config.image_resolution,
+            stride=self.config.image_tokenizer_config.downsample_factor,
+            aspect_ratio=aspect_ratio,
+        )
+
+    def num_image_gen_pad_tokens(self, schedule: Sequence[tuple[int, int]]) -> int:
+        """`<|image_gen_pad|>` slots of one image: the schedule's tokens rounded up to the pad multiple."""
+        count = sum(h * w for h, w in schedule)
+        multiple = self.config.image_gen_pad_multiple
+        return -(-count // multiple) * multiple
+
+    def image_condition(self, batch_size: int, unconditional: bool = False) -> torch.Tensor:
+        """AdaLN condition `cond_BD`: the `<|image_gen_start|>` row of `sos_embedding` (or `cfg_uncond[0]`)
+        through the decoder's text_norm and attentive pooling. It depends on no prompt (as published)."""
+        if unconditional:
+            row = self.vargpt_gen.cfg_uncond[:1]
+        else:
+            row = self.sos_embedding.weight[self.config.image_gen_start_token_id : self.config.image_gen_start_token_id + 1]
+        return self.vargpt_gen.condition(row.unsqueeze(0).expand(batch_size, 1, -1))
+
+    def embed_understanding_images(
+        self, inputs_embeds_BLH: torch.Tensor, input_ids_BL: torch.Tensor, pixel_values, image_grid_thw
+    ) -> torch.Tensor:
+        """Write the ViT's merged patch features into the `<|image_pad|>` slots."""
+        features = self.visual(pixel_values.to(self.visual.get_dtype()), grid_thw=image_grid_thw)
+        features = getattr(features, "pooler_output", features)
+        if isinstance(features, (list, tuple)):
+            features = torch.cat(list(features), dim=0)
+        slots = input_ids_BL == self.config.image_token_id
+        if int(slots.sum()) != features.shape[0]:
+            raise ValueError(
+                f"the prompt has {int(slots.sum())} <|image_pad|> tokens but the images give {features.shape[0]} "
+                "features; build inputs with VARGPTProcessor so each image is expanded to its patch count"
+            )
+        return inputs_embeds_BLH.masked_scatter(slots.unsqueeze(-1), features.to(inputs_embeds_BLH.dtype))
+
+    def context_for_decoder(
+        self, hidden_BLH: torch.Tensor, attention_mask_BL: torch.Tensor, start_positions: Sequence[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention context of each image: the LLM's final hidden states of every real token before
+        its `<|image_gen_start|>` (the start token itself excluded), through `image_gen_projector_out`.
+
+        Returns `(context_NTC, mask_NT)` padded on the right to the longest context.
+        """
+        rows = []
+        for b, pos in start_positions:
+            real = attention_mask_BL[b, :pos].bool()
+            rows.append(hidden_BLH[b, :pos][real])
+        longest = max(1, max(r.shape[0] for r in rows))
+        context = hidden_BLH.new_zeros(len(rows), longest, hidden_BLH.shape[-1])
+        mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=hidden_BLH.device)
+        for i, r in enumerate(rows):
+            context[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = True
+        return self.image_gen_projector_out(context), mask
+
+    # -- training / scoring forward ----------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        pixel_gen_values: torch.Tensor | None = None,
+        image_gen_labels: torch.Tensor | None = None,
+        image_gen_resolution: int | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        image_noise_generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> VARGPTOutput:
+        """One causal pass over a batch that may mix understanding, generation and editing samples.
+
+        `pixel_gen_values` `[N, 3, H, W]` in [-1, 1] are the generation targets, one per
+        `<|image_gen_start|>` block in reading order (row by row); each block must hold
+        `num_image_gen_pad_tokens(schedule)` pad tokens. `image_noise_generator` seeds bitwise
+        self-correction and condition dropout so that DPO's policy and reference passes can share them.
+        Instead of pixels, `image_gen_labels` `[N, L, bits]` teacher-force given bits (for instance an image
+        the model sampled) at `image_gen_resolution` (default: the model's), with no bit flips.
+        """
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids (or inputs_embeds)")
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+            if pixel_values is not None:
+                if image_grid_thw is None:
+                    raise ValueError("pixel_values need image_grid_thw")
+                inputs_embeds = self.embed_understanding_images(inputs_embeds, input_ids, pixel_values, image_grid_thw)
+        B, L = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.long, device=inputs_embeds.device)
+
+        generation = None
+        if pixel_gen_values is not None or image_gen_labels is not None:
+            if input_ids is None:
+                raise ValueError("generation targets need input_ids to locate <|image_gen_pad|> slots")
+            if pixel_gen_values is not None and image_gen_labels is not None:
+                raise ValueError("give pixel_gen_values or image_gen_labels, not both")
+            generation = self._prepare_generation_targets(
+                input_ids, pixel_gen_values, image_noise_generator, image_gen_labels, image_gen_resolution
+            )
+            inputs_embeds = inputs_embeds.masked_scatter(
+                generation["pad_mask_BL"].unsqueeze(-1), generation["llm_inputs"].to(inputs_embeds.dtype)
+            )
+
+        rope_deltas = None
+        if position_ids is None and past_key_values is None and input_ids is not None:
+            position_ids, rope_deltas = mrope_positions(
+                input_ids,
+                attention_mask,
+                image_grid_thw,
+                self.config.image_token_id,
+                self.config.vision_config.spatial_merge_size,
+            )
+        outputs = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+
+        text_loss = None
+        if labels is not None:
+            masked = labels.clone()
+            if input_ids is not None:
+                masked[input_ids == self.config.image_gen_pad_token_id] = -100
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            shift_labels = masked[:, 1:].reshape(-1)
+            if (shift_labels != -100).any():
+                text_loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+        image_loss = image_logits = image_labels = None
+        if generation is not None:
+            image_logits = self._decode_generation_targets(hidden, attention_mask, generation)
+            image_labels = generation["labels_NLd"]
+            image_loss = bit_cross_entropy(
+                image_logits, image_labels, generation["schedule"], weighting=self.config.image_loss_scale_weighting
+            )
+
+        loss = None
+        if text_loss is not None and image_loss is not None:
+            loss = text_loss + self.config.image_loss_weight * image_loss
+        elif text_loss is not None:
+            loss = text_loss
+        elif image_loss is not None:
+            loss = self.config.image_loss_weight * image_loss
+        return VARGPTOutput(
+            loss=loss,
+            text_loss=text_loss,
+            image_loss=image_loss,
+            logits=logits,
+            image_logits=image_logits,
+            image_labels=image_labels,
+            past_key_values=outputs.past_key_values,
+            hidden_states=hidden,
+            rope_deltas=rope_deltas,
+        )
+
+    def _prepare_generation_targets(
+        self,
+        input_ids: torch.Tensor,
+        pixel_gen_values: torch.Tensor | None,
+        generator: torch.Generator | None,
+        labels_NLd: torch.Tensor | None = None,
+        resolution: int | None = None,
+    ) -> dict:
+        """Tokenise the targets into bits and build the LLM inputs of their pad slots (teacher forcing)."""
+        cfg = self.config
+        if pixel_gen_values is not None:
+            if pixel_gen_values.dim() != 4 or pixel_gen_values.shape[1] != 3:
+                raise ValueError(f"pixel_gen_values must be [N, 3, H, W], got {tuple(pixel_gen_values.shape)}")
+            N, _, H, W = pixel_gen_values.shape
+            if H != W:
+                raise ValueError(f"generation targets must be square for now, got {H}x{W}")
+            schedule = self.generation_schedule(H)
+        else:
+            N = labels_NLd.shape[0]
+            schedule = self.generation_schedule(resolution)
+        starts = (input_ids == cfg.image_gen_start_token_id).nonzero().tolist()
+        if len(starts) != N:
+            raise ValueError(f"{N} generation targets but {len(starts)} <|image_gen_start|> tokens in the batch")
+        num_tokens = sum(h * w for h, w in schedule)
+        pad_mask = input_ids == cfg.image_gen_pad_token_id
+        pads_per_image = int(pad_mask.sum()) // N if N else 0
+        if pads_per_image * N != int(pad_mask.sum()) or pads_per_image < num_tokens:
+            raise ValueError(
+                f"each <|image_gen_start|> block must hold the same number (>= {num_tokens}) of <|image_gen_pad|> "
+                f"tokens; the batch has {int(pad_mask.sum())} for {N} images"
+            )
+        if pixel_gen_values is not None:
+            vae_dtype = self.vae_local.encoder.conv_in.conv.weight.dtype
+            with torch.no_grad():
+                f_NdHW = self.vae_local.encode(pixel_gen_values.to(vae_dtype))
+            flip_probs = None
+            if self.training and cfg.bit_flip_max_prob > 0:
+                flip_probs = sample_flip_probs(len(schedule), cfg.bit_flip_max_prob, cfg.bit_flip_prob_step, generator)
+            labels_NLd, inputs_NLd = teacher_forcing(
+                f_NdHW.float(), schedule, flip_probs=flip_probs, generator=generator
+            )
+        else:
+            if labels_NLd.dim() != 3 or labels_NLd.shape[1] != num_tokens:
+                raise ValueError(
+                    f"image_gen_labels must be [N, {num_tokens}, bits] for this resolution, got "
+                    f"{tuple(labels_NLd.shape)}"
+                )
+            inputs_NLd = inputs_from_bits(labels_NLd, schedule)
+
+        cond_ND = self.image_condition(N)
+        drop = cfg.visual_decoder_config.cond_drop_rate
+        if self.training and drop > 0:
+            u = torch.rand(N, generator=generator, device=generator.device if generator else None)
+            dropped = (u.to(cond_ND.device) < drop).view(N, 1)
+            cond_ND = torch.where(dropped, self.image_condition(N, unconditional=True), cond_ND)
+        decoder_dtype = self.vargpt_gen.word_embed.weight.dtype
+        x_NLC = torch.cat(
+            [self.vargpt_gen.start_tokens(cond_ND), self.vargpt_gen.embed_inputs(inputs_NLd.to(decoder_dtype))], dim=1
+        )
+        x_NLC = F.pad(x_NLC, (0, 0, 0, pads_per_image - num_tokens))
+        return {
+            "schedule": schedule,
+            "num_tokens": num_tokens,
+            "pads_per_image": pads_per_image,
+            "pad_mask_BL": pad_mask,
+            "llm_inputs": self.image_gen_projector(x_NLC).reshape(-1, cfg.text_config.hidden_size),
+            "labels_NLd": labels_NLd,
+            "cond_ND": cond_ND,
+            "starts": [tuple(s) for s in starts],
+        }
+
+    def _decode_generation_targets(
+        self, hidden_BLH: torch.Tensor, attention_mask_BL: torch.Tensor, generation: dict
+    ) -> torch.Tensor:
+        N = len(generation["starts"])
+        slots = hidden_BLH[generation["pad_mask_BL"]].view(N, generation["pads_per_image"], -1)
+        h_NLC = self.image_gen_projector_out(slots[:, : generation["num_tokens"]])
+        context, mask = self.context_for_decoder(hidden_BLH, attention_mask_BL, generation["starts"])
+        return self.vargpt_gen(h_NLC, generation["cond_ND"], context, mask, generation["schedule"])
+
+    # -- loading and saving in the original layout -------------------------------------------------
+    @classmethod
+    def check_checkpoint(cls, directory: str | os.PathLike, config: VARGPTConfig | None = None) -> CheckpointReport:
+        """Compare a checkpoint's tensors (headers only) with the model its config describes."""
+        config = config or VARGPTConfig.from_pretrained(directory)
+        on_disk, dtypes = read_tensor_shapes(directory)
+        report = compare(on_disk, expected_tensor_shapes(lambda: cls(config)))
+        report.dtypes = dtypes
+        return report
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
+        """transformers' `from_pretrained` (dtype, device_map, low_cpu_mem_usage all apply), preceded by a
+        check that the directory holds exactly this model's tensors: any missing, unexpected or mis-shaped
+        tensor raises one `CheckpointMismatchError` that lists them, before a byte of weights is read."""
+        path = Path(str(pretrained_model_name_or_path))
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{pretrained_model_name_or_path!s} is not a checkpoint directory (vargpt loads local directories only)"
+            )
+        config = kwargs.pop("config", None)
+        if not isinstance(config, VARGPTConfig):
+            config = VARGPTConfig.from_pretrained(path)
+        if strict:
+            report = cls.check_checkpoint(path, config)
+            if not report.ok:
+                raise CheckpointMismatchError(
+                    f"checkpoint {path} does not match the model its config.json describes:\n{report.describe()}"
+                )
+        kwargs.setdefault("dtype", "auto")
+        return super().from_pretrained(path, *model_args, config=config, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Write config and safetensors (original tensor names) atomically: a crash never leaves a
+        half-written checkpoint at `save_directory`."""
+        atomic_directory_write(save_directory, lambda staging: super(VARGPTForConditionalGeneration, self)
+                               .save_pretrained(staging, *args, **kwargs))
+
+    # -- inference ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        *,
+        generation_mode: str = "text",
+        image_config: ImageGenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        return_dict_in_generate: bool = False,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        on_token=None,
+        mm_token_type_ids=None,
+        **image_settings,
+    ):
+        """Decode text, images, or both.
+
+        * `generation_mode="text"` (default): answers in text, like any transformers model; returns the
+          sequences `[B, prompt + new]` (a `VARGPTGenerateOutput` with `return_dict_in_generate=True`).
+        * `"interleaved"`: the model decides: when it samples `<|image_gen_start|>` it draws an image by
+          next-scale prediction, then continues with text until EOS.
+        * `"image"`: an image is forced first (text-to-image and editing), then text continues.
+        Image modes always return a `VARGPTGenerateOutput` (`sequences`, `images`, `image_bits`).
+        Image settings (`cfg_scale`, `tau`, `top_k` of bits as `image_top_k`, `image_top_p`, `resolution`,
+        `aspect_ratio`, `uncond_mode`, `position_mode`) come from `image_config` or keyword arguments.
+        `seed` or `generator` makes results reproducible.
+        """
+        from .generation import TextSamplingConfig, generate_interleaved
+
+        if input_ids is None:
+            raise ValueError("generate needs input_ids (build them with VARGPTProcessor)")
+        renamed = {"image_top_k": "top_k", "image_top_p": "top_p"}
+        image_config = (image_config or ImageGenerationConfig()).updated(
+            **{renamed.get(k, k): v for k, v in image_settings.items()}
+        )
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(int(seed))
+        eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
+        text_config = TextSamplingConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_ids=eos,
+        )
+        out = generate_interleaved(
+            self,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            image_grid_thw,
+            generation_mode=generation_mode,
+            text_config=text_config,
+            image_config=image_config,
+            generator=generator,
+            on_token=on_token,
+        )
+        if generation_mode == "text" and not return_dict_in_generate:
+            return out.sequences
+        return out

@@ -1,0 +1,227 @@
+"""`VARGPTPipeline`: model + processor behind three calls: chat, generate, edit.
+
+This is the public API the command line, the server and the evaluations call; its names are stable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .configuration import PRESETS, VARGPTConfig
+from .generation_config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
+from .modeling import VARGPTForConditionalGeneration
+from .processing import VARGPTProcessor
+
+ImageInput = str | os.PathLike | bytes | Image.Image
+
+
+@dataclass
+class ChatTurn:
+    """One answer: text pieces and images in the order the model wrote them."""
+
+    segments: list[str | Image.Image]
+
+    @property
+    def text(self) -> str:
+        return "".join(s for s in self.segments if isinstance(s, str))
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [s for s in self.segments if isinstance(s, Image.Image)]
+
+
+class VARGPTPipeline:
+    """Owns a `VARGPTForConditionalGeneration` and its `VARGPTProcessor`.
+
+    >>> pipe = VARGPTPipeline.from_pretrained("path/to/VARGPT-v1.1")          # doctest: +SKIP
+    >>> pipe.chat("What is in this picture?", images=["cat.jpg"])             # doctest: +SKIP
+    >>> pipe.generate("a red circle above a blue square", num_images=2, seed=0)  # doctest: +SKIP
+    >>> pipe.edit("scene.png", "make the circle green", seed=0)                # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: VARGPTForConditionalGeneration,
+        processor: VARGPTProcessor,
+        image_preset: str = DEFAULT_IMAGE_PRESET,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.image_config = ImageGenerationConfig.from_preset(image_preset)
+
+    # -- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        image_preset: str = DEFAULT_IMAGE_PRESET,
+        seed: int = 0,
+        **model_kwargs: Any,
+    ) -> VARGPTPipeline:
+        """A checkpoint directory (original layout), or a preset name.
+
+        Presets build a randomly initialised model (seeded) with its tokenizer: "tiny" is for tests and
+        trying the API without weights; "vargpt-v1.1" is the full-size architecture (needs ~44 GB in fp32).
+        """
+        device = torch.device(device) if device is not None else _default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        path = Path(str(name_or_path))
+        if path.is_dir():
+            model = VARGPTForConditionalGeneration.from_pretrained(path, dtype=dtype, **model_kwargs)
+            processor = VARGPTProcessor.from_pretrained(path)
+        elif str(name_or_path) in PRESETS:
+            from .tokenization import build_qwen2_tokenizer, build_tiny_tokenizer
+
+            config = VARGPTConfig.from_preset(str(name_or_path))
+            torch.manual_seed(seed)
+            model = VARGPTForConditionalGeneration(config).to(dtype)
+            tokenizer = build_tiny_tokenizer() if name_or_path == "tiny" else build_qwen2_tokenizer()
+            processor = VARGPTProcessor.from_tokenizer(tokenizer)
+        else:
+            raise FileNotFoundError(
+                f"{name_or_path!s} is neither a checkpoint directory nor a preset ({', '.join(sorted(PRESETS))})"
+            )
+        return cls(model.to(device), processor, image_preset=image_preset)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+
+    # -- the three calls -------------------------------------------------------------------------------
+    def chat(self, text: str, images: Sequence[ImageInput] | None = None, **settings: Any) -> str:
+        """Answer a question, optionally about images. Returns the answer's text."""
+        return self.converse(text, images=images, **settings).text
+
+    def converse(
+        self,
+        text: str,
+        images: Sequence[ImageInput] | None = None,
+        *,
+        history: Sequence[dict] | None = None,
+        allow_images: bool = True,
+        seed: int | None = None,
+        max_new_tokens: int = 256,
+        **settings: Any,
+    ) -> ChatTurn:
+        """One turn in which the model may answer with text and images (when it decides to draw)."""
+        messages = [*history] if history else []
+        messages.append(_user_message(text, len(images or [])))
+        inputs = self._encode([messages], [list(images or [])])
+        mode = "interleaved" if allow_images else "text"
+        out = self.model.generate(
+            **inputs,
+            generation_mode=mode,
+            return_dict_in_generate=True,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            image_config=self.image_config,
+            **settings,
+        )
+        return self._segments(out, inputs["input_ids"].shape[1], row=0)
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        num_images: int = 1,
+        seed: int | None = None,
+        preset: str | None = None,
+        **settings: Any,
+    ) -> list[Image.Image]:
+        """Text-to-image. `prompt` may be a list (a batch); returns `num_images` images per prompt, in order.
+
+        `settings`: cfg_scale, tau, top_k, top_p, resolution, aspect_ratio, uncond_mode, position_mode.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        batch = [p for p in prompts for _ in range(num_images)]
+        messages = [[_user_message(p, 0)] for p in batch]
+        inputs = self._encode(messages, [[] for _ in batch])
+        out = self._draw(inputs, seed, preset, settings)
+        return [self.processor.postprocess_generated(imgs[0].unsqueeze(0))[0] for imgs in out.images]
+
+    def edit(self, image: ImageInput, instruction: str, seed: int | None = None, **settings: Any) -> Image.Image:
+        """Instruction-based editing: the input image goes to the ViT, the output comes from the scale loop."""
+        messages = [[_user_message(instruction, 1)]]
+        inputs = self._encode(messages, [[image]], editing=True)
+        out = self._draw(inputs, seed, settings.pop("preset", None), settings)
+        return self.processor.postprocess_generated(out.images[0][0].unsqueeze(0))[0]
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _draw(self, inputs, seed, preset, settings):
+        config = ImageGenerationConfig.from_preset(preset) if preset else self.image_config
+        config = config.updated(**settings)
+        return self.model.generate(
+            **inputs,
+            generation_mode="image",
+            image_config=config,
+            seed=seed,
+            max_new_tokens=1,
+        )
+
+    def _encode(self, conversations, images, editing: bool = False):
+        texts = [
+            self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in conversations
+        ]
+        flat = [img for row in images for img in row]
+        kwargs = {"max_pixels": self.processor.edit_max_pixels} if editing and flat else {}
+        enc = self.processor(
+            text=texts,
+            images=flat or None,
+            return_tensors="pt",
+            max_length=self.model.config.text_config.max_position_embeddings,
+            **kwargs,
+        )
+        keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+        return {k: v.to(self.device) for k, v in enc.items() if k in keep and v is not None}
+
+    def _segments(self, out, prompt_len: int, row: int) -> ChatTurn:
+        cfg = self.model.config
+        ids = out.sequences[row, prompt_len:].tolist()
+        segments: list[str | Image.Image] = []
+        pending: list[int] = []
+        images = iter(out.images[row])
+        skip = False
+        for tok in ids:
+            if tok == cfg.image_gen_start_token_id:
+                if pending:
+                    segments.append(self.processor.decode(pending, skip_special_tokens=True))
+                    pending = []
+                segments.append(self.processor.postprocess_generated(next(images).unsqueeze(0))[0])
+                skip = True
+            elif tok == cfg.image_gen_end_token_id:
+                skip = False
+            elif not skip:
+                pending.append(tok)
+        if pending:
+            segments.append(self.processor.decode(pending, skip_special_tokens=True))
+        return ChatTurn([s for s in segments if not (isinstance(s, str) and not s)])
+
+
+def _user_message(text: str, num_images: int) -> dict:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("the prompt is empty: give some text")
+    content: list[dict] = [{"type": "image"} for _ in range(num_images)]
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,72 @@
+"""Multimodal rotary positions (M-RoPE) of Qwen2-VL, computed for our own token layout.
+
+Text tokens take one position shared by the three sections (temporal, height, width); the merged patches
+of an understanding image take (t, row, column) offsets from the position that follows the preceding text.
+Left padding takes position 1 (as Qwen2-VL does) and never influences real tokens because it is masked.
+We compute this ourselves (rather than through `Qwen2VLModel.get_rope_index`) because our model holds the
+LLM as a bare `Qwen2VLTextModel` under the original checkpoint's `model.*` names.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mrope_positions(
+    input_ids_BL: torch.Tensor,
+    attention_mask_BL: torch.Tensor | None,
+    image_grid_thw_N3: torch.Tensor | None,
+    image_token_id: int,
+    spatial_merge_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return `(position_ids_3BL, rope_deltas_B1)`.
+
+    `rope_deltas` is what turns a plain cache index into the M-RoPE text position of later tokens:
+    position = cache_index + delta (negative when images compressed the position range).
+    """
+    B, L = input_ids_BL.shape
+    device = input_ids_BL.device
+    if attention_mask_BL is None:
+        attention_mask_BL = torch.ones_like(input_ids_BL)
+    positions_3BL = torch.ones(3, B, L, dtype=torch.long, device=device)
+    deltas = torch.zeros(B, 1, dtype=torch.long, device=device)
+    grids = image_grid_thw_N3.tolist() if image_grid_thw_N3 is not None else []
+    next_image = 0
+    for b in range(B):
+        real = attention_mask_BL[b].bool()
+        ids = input_ids_BL[b][real].tolist()
+        row: list[torch.Tensor] = []
+        start = 0
+        i = 0
+        while i < len(ids):
+            if ids[i] == image_token_id:
+                if next_image >= len(grids):
+                    raise ValueError("more image placeholder blocks than entries in image_grid_thw")
+                t, h, w = grids[next_image]
+                next_image += 1
+                h, w = h // spatial_merge_size, w // spatial_merge_size
+                count = t * h * w
+                if ids[i : i + count] != [image_token_id] * count:
+                    raise ValueError(
+                        f"an image of grid {t}x{h}x{w} needs {count} consecutive image tokens in row {b}"
+                    )
+                tt = torch.arange(t, device=device).view(t, 1, 1).expand(t, h, w).reshape(-1)
+                hh = torch.arange(h, device=device).view(1, h, 1).expand(t, h, w).reshape(-1)
+                ww = torch.arange(w, device=device).view(1, 1, w).expand(t, h, w).reshape(-1)
+                row.append(torch.stack([tt, hh, ww]) + start)
+                start = int(row[-1].max()) + 1
+                i += count
+            else:
+                j = i
+                while j < len(ids) and ids[j] != image_token_id:
+                    j += 1
+                span = torch.arange(start, start + (j - i), device=device)
+                row.append(span.view(1, -1).expand(3, -1))
+                start += j - i
+                i = j
+        if row:
+            positions_3BL[:, b, real] = torch.cat(row, dim=1)
+            deltas[b, 0] = start - L
+        else:
+            deltas[b, 0] = -L
+    return positions_3BL, deltas

@@ -1,0 +1,362 @@
+"""The unified model on the tiny preset, and the full-size layout on the meta device."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tests.reference_keys import load_reference_keys
+from vargpt import VARGPTConfig, VARGPTForConditionalGeneration
+from vargpt.checkpoint import CheckpointMismatchError
+
+TINY = VARGPTConfig.from_preset("tiny")
+START, END, PAD = TINY.image_gen_start_token_id, TINY.image_gen_end_token_id, TINY.image_gen_pad_token_id
+IM_START, IM_END = 501, 502
+
+
+def make_tiny_model(seed: int = 0) -> VARGPTForConditionalGeneration:
+    """A tiny model whose zero-initialised gates are perturbed, so every path carries signal."""
+    torch.manual_seed(seed)
+    model = VARGPTForConditionalGeneration(VARGPTConfig.from_preset("tiny")).eval()
+    with torch.no_grad():
+        for p in [*model.vargpt_gen.parameters(), *model.image_gen_projector.parameters()]:
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> VARGPTForConditionalGeneration:
+    return make_tiny_model()
+
+
+def generation_sample(model, prompt=(72, 105, 33), image_px: int = 32):
+    """ids and labels of `user: prompt / assistant: <image>` with the pad slots of one image."""
+    n_pad = model.num_image_gen_pad_tokens(model.generation_schedule(image_px))
+    prompt_ids = [IM_START, 117, 10, *prompt, IM_END, IM_START, 97, 10]
+    answer = [START] + [PAD] * n_pad + [END, IM_END]
+    ids = torch.tensor([prompt_ids + answer])
+    labels = torch.tensor([[-100] * len(prompt_ids) + answer])
+    return ids, labels
+
+
+def test_full_size_preset_has_exactly_the_published_tensors():
+    config = VARGPTConfig.from_preset("vargpt-v1.1")
+    with torch.device("meta"):
+        model = VARGPTForConditionalGeneration(config)
+    state = model.state_dict()
+    reference = load_reference_keys()
+    assert sorted(set(state) - set(reference)) == []
+    assert sorted(set(reference) - set(state)) == []
+    wrong = {n: (tuple(t.shape), reference[n].shape) for n, t in state.items() if tuple(t.shape) != reference[n].shape}
+    assert wrong == {}
+    dtype_names = {n: str(t.dtype).removeprefix("torch.") for n, t in state.items()}
+    assert {n: d for n, d in dtype_names.items() if d != reference[n].dtype} == {}
+    buffers = {n for n, _ in model.named_buffers() if n in state}
+    assert buffers == {n for n, r in reference.items() if r.is_buffer}
+    assert sum(p.numel() for p in model.parameters()) == 10_948_395_235
+    per_module = {}
+    for name, p in model.named_parameters():
+        per_module[name.split(".")[0]] = per_module.get(name.split(".")[0], 0) + p.numel()
+    assert per_module["visual"] == 675_759_104
+    assert per_module["image_gen_projector"] == 11_544_064
+    assert per_module["image_gen_projector_out"] == 20_197_888
+    assert per_module["sos_embedding"] == 310_595_584
+
+
+def test_config_reads_the_original_flat_config_json(tmp_path):
+    original = {
+        "model_type": "vargpt_qwen2_vl",
+        "architectures": ["VARGPTQwen2VLForConditionalGeneration"],
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_heads": 16, "in_chans": 3},
+        "special_tokens": {
+            "image_gen_start": "<|image_gen_start|>",
+            "image_gen_start_token_id": 151657,
+            "image_gen_end": "<|image_gen_end|>",
+            "image_gen_end_token_id": 151658,
+            "image_gen_pad": "<|image_gen_pad|>",
+            "image_gen_pad_token_id": 151659,
+        },
+        "torch_dtype": "bfloat16",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(original))
+    config = VARGPTConfig.from_pretrained(tmp_path)
+    assert config.text_config.hidden_size == 3584 and config.text_config.num_hidden_layers == 28
+    assert config.image_gen_pad_token_id == 151659
+    assert config.visual_decoder_config.depth == 32 and config.visual_decoder_config.embed_dim == 2048
+    assert config.image_tokenizer_config.bits == 32 and config.image_resolution == 512
+
+
+def test_config_rejects_inconsistent_settings():
+    with pytest.raises(ValueError, match="bits"):
+        VARGPTConfig.from_preset("tiny", image_tokenizer_config={"bits": 16})
+    with pytest.raises(ValueError, match="image_loss_scale_weighting"):
+        VARGPTConfig.from_preset("tiny", image_loss_scale_weighting="sqrt")
+    with pytest.raises(ValueError, match="unknown preset"):
+        VARGPTConfig.from_preset("huge")
+
+
+def test_training_forward_losses_and_gradients(tiny_model):
+    model = make_tiny_model(1).train()
+    ids, labels = generation_sample(model)
+    target = torch.rand(1, 3, 32, 32) * 2 - 1
+    out = model(input_ids=ids, labels=labels, pixel_gen_values=target, image_noise_generator=torch.Generator().manual_seed(0))
+    assert out.text_loss is not None and out.image_loss is not None
+    torch.testing.assert_close(out.loss, out.text_loss + 3.0 * out.image_loss)
+    n_tokens = sum(h * w for h, w in model.generation_schedule())
+    assert out.image_logits.shape == (1, n_tokens, 8, 2)
+    assert out.image_labels.shape == (1, n_tokens, 8)
+    out.loss.backward()
+    for module in (model.vargpt_gen, model.image_gen_projector, model.image_gen_projector_out, model.model):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert model.vae_local.encoder.conv_in.conv.weight.grad is None  # the tokenizer is frozen in this pass
+
+
+def test_text_loss_ignores_image_pad_slots(tiny_model):
+    ids, labels = generation_sample(tiny_model)
+    target = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out = tiny_model(input_ids=ids, labels=labels, pixel_gen_values=target)
+        # only the tokens outside the pad slots count: recompute by hand
+        logits = out.logits[0, :-1]
+        tgt = labels[0, 1:].clone()
+        tgt[ids[0, 1:] == PAD] = -100
+        expected = torch.nn.functional.cross_entropy(logits, tgt, ignore_index=-100)
+    torch.testing.assert_close(out.text_loss, expected)
+
+
+def test_scale_weighting_changes_the_image_loss(tiny_model):
+    ids, _ = generation_sample(tiny_model)
+    target = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        weighted = tiny_model(input_ids=ids, pixel_gen_values=target).image_loss
+        tiny_model.config.image_loss_scale_weighting = "uniform"
+        try:
+            uniform = tiny_model(input_ids=ids, pixel_gen_values=target).image_loss
+        finally:
+            tiny_model.config.image_loss_scale_weighting = "scale"
+    assert not torch.allclose(weighted, uniform)
+
+
+def test_mismatched_pad_count_is_a_clear_error(tiny_model):
+    ids, _ = generation_sample(tiny_model)
+    short = ids[:, :-20]
+    with pytest.raises(ValueError, match="image_gen_pad"):
+        tiny_model(input_ids=short, pixel_gen_values=torch.zeros(1, 3, 32, 32))
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def write_original_layout(model, directory, shards: int = 2, dtype=torch.bfloat16):
+    """Write a checkpoint the way the published one is stored: sharded safetensors + index, bf16."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype  # the published config.json says torch_dtype bfloat16
+    config.save_pretrained(directory)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    names = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: state[k] for k in part}, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return state
+
+
+def forward_signature(model, ids, target):
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_gen_values=target)
+    return out.logits, out.image_logits
+
+
+def test_save_and_load_round_trip_uses_original_names(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    files = list((tmp_path / "ckpt").glob("*.safetensors"))
+    names = set()
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            names |= set(h.keys())
+    assert "vargpt_gen.block_chunks.0.module.0.sa.mat_qkv.weight" in names
+    assert "vae_local.quantizer.lfq.mask" in names and "image_gen_projector.ln_q.weight" in names
+    assert "model.layers.0.self_attn.q_proj.weight" in names and "visual.merger.mlp.0.weight" in names
+    loaded = VARGPTForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
+    ids, _ = generation_sample(tiny_model)
+    target = torch.rand(1, 3, 32, 32) * 2 - 1
+    a, b = forward_signature(tiny_model, ids, target), forward_signature(loaded, ids, target)
+    # identical weights; outputs agree to fp32 rounding (loaded tensors live in differently aligned memory)
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=0)
+    assert not list(tmp_path.glob(".ckpt.*"))  # no staging folders left behind
+
+
+def test_loads_sharded_bf16_checkpoint_in_the_original_layout(tiny_model, tmp_path):
+    state = write_original_layout(tiny_model, tmp_path / "orig")
+    loaded = VARGPTForConditionalGeneration.from_pretrained(tmp_path / "orig")
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    fp32 = VARGPTForConditionalGeneration.from_pretrained(tmp_path / "orig", dtype=torch.float32)
+    assert fp32.lm_head.weight.dtype == torch.float32
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_listed(tiny_model, tmp_path):
+    directory = tmp_path / "bad"
+    state = write_original_layout(tiny_model, directory, shards=1, dtype=torch.float32)
+    shard = directory / "model-00001-of-00001.safetensors"
+    state.pop("vargpt_gen.head.weight")
+    state["extra.weight"] = torch.zeros(2)
+    state["lm_head.weight"] = torch.zeros(3, 3)
+    save_file(state, str(shard))
+    with pytest.raises(CheckpointMismatchError) as err:
+        VARGPTForConditionalGeneration.from_pretrained(directory)
+    message = str(err.value)
+    assert "vargpt_gen.head.weight" in message and "extra.weight" in message and "lm_head.weight" in message
+    assert "missing" in message and "unexpected" in message and "wrong shape" in message
+
+
+def test_config_that_does_not_match_the_weights_is_refused(tiny_model, tmp_path):
+    directory = tmp_path / "ckpt"
+    tiny_model.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["visual_decoder_config"]["depth"] = 4
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match="missing"):
+        VARGPTForConditionalGeneration.from_pretrained(directory)
+
+
+def test_pickle_only_directory_is_refused(tmp_path):
+    VARGPTConfig.from_preset("tiny").save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointMismatchError, match="safetensors only"):
+        VARGPTForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_auto_classes_resolve_without_remote_code(tiny_model, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    tiny_model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), VARGPTConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), VARGPTForConditionalGeneration)
+
+
+# -- inference ----------------------------------------------------------------------------------------
+
+
+def prompt_ids(text=(72, 105)):
+    return torch.tensor([[IM_START, 117, 10, *text, IM_END, IM_START, 97, 10]])
+
+
+def test_image_generation_is_reproducible_and_seed_dependent(tiny_model):
+    ids = prompt_ids()
+    a = tiny_model.generate(ids, generation_mode="image", seed=3, max_new_tokens=4)
+    b = tiny_model.generate(ids, generation_mode="image", seed=3, max_new_tokens=4)
+    c = tiny_model.generate(ids, generation_mode="image", seed=4, max_new_tokens=4)
+    assert a.images[0][0].shape == (3, 32, 32)
+    assert float(a.images[0][0].abs().max()) <= 1.0
+    assert torch.equal(a.images[0][0], b.images[0][0])
+    assert not torch.equal(torch.cat(a.image_bits[0][0]), torch.cat(c.image_bits[0][0]))
+    seq = a.sequences[0, ids.shape[1] :].tolist()
+    n_pad = tiny_model.num_image_gen_pad_tokens(tiny_model.generation_schedule())
+    assert seq[0] == START and seq[1 : 1 + n_pad] == [PAD] * n_pad and seq[1 + n_pad] == END
+
+
+def test_scale_loop_logits_equal_the_teacher_forced_forward(tiny_model):
+    """The KV-cached scale loop and the training forward see the same thing (no CFG, M-RoPE positions)."""
+    ids = prompt_ids()
+    out = tiny_model.generate(ids, generation_mode="image", seed=0, cfg_scale=1.0, max_new_tokens=1)
+    bits = torch.cat(out.image_bits[0][0], dim=0).unsqueeze(0)
+    n_pad = tiny_model.num_image_gen_pad_tokens(tiny_model.generation_schedule())
+    full = torch.cat([ids, torch.tensor([[START] + [PAD] * n_pad + [END]])], dim=1)
+    with torch.no_grad():
+        forced = tiny_model(input_ids=full, image_gen_labels=bits).image_logits[0]
+    loop = out.image_logits[0][0]
+    assert (forced - loop).abs().max().item() < 1e-4
+
+
+def test_batched_generation_matches_single_prompts(tiny_model):
+    """Left padding and batching do not change a prompt's image (greedy bits make it deterministic)."""
+    short, long = prompt_ids((72,)), prompt_ids((72, 105, 33, 44))
+    pad = torch.full((1, long.shape[1] - short.shape[1]), 500)
+    batch = torch.cat([torch.cat([pad, short], dim=1), long])
+    mask = torch.cat([torch.cat([torch.zeros_like(pad), torch.ones_like(short)], dim=1), torch.ones_like(long)])
+    settings = {"generation_mode": "image", "top_k": 0, "image_top_k": 1, "max_new_tokens": 1}
+    both = tiny_model.generate(batch, attention_mask=mask, **settings)
+    one = tiny_model.generate(short, **settings)
+    two = tiny_model.generate(long, **settings)
+    torch.testing.assert_close(both.images[0][0], one.images[0][0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(both.images[1][0], two.images[0][0], atol=1e-4, rtol=0)
+
+
+def test_text_mode_returns_token_ids(tiny_model):
+    ids = prompt_ids()
+    out = tiny_model.generate(ids, max_new_tokens=5)
+    assert isinstance(out, torch.Tensor) and out.shape == (1, ids.shape[1] + 5) or out.shape[1] < ids.shape[1] + 5
+    assert START not in out[0, ids.shape[1] :].tolist()
+
+
+def test_interleaved_mode_switches_on_the_start_token_and_continues_text():
+    model = make_tiny_model(2)
+    with torch.no_grad():  # make the LLM always propose <|image_gen_start|> first, then plain text
+        model.lm_head.weight[START] = model.lm_head.weight[START] * 0 + 0.0
+        model.lm_head.weight.data[START, 0] = 0.0
+    ids = prompt_ids()
+    start_bias = torch.zeros(model.config.text_config.vocab_size)
+    start_bias[START] = 1e4
+
+    calls = {"n": 0}
+    head = model.lm_head
+
+    class BiasedHead(torch.nn.Module):
+        def forward(self, x):
+            calls["n"] += 1
+            logits = head(x)
+            return logits + start_bias if calls["n"] == 1 else logits
+
+    model.lm_head = BiasedHead()
+    try:
+        out = model.generate(ids, generation_mode="interleaved", seed=0, max_new_tokens=4)
+    finally:
+        model.lm_head = head
+    new = out.sequences[0, ids.shape[1] :].tolist()
+    assert new[0] == START and END in new
+    assert len(out.images[0]) == 1
+    assert len(new) > new.index(END) + 1  # text continued after the image
+
+
+def test_cfg_runs_and_changes_the_image(tiny_model):
+    ids = prompt_ids()
+    guided = tiny_model.generate(ids, generation_mode="image", seed=1, cfg_scale=3.0, max_new_tokens=1)
+    plain = tiny_model.generate(ids, generation_mode="image", seed=1, cfg_scale=1.0, max_new_tokens=1)
+    assert not torch.equal(guided.image_logits[0][0], plain.image_logits[0][0]) or not torch.equal(
+        torch.cat(guided.image_bits[0][0]), torch.cat(plain.image_bits[0][0])
+    )
+
+
+def test_bad_generation_requests_are_clear_errors(tiny_model):
+    ids = prompt_ids()
+    with pytest.raises(ValueError, match="generation_mode"):
+        tiny_model.generate(ids, generation_mode="video")
+    with pytest.raises(ValueError, match="tau"):
+        tiny_model.generate(ids, generation_mode="image", tau=0.0)
+    with pytest.raises(ValueError, match="resolution|supported"):
+        tiny_model.generate(ids, generation_mode="image", resolution=33)
+    with pytest.raises(ValueError, match="context"):
+        tiny_model.generate(ids, max_new_tokens=10**6)
+    with pytest.raises(ValueError, match="unknown image generation settings"):
+        tiny_model.generate(ids, generation_mode="image", guidance=2.0)
