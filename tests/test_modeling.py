@@ -306,15 +306,13 @@ def test_batched_generation_matches_single_prompts(tiny_model):
 def test_text_mode_returns_token_ids(tiny_model):
     ids = prompt_ids()
     out = tiny_model.generate(ids, max_new_tokens=5)
-    assert isinstance(out, torch.Tensor) and out.shape == (1, ids.shape[1] + 5) or out.shape[1] < ids.shape[1] + 5
+    assert isinstance(out, torch.Tensor) and out.shape[0] == 1 and ids.shape[1] < out.shape[1] <= ids.shape[1] + 5
+    assert torch.equal(out[:, : ids.shape[1]], ids)
     assert START not in out[0, ids.shape[1] :].tolist()
 
 
 def test_interleaved_mode_switches_on_the_start_token_and_continues_text():
     model = make_tiny_model(2)
-    with torch.no_grad():  # make the LLM always propose <|image_gen_start|> first, then plain text
-        model.lm_head.weight[START] = model.lm_head.weight[START] * 0 + 0.0
-        model.lm_head.weight.data[START, 0] = 0.0
     ids = prompt_ids()
     start_bias = torch.zeros(model.config.text_config.vocab_size)
     start_bias[START] = 1e4

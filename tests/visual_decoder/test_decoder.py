@@ -71,7 +71,8 @@ def test_a_scale_does_not_see_later_scales() -> None:
     assert torch.allclose(other[:, : 5 + 16], full[:, : 5 + 16], atol=1e-6)
     assert (other[:, 5 + 16 :] - full[:, 5 + 16 :]).abs().max() > 1e-3
     changed = h.clone()
-    changed[:, 6] += torch.randn_like(changed[:, 6])  # one token of scale 2 changes every token of scale 2 (no mask inside a scale)
+    # one token of scale 2 changes every token of scale 2 (no mask inside a scale)
+    changed[:, 6] += torch.randn_like(changed[:, 6])
     other = decoder(changed, cond, context, None, SCHEDULE)
     assert ((other[:, 5 : 5 + 16] - full[:, 5 : 5 + 16]).abs().amax(dim=(2, 3)) > 1e-5).all()
 

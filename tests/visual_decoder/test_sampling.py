@@ -66,4 +66,3 @@ def test_cfg_mix_and_temperature() -> None:
         cfg_mix(cond, uncond[:1], 3.0)
     with pytest.raises(ValueError, match="positive"):
         apply_temperature(cond, 0.0)
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -46,7 +47,7 @@ def test_full_size_structure(full_size: InfinityDecoder) -> None:
     rates = [block.drop_path.rate for block in full_size.blocks]
     assert rates[0] == 0.0
     assert rates[-1] == pytest.approx(0.1)
-    assert all(a < b for a, b in zip(rates, rates[1:]))
+    assert all(a < b for a, b in itertools.pairwise(rates))
 
 
 def test_initialisation_follows_infinity() -> None:

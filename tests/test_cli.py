@@ -1,0 +1,34 @@
+"""The `vargpt` command's demo and inspect on the tiny preset."""
+
+from __future__ import annotations
+
+from vargpt.cli import main
+from vargpt.modeling import VARGPTForConditionalGeneration
+from vargpt.configuration import VARGPTConfig
+
+
+def test_demo_writes_a_self_contained_report(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 5  # 2 generations, the question image, edit in + out
+    assert "report written" in capsys.readouterr().out
+
+
+def test_inspect_lists_modules_and_layout(tmp_path, capsys):
+    VARGPTForConditionalGeneration(VARGPTConfig.from_preset("tiny")).save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for module in ("vargpt_gen", "vae_local", "visual", "model", "sos_embedding"):
+        assert module in out
+    assert "matches the model" in out and "bf16" in out
+
+
+def test_inspect_full_size_preset_counts(capsys):
+    assert main(["inspect", "--preset", "vargpt-v1.1"]) == 0
+    out = capsys.readouterr().out
+    assert "10,948,528,387" in out  # parameters plus persistent buffers, as the published tensor list counts
+
+
+def test_errors_exit_non_zero(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "error" in capsys.readouterr().err

@@ -1,0 +1,63 @@
+"""The public pipeline API on the tiny preset: chat, generate, edit, and their errors."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from vargpt import VARGPTPipeline
+from vargpt.demo import demo_scene
+from vargpt.image_io import ImageInputError
+
+
+@pytest.fixture(scope="module")
+def pipe() -> VARGPTPipeline:
+    return VARGPTPipeline.from_pretrained("tiny", seed=0)
+
+
+def test_generate_returns_images_per_prompt_and_is_reproducible(pipe):
+    images = pipe.generate(["a red circle", "two blue squares"], num_images=2, seed=5)
+    assert len(images) == 4 and all(isinstance(i, Image.Image) and i.size == (32, 32) for i in images)
+    again = pipe.generate(["a red circle", "two blue squares"], num_images=2, seed=5)
+    assert [i.tobytes() for i in images] == [i.tobytes() for i in again]
+
+
+def test_generate_settings_and_presets(pipe):
+    a = pipe.generate("a red circle", seed=1, preset="paper")[0]
+    b = pipe.generate("a red circle", seed=1, preset="paper", cfg_scale=1.0, top_p=1.0)[0]
+    assert a.size == b.size == (32, 32)
+    with pytest.raises(ValueError, match="unknown image preset"):
+        pipe.generate("a red circle", preset="fast")
+    with pytest.raises(ValueError, match="num_images"):
+        pipe.generate("a red circle", num_images=0)
+
+
+def test_chat_answers_with_text(pipe):
+    answer = pipe.chat("What colour is the shape?", images=[demo_scene()], max_new_tokens=6)
+    assert isinstance(answer, str)
+
+
+def test_edit_returns_one_image(pipe):
+    edited = pipe.edit(demo_scene(), "make the circle blue", seed=0)
+    assert isinstance(edited, Image.Image) and edited.size == (32, 32)
+
+
+def test_bad_inputs_are_clear_errors(pipe, tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        pipe.generate("   ")
+    with pytest.raises(ValueError, match="empty"):
+        pipe.chat("")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ImageInputError):
+        pipe.chat("what is this?", images=[str(broken)])
+    with pytest.raises(FileNotFoundError, match="preset"):
+        VARGPTPipeline.from_pretrained("no-such-model")
+
+
+def test_pipeline_round_trips_through_a_checkpoint_directory(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "ckpt")
+    loaded = VARGPTPipeline.from_pretrained(tmp_path / "ckpt")
+    a = pipe.generate("a red circle", seed=2)[0]
+    b = loaded.generate("a red circle", seed=2)[0]
+    assert a.tobytes() == b.tobytes()
