@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from vargpt.cli import main
-from vargpt.modeling import VARGPTForConditionalGeneration
 from vargpt.configuration import VARGPTConfig
+from vargpt.modeling import VARGPTForConditionalGeneration
 
 
 def test_demo_writes_a_self_contained_report(tmp_path, capsys):

@@ -113,7 +113,8 @@ def test_training_forward_losses_and_gradients(tiny_model):
     model = make_tiny_model(1).train()
     ids, labels = generation_sample(model)
     target = torch.rand(1, 3, 32, 32) * 2 - 1
-    out = model(input_ids=ids, labels=labels, pixel_gen_values=target, image_noise_generator=torch.Generator().manual_seed(0))
+    noise = torch.Generator().manual_seed(0)
+    out = model(input_ids=ids, labels=labels, pixel_gen_values=target, image_noise_generator=noise)
     assert out.text_loss is not None and out.image_loss is not None
     torch.testing.assert_close(out.loss, out.text_loss + 3.0 * out.image_loss)
     n_tokens = sum(h * w for h, w in model.generation_schedule())
@@ -352,9 +353,17 @@ def test_bad_generation_requests_are_clear_errors(tiny_model):
         tiny_model.generate(ids, generation_mode="video")
     with pytest.raises(ValueError, match="tau"):
         tiny_model.generate(ids, generation_mode="image", tau=0.0)
-    with pytest.raises(ValueError, match="resolution|supported"):
+    with pytest.raises(ValueError, match=r"resolution|supported"):
         tiny_model.generate(ids, generation_mode="image", resolution=33)
     with pytest.raises(ValueError, match="context"):
         tiny_model.generate(ids, max_new_tokens=10**6)
     with pytest.raises(ValueError, match="unknown image generation settings"):
         tiny_model.generate(ids, generation_mode="image", guidance=2.0)
+
+
+def test_cfg_with_a_prompt_longer_than_cfg_uncond_does_not_crash(tiny_model):
+    rows = tiny_model.vargpt_gen.cfg_uncond.shape[0]
+    ids = prompt_ids(tuple(range(65, 65 + 26)) * (rows // 26 + 2))
+    assert ids.shape[1] > rows
+    out = tiny_model.generate(ids, generation_mode="image", seed=0, cfg_scale=3.0, max_new_tokens=1)
+    assert torch.isfinite(out.images[0][0]).all()

@@ -78,7 +78,7 @@ def read_tensor_shapes(directory: str | os.PathLike) -> tuple[dict[str, tuple[in
     for path in checkpoint_files(directory):
         try:
             with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                     piece = handle.get_slice(name)
                     shapes[name] = tuple(piece.get_shape())
                     dtype = str(piece.get_dtype())
@@ -100,7 +100,9 @@ def compare(on_disk: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, 
     report.missing = sorted(set(expected) - set(on_disk))
     report.unexpected = sorted(set(on_disk) - set(expected))
     report.mismatched = sorted(
-        (name, on_disk[name], expected[name]) for name in set(on_disk) & set(expected) if on_disk[name] != expected[name]
+        (name, on_disk[name], expected[name])
+        for name in set(on_disk) & set(expected)
+        if on_disk[name] != expected[name]
     )
     return report
 

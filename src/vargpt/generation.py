@@ -108,11 +108,11 @@ class _DecodingState:
 
     def step(self, embeds_BlH, real_B, positions_3Bl=None, see_new=None):
         """Feed l tokens per row. `real_B`: rows for which the tokens are part of their history."""
-        B, l, _ = embeds_BlH.shape
+        B, n_new, _ = embeds_BlH.shape
         if positions_3Bl is None:
-            offs = torch.arange(l, device=self.device)
-            positions_3Bl = (self.next_pos_B.view(B, 1) + offs.view(1, l)).unsqueeze(0).expand(3, B, l)
-        new_mask = torch.ones(B, l, dtype=torch.long, device=self.device)
+            offs = torch.arange(n_new, device=self.device)
+            positions_3Bl = (self.next_pos_B.view(B, 1) + offs.view(1, n_new)).unsqueeze(0).expand(3, B, n_new)
+        new_mask = torch.ones(B, n_new, dtype=torch.long, device=self.device)
         call_mask = torch.cat([self.mask_BT, new_mask], dim=1)
         out = self.model.model(
             inputs_embeds=embeds_BlH,
@@ -121,9 +121,9 @@ class _DecodingState:
             past_key_values=self.cache,
             use_cache=True,
         )
-        self.mask_BT = torch.cat([self.mask_BT, real_B.view(B, 1).long().expand(B, l)], dim=1)
+        self.mask_BT = torch.cat([self.mask_BT, real_B.view(B, 1).long().expand(B, n_new)], dim=1)
         self.hidden_BTH = torch.cat([self.hidden_BTH, out.last_hidden_state], dim=1)
-        self.next_pos_B = self.next_pos_B + real_B.long() * l
+        self.next_pos_B = self.next_pos_B + real_B.long() * n_new
         return out.last_hidden_state
 
 
@@ -179,26 +179,26 @@ def _image_events(model, state: _DecodingState, rows_B: torch.Tensor, settings: 
     cond_logits: list[torch.Tensor] = []
     fed = 0
     for k, (h, w) in enumerate(schedule):
-        l = h * w
-        offs = torch.arange(fed, fed + l, device=device)
+        n = h * w
+        offs = torch.arange(fed, fed + n, device=device)
         if settings.position_mode == "cache":
-            cond_pos = (cache_len0 + offs).view(1, l).expand(B, l)
+            cond_pos = (cache_len0 + offs).view(1, n).expand(B, n)
         else:
-            cond_pos = state.next_pos_B.view(B, 1) + offs.view(1, l)
-        cond_mask = torch.cat([prefix_mask, torch.ones(B, fed + l, dtype=torch.long, device=device)], dim=1)
+            cond_pos = state.next_pos_B.view(B, 1) + offs.view(1, n)
+        cond_mask = torch.cat([prefix_mask, torch.ones(B, fed + n, dtype=torch.long, device=device)], dim=1)
         if use_cfg:
-            uncond_pos = torch.arange(l, device=device).view(1, l).expand(B, l)
+            uncond_pos = torch.arange(n, device=device).view(1, n).expand(B, n)
             uncond_mask = torch.cat(
                 [
                     torch.zeros(B, cache_len0 + fed, dtype=torch.long, device=device),
-                    torch.ones(B, l, dtype=torch.long, device=device),
+                    torch.ones(B, n, dtype=torch.long, device=device),
                 ],
                 dim=1,
             )
-            positions = torch.cat([cond_pos, uncond_pos]).unsqueeze(0).expand(3, rows, l)
+            positions = torch.cat([cond_pos, uncond_pos]).unsqueeze(0).expand(3, rows, n)
             call_mask = torch.cat([cond_mask, uncond_mask])
         else:
-            positions = cond_pos.unsqueeze(0).expand(3, rows, l)
+            positions = cond_pos.unsqueeze(0).expand(3, rows, n)
             call_mask = cond_mask
         out = model.model(
             inputs_embeds=x_RlH.to(state.hidden_BTH.dtype),
@@ -207,7 +207,7 @@ def _image_events(model, state: _DecodingState, rows_B: torch.Tensor, settings: 
             past_key_values=state.cache,
             use_cache=True,
         )
-        fed += l
+        fed += n
         h_RlC = proj_out(out.last_hidden_state)
         logits = decoder.forward_scale(h_RlC, cond_BD, context, context_mask, schedule, k, dec_cache).float()
         cond_logits.append(logits[:B])

@@ -37,9 +37,9 @@ def format_report(shapes: dict[str, tuple[int, ...]], title: str, extra: list[st
     for name, count in sorted(counts.items(), key=lambda kv: -kv[1]):
         lines.append(f"{name:<28}{count:>16,}")
     lines.append(f"{'total':<28}{total:>16,}")
-    lines.append("estimated weight memory: " + ", ".join(
-        f"{k} {total * b / 2**30:.1f} GiB" for k, b in BYTES_PER_VALUE.items()
-    ))
+    lines.append(
+        "estimated weight memory: " + ", ".join(f"{k} {total * b / 2**30:.1f} GiB" for k, b in BYTES_PER_VALUE.items())
+    )
     lines.extend(extra or [])
     return "\n".join(lines)
 

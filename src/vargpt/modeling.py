@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +89,8 @@ class VARGPTPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules: ClassVar[list[str]] = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "DecoderBlock"]
+    _skip_keys_device_placement: ClassVar[list[str]] = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -160,9 +161,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     # -- pieces shared by training and inference ---------------------------------------------------
-    def generation_schedule(
-        self, resolution: int | None = None, aspect_ratio: float = 1.0
-    ) -> list[tuple[int, int]]:
+    def generation_schedule(self, resolution: int | None = None, aspect_ratio: float = 1.0) -> list[tuple[int, int]]:
         """Latent grids of one generated image, smallest first."""
         return scale_schedule(
             resolution or self.config.image_resolution,
@@ -182,7 +181,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         if unconditional:
             row = self.vargpt_gen.cfg_uncond[:1]
         else:
-            row = self.sos_embedding.weight[self.config.image_gen_start_token_id : self.config.image_gen_start_token_id + 1]
+            start = self.config.image_gen_start_token_id
+            row = self.sos_embedding.weight[start : start + 1]
         return self.vargpt_gen.condition(row.unsqueeze(0).expand(batch_size, 1, -1))
 
     def embed_understanding_images(
@@ -449,8 +449,10 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Write config and safetensors (original tensor names) atomically: a crash never leaves a
         half-written checkpoint at `save_directory`."""
-        atomic_directory_write(save_directory, lambda staging: super(VARGPTForConditionalGeneration, self)
-                               .save_pretrained(staging, *args, **kwargs))
+        atomic_directory_write(
+            save_directory,
+            lambda staging: super(VARGPTForConditionalGeneration, self).save_pretrained(staging, *args, **kwargs),
+        )
 
     # -- inference ---------------------------------------------------------------------------------
     @torch.no_grad()

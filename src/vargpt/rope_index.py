@@ -47,9 +47,7 @@ def mrope_positions(
                 h, w = h // spatial_merge_size, w // spatial_merge_size
                 count = t * h * w
                 if ids[i : i + count] != [image_token_id] * count:
-                    raise ValueError(
-                        f"an image of grid {t}x{h}x{w} needs {count} consecutive image tokens in row {b}"
-                    )
+                    raise ValueError(f"an image of grid {t}x{h}x{w} needs {count} consecutive image tokens in row {b}")
                 tt = torch.arange(t, device=device).view(t, 1, 1).expand(t, h, w).reshape(-1)
                 hh = torch.arange(h, device=device).view(1, h, 1).expand(t, h, w).reshape(-1)
                 ww = torch.arange(w, device=device).view(1, 1, w).expand(t, h, w).reshape(-1)
