@@ -7,7 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vargpt.processing import VARGPTProcessor, postprocess_generated, preprocess_generation_target
+from vargpt.processing import (
+    VARGPTProcessor,
+    postprocess_generated,
+    preprocess_generation_target,
+    shrink_to_max_pixels,
+)
 from vargpt.tokenization import build_qwen2_tokenizer, build_tiny_tokenizer
 
 PAD, IMAGE_PAD, VISION_START, VISION_END = 500, 505, 503, 504
@@ -222,6 +227,18 @@ def test_generation_target_random_crop_uses_generator():
         assert len(matches) == 1
         offsets.add(matches[0])
     assert len(offsets) > 1
+
+
+def test_original_pre_shrink_option():
+    image = _noise(1000, 500)
+    assert shrink_to_max_pixels(image, 512 * 512).size == (724, 362)  # sqrt(262144 / 500000) = 0.7241
+    small = _noise(100, 100)
+    assert shrink_to_max_pixels(small, 512 * 512) is small
+    plain = preprocess_generation_target(image, 256)
+    shrunk = preprocess_generation_target(image, 256, pre_shrink_max_pixels=512 * 512)
+    assert shrunk.shape == plain.shape == (3, 256, 256) and not torch.equal(shrunk, plain)
+    expected = preprocess_generation_target(shrink_to_max_pixels(image, 512 * 512), 256)
+    assert torch.equal(shrunk, expected)
 
 
 def test_postprocess_truncates_like_the_original():

@@ -240,6 +240,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         cache_position: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         image_noise_generator: torch.Generator | None = None,
+        image_noise: bool | None = None,
         **kwargs,
     ) -> VARGPTOutput:
         """One causal pass over a batch that may mix understanding, generation and editing samples.
@@ -247,7 +248,9 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         `pixel_gen_values` `[N, 3, H, W]` in [-1, 1] are the generation targets, one per
         `<|image_gen_start|>` block in reading order (row by row); each block must hold
         `num_image_gen_pad_tokens(schedule)` pad tokens. `image_noise_generator` seeds bitwise
-        self-correction and condition dropout so that DPO's policy and reference passes can share them.
+        self-correction and condition dropout so that DPO's policy and reference passes can share them;
+        By default they apply in training mode only; `image_noise=True/False` forces them on or off (DPO
+        scores its frozen reference with the policy's noise).
         Instead of pixels, `image_gen_labels` `[N, L, bits]` teacher-force given bits (for instance an image
         the model sampled) at `image_gen_resolution` (default: the model's), with no bit flips.
         """
@@ -270,7 +273,12 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             if pixel_gen_values is not None and image_gen_labels is not None:
                 raise ValueError("give pixel_gen_values or image_gen_labels, not both")
             generation = self._prepare_generation_targets(
-                input_ids, pixel_gen_values, image_noise_generator, image_gen_labels, image_gen_resolution
+                input_ids,
+                pixel_gen_values,
+                image_noise_generator,
+                image_gen_labels,
+                image_gen_resolution,
+                noise=self.training if image_noise is None else image_noise,
             )
             inputs_embeds = inputs_embeds.masked_scatter(
                 generation["pad_mask_BL"].unsqueeze(-1), generation["llm_inputs"].to(inputs_embeds.dtype)
@@ -341,6 +349,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         generator: torch.Generator | None,
         labels_NLd: torch.Tensor | None = None,
         resolution: int | None = None,
+        noise: bool = False,
     ) -> dict:
         """Tokenise the targets into bits and build the LLM inputs of their pad slots (teacher forcing)."""
         cfg = self.config
@@ -370,7 +379,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             with torch.no_grad():
                 f_NdHW = self.vae_local.encode(pixel_gen_values.to(vae_dtype))
             flip_probs = None
-            if self.training and cfg.bit_flip_max_prob > 0:
+            if noise and cfg.bit_flip_max_prob > 0:
                 flip_probs = sample_flip_probs(len(schedule), cfg.bit_flip_max_prob, cfg.bit_flip_prob_step, generator)
             labels_NLd, inputs_NLd = teacher_forcing(
                 f_NdHW.float(), schedule, flip_probs=flip_probs, generator=generator
@@ -385,7 +394,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
 
         cond_ND = self.image_condition(N)
         drop = cfg.visual_decoder_config.cond_drop_rate
-        if self.training and drop > 0:
+        if noise and drop > 0:
             u = torch.rand(N, generator=generator, device=generator.device if generator else None)
             dropped = (u.to(cond_ND.device) < drop).view(N, 1)
             cond_ND = torch.where(dropped, self.image_condition(N, unconditional=True), cond_ND)

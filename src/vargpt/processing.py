@@ -60,27 +60,45 @@ def _cover_size(width: int, height: int, min_height: int, min_width: int) -> tup
     return min_width, max(min_height, int(min_width * height / width))
 
 
+def shrink_to_max_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    """The original (LLaMA-Factory) pre-shrink: above `max_pixels`, scale both sides by sqrt(max_pixels / area),
+    truncate to ints and resample nearest-neighbour; smaller images are returned unchanged."""
+    if not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    width, height = image.size
+    if width * height <= max_pixels:
+        return image
+    factor = math.sqrt(max_pixels / (width * height))
+    new_size = (max(1, int(width * factor)), max(1, int(height * factor)))
+    return image.resize(new_size, resample=Image.Resampling.NEAREST)
+
+
 def preprocess_generation_target(
     image: ImageSource,
     resolution: int | tuple[int, int],
     random_crop: bool = False,
     generator: torch.Generator | None = None,
     resize_ratio: float = GENERATION_RESIZE_RATIO,
+    pre_shrink_max_pixels: int | None = None,
 ) -> torch.Tensor:
     """Turn a target image into the image tokenizer's input: float32 [3, H, W] in [-1, 1].
 
     As in the original: resize (Lanczos) so the image covers round(resize_ratio * H) x round(resize_ratio * W),
     then crop H x W from the centre (evaluation) or at a uniformly random offset drawn from `generator`
     (training), then scale 0..255 to [-1, 1]. `resize_ratio=1.0` crops straight from a short-side resize.
+    `pre_shrink_max_pixels=512*512` reproduces the original training data path exactly, which first shrank every
+    image above that many pixels with nearest-neighbour sampling (see `shrink_to_max_pixels`); off by default.
     """
     height, width = _as_hw(resolution)
     if not resize_ratio >= 1.0:
         raise ValueError(f"resize_ratio must be >= 1 so the crop fits inside the resized image, got {resize_ratio}")
     rgb = load_image(image)
+    if pre_shrink_max_pixels is not None:
+        rgb = shrink_to_max_pixels(rgb, pre_shrink_max_pixels)
     new_width, new_height = _cover_size(*rgb.size, round(resize_ratio * height), round(resize_ratio * width))
     if (new_width, new_height) != rgb.size:
         rgb = rgb.resize((new_width, new_height), resample=Image.Resampling.LANCZOS)
-    if random_crop:
+    if random_crop and (new_height, new_width) != (height, width):
         top = int(torch.randint(0, new_height - height + 1, (1,), generator=generator).item())
         left = int(torch.randint(0, new_width - width + 1, (1,), generator=generator).item())
     else:

@@ -1,0 +1,1 @@
+"""Training: stage freeze plans, SFT and DPO trainers, tokenizer training."""

@@ -1,0 +1,125 @@
+"""SFT and DPO on transformers' `Trainer` (mixed precision, accumulation, checkpoints, logging, launch).
+
+Only the loss is ours: the SFT loss is the model's own (text CE on labelled tokens + 3 x bit CE), and the DPO
+loss compares image-token log-probabilities of the policy against a frozen reference, with the same random
+bit flips and condition dropout for both (the original draws them independently, which adds noise to the
+preference margin).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from ..visual_decoder import bit_log_likelihood
+
+
+class VARGPTTrainer(Trainer):
+    """`Trainer` that also logs the text and image parts of the loss."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._parts: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs.get("loss")
+        if loss is None:
+            raise ValueError("the batch has neither labels nor generation targets: nothing to learn from")
+        for name, value in outputs.items():
+            if name.endswith("loss") and name != "loss" or name in ("l1", "mse", "commitment"):
+                if value is not None:
+                    self._parts[name].append(float(value.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        for name, values in self._parts.items():
+            if values and "loss" in logs:
+                logs[name] = sum(values) / len(values)
+        self._parts.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def image_log_probs(model, batch: dict, seed: int | None, noise: bool) -> torch.Tensor:
+    """Summed log-probability of every generated image's bits, one value per image `[N]`.
+
+    `seed` fixes bit flips and condition dropout, so two models scored with the same seed see the same
+    noise; `noise=False` turns both off.
+    """
+    generator = None
+    if seed is not None:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+    outputs = model(**batch, image_noise_generator=generator, image_noise=noise)
+    if outputs.image_logits is None:
+        raise ValueError("a preference batch must hold one generation target per row")
+    return bit_log_likelihood(outputs.image_logits.float(), outputs.image_labels)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Rafailov et al.'s sigmoid loss on the log-ratio margin; also returns the usual DPO statistics."""
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    margin = beta * (chosen_ratio - rejected_ratio)
+    loss = -F.logsigmoid(margin).mean()
+    chosen_ratio, rejected_ratio, margin = chosen_ratio.detach(), rejected_ratio.detach(), margin.detach()
+    stats = {
+        "rewards/chosen": float(beta * chosen_ratio.mean()),
+        "rewards/rejected": float(beta * rejected_ratio.mean()),
+        "rewards/accuracy": float((margin > 0).float().mean()),
+        "rewards/margin": float(margin.mean()),
+    }
+    return loss, stats
+
+
+class ImageDPOTrainer(VARGPTTrainer):
+    """DPO on image tokens. Batches are `{"chosen": batch, "rejected": batch}` sharing their prompts.
+
+    `ref_model` defaults to a frozen copy of the model as it is when training starts (the SFT checkpoint).
+    `noise="shared"` draws one seed per step for bit flips and condition dropout, used by policy and
+    reference alike; `noise="none"` disables both.
+    """
+
+    def __init__(self, *args, ref_model=None, beta: float = 0.1, noise: str = "shared", **kwargs) -> None:
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None:
+            # the batches are nested {"chosen", "rejected"}: the model's signature cannot filter them
+            training_args.remove_unused_columns = False
+        super().__init__(*args, **kwargs)
+        if noise not in ("shared", "none"):
+            raise ValueError(f"noise must be 'shared' or 'none', got {noise!r}")
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        self.beta = beta
+        self.noise = noise
+        self.ref_model = ref_model if ref_model is not None else copy.deepcopy(self.model)
+        self.ref_model.eval()
+        for p in self.ref_model.parameters():
+            p.requires_grad_(False)
+        self._step_seed = torch.Generator().manual_seed(self.args.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if set(inputs) != {"chosen", "rejected"}:
+            raise ValueError("DPO batches must be {'chosen': ..., 'rejected': ...}")
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._step_seed)) if self.noise == "shared" else None
+        noise = self.noise == "shared"
+        self.ref_model.to(next(model.parameters()).device)
+        policy_c = image_log_probs(model, inputs["chosen"], seed, noise)
+        policy_r = image_log_probs(model, inputs["rejected"], seed, noise)
+        with torch.no_grad():
+            ref_c = image_log_probs(self.ref_model, inputs["chosen"], seed, noise)
+            ref_r = image_log_probs(self.ref_model, inputs["rejected"], seed, noise)
+        loss, stats = dpo_loss(policy_c, policy_r, ref_c, ref_r, self.beta)
+        for name, value in stats.items():
+            self._parts[name].append(value)
+        return (loss, {"loss": loss}) if return_outputs else loss
