@@ -31,9 +31,9 @@ class VARGPTTrainer(Trainer):
         if loss is None:
             raise ValueError("the batch has neither labels nor generation targets: nothing to learn from")
         for name, value in outputs.items():
-            if name.endswith("loss") and name != "loss" or name in ("l1", "mse", "commitment"):
-                if value is not None:
-                    self._parts[name].append(float(value.detach()))
+            is_part = (name.endswith("loss") and name != "loss") or name in ("l1", "mse", "commitment")
+            if is_part and value is not None:
+                self._parts[name].append(float(value.detach()))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
