@@ -61,3 +61,22 @@ def test_pipeline_round_trips_through_a_checkpoint_directory(pipe, tmp_path):
     a = pipe.generate("a red circle", seed=2)[0]
     b = loaded.generate("a red circle", seed=2)[0]
     assert a.tobytes() == b.tobytes()
+
+
+def test_aspect_ratio_templates_shape_the_image(pipe):
+    tall = pipe.generate("a tall red bar", seed=0, aspect_ratio=2.0)[0]
+    wide = pipe.generate("a wide red bar", seed=0, aspect_ratio=0.5)[0]
+    assert tall.height == 2 * tall.width and wide.width == 2 * wide.height
+    with pytest.raises(ValueError, match="aspect"):
+        pipe.generate("a red bar", aspect_ratio=1.9)
+
+
+def test_auto_processor_and_device_map_loading(pipe, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vargpt import VARGPTProcessor
+
+    pipe.save_pretrained(tmp_path)
+    assert isinstance(AutoProcessor.from_pretrained(tmp_path), VARGPTProcessor)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="cpu", low_cpu_mem_usage=True)
+    assert next(model.parameters()).device.type == "cpu"
