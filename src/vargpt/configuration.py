@@ -117,7 +117,53 @@ _TINY: dict[str, Any] = {
     "image_gen_pad_multiple": 8,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"vargpt-v1.1": _FULL_SIZE, "tiny": _TINY}
+# The shapes-world model: the same architecture, small enough to train on two CPU cores (issue: recipe
+# `shapes-tiny`). Same tiny byte tokenizer ids as "tiny".
+_SHAPES_TINY: dict[str, Any] = {
+    **{k: v for k, v in _TINY.items() if k not in ("vision_config", "visual_decoder_config", "image_tokenizer_config")},
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_window_layers": 4,
+    "max_position_embeddings": 1024,
+    # head_dim 32 -> 16 rotary frequency pairs split as t/h/w
+    "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
+    "vision_config": {
+        "depth": 2,
+        "embed_dim": 64,
+        "hidden_size": 128,
+        "mlp_ratio": 2,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+    "visual_decoder_config": {
+        "depth": 4,
+        "embed_dim": 128,
+        "num_heads": 4,
+        "mlp_ratio": 4.0,
+        "drop_path_rate": 0.0,
+        "bits": 8,
+        "context_dim": 128,
+        "num_block_chunks": 1,
+        "cfg_uncond_length": 256,
+        "rope_max_grid": 8,
+    },
+    "image_tokenizer_config": {
+        "base_channels": 32,
+        "channel_multipliers": [1, 2, 2],
+        "num_res_blocks": 1,
+        "norm_groups": 8,
+        "bits": 8,
+    },
+    "image_resolution": 32,
+    "image_gen_pad_multiple": 8,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"vargpt-v1.1": _FULL_SIZE, "tiny": _TINY, "shapes-tiny": _SHAPES_TINY}
 
 
 @strict
@@ -200,7 +246,8 @@ class VARGPTConfig(Qwen2VLConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> VARGPTConfig:
-        """Build a named configuration: "vargpt-v1.1" (the published 7B+2B model) or "tiny" (tests)."""
+        """Build a named configuration: "vargpt-v1.1" (the published 7B+2B model), "tiny" (tests) or
+        "shapes-tiny" (the model the shapes-world recipe trains)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         values = copy.deepcopy(PRESETS[name])
