@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 DEFAULT_MODEL = "tiny"
 
@@ -24,6 +26,35 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .training.recipe import load_recipe
+    from .training.runner import run_recipe
+
+    summary = run_recipe(load_recipe(args.recipe), args.out, progress=not args.quiet)
+    print(json.dumps({"stages": [s["stage"] for s in summary["stages"]], "final": f"{args.out}/final"}, indent=2))
+    return 0
+
+
+def _eval_shapes(args: argparse.Namespace) -> int:
+    from .evaluation.shapes_eval import evaluate_split
+    from .pipeline import VARGPTPipeline
+
+    data = Path(args.data)
+    split_file = data / f"{args.split}.jsonl" if data.is_dir() else data
+    if not split_file.is_file():
+        raise FileNotFoundError(f"no split file {split_file}: write one with the shapes-world data writer")
+    pipe = VARGPTPipeline.from_pretrained(args.model)
+    grid = Path(args.json).with_suffix(".png") if args.json else None
+    report = evaluate_split(
+        pipe, split_file, limit=args.limit, batch_size=args.batch_size, seed=args.seed, grid_path=grid
+    )
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vargpt", description="VARGPT-v1.1-style unified models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="vargpt-demo", help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("train", help="run a training recipe (resumes an interrupted run in the same --out)")
+    p.add_argument("--recipe", default="shapes-tiny", help="packaged recipe name or JSON file (default: %(default)s)")
+    p.add_argument("--out", default="runs/shapes-tiny", help="run folder (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    evals = p.add_subparsers(dest="suite", required=True)
+    e = evals.add_parser("shapes", help="shapes-world generation / understanding / editing scores")
+    e.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset (default: %(default)s)")
+    e.add_argument("--data", required=True, help="folder with <split>.jsonl (a run's data/ folder) or a JSONL file")
+    e.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    e.add_argument("--json", default=None, help="write the report here (and a sample grid PNG beside it)")
+    e.add_argument("--limit", type=int, default=None, help="rows per task (default: all)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_eval_shapes)
 
     p = sub.add_parser("inspect", help="parameters per module, dtypes, layout problems, memory estimates")
     p.add_argument("model", nargs="?", default=None, help="checkpoint directory")

@@ -109,6 +109,35 @@ class VARGPTPipeline:
         """Answer a question, optionally about images. Returns the answer's text."""
         return self.converse(text, images=images, **settings).text
 
+    def chat_batch(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Sequence[ImageInput]] | None = None,
+        *,
+        max_new_tokens: int = 256,
+        **settings: Any,
+    ) -> list[str]:
+        """Answer several questions in one batch (left padded); `images[i]` are the images of `texts[i]`."""
+        images = [list(row) for row in images] if images is not None else [[] for _ in texts]
+        if len(images) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(images)} image lists")
+        messages = [[_user_message(t, len(row))] for t, row in zip(texts, images, strict=True)]
+        inputs = self._encode(messages, images)
+        ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **settings)
+        new = ids[:, inputs["input_ids"].shape[1] :]
+        return [self.processor.decode(row, skip_special_tokens=True).strip() for row in new.tolist()]
+
+    def edit_batch(
+        self, images: Sequence[ImageInput], instructions: Sequence[str], seed: int | None = None, **settings: Any
+    ) -> list[Image.Image]:
+        """Several edits in one batch, one output image per (image, instruction)."""
+        if len(images) != len(instructions):
+            raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+        messages = [[_user_message(text, 1)] for text in instructions]
+        inputs = self._encode(messages, [[img] for img in images], editing=True)
+        out = self._draw(inputs, seed, settings.pop("preset", None), settings)
+        return [self.processor.postprocess_generated(row[0].unsqueeze(0))[0] for row in out.images]
+
     def converse(
         self,
         text: str,

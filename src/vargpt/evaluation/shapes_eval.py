@@ -1,0 +1,177 @@
+"""`vargpt eval shapes`: generation (GenEval rules), understanding (exact match) and editing on a split.
+
+Reads a split written by `vargpt.data.shapes_dataset.write_sharegpt_dataset` (every row carries its exact
+symbolic scene in `meta`), runs the model through `VARGPTPipeline`, scores with the programmatic detector,
+and reports the held-out colour-shape combinations separately.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from ..data.shapes_scene import Scene
+from .shapes_scoring import edit_check, evaluate_generated_image, geneval_summary, vqa_accuracy
+
+
+def read_rows(jsonl: str | Path) -> list[dict[str, Any]]:
+    path = Path(jsonl)
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number}: not JSON ({err.msg})") from err
+            if "meta" not in row or "task" not in row["meta"]:
+                raise ValueError(f"{path} line {number}: a shapes-world row needs meta.task (written by vargpt)")
+            row["_root"] = str(path.parent)
+            rows.append(row)
+    return rows
+
+
+def _image_path(row: dict[str, Any], index: int) -> Path:
+    return Path(row["_root"]) / row["images"][index]
+
+
+def _question(row: dict[str, Any]) -> str:
+    return row["messages"][0]["content"].replace("<image>", "").strip()
+
+
+def _batches(items: Sequence[Any], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def evaluate_split(
+    pipe,
+    jsonl: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    grid_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score a model on one split; `limit` caps the rows of each task. Returns the report dict."""
+    rows = read_rows(jsonl)
+    by_task: dict[str, list[dict[str, Any]]] = {"generation": [], "understanding": [], "editing": []}
+    for row in rows:
+        task = row["meta"]["task"]
+        if task in by_task and (limit is None or len(by_task[task]) < limit):
+            if task == "understanding" and row["meta"].get("category") == "caption":
+                continue  # free-form captions have no single exact answer
+            by_task[task].append(row)
+
+    report: dict[str, Any] = {"split_file": Path(jsonl).name, "counts": {k: len(v) for k, v in by_task.items()}}
+    with Image.open(_image_path(rows[0], 0)) as first:
+        world_size = first.size  # models drawing at a lower resolution are scored at the world's size
+
+    def to_world(image: Image.Image) -> Image.Image:
+        return image if image.size == world_size else image.resize(world_size, Image.NEAREST)
+
+    samples: list[tuple[Image.Image, str, bool]] = []
+
+    gen_results = []
+    for chunk in tqdm(list(_batches(by_task["generation"], batch_size)), desc="generation", disable=not progress):
+        prompts = [_question(r) for r in chunk]
+        images = [to_world(i) for i in pipe.generate(prompts, seed=seed)]
+        for row, image in zip(chunk, images, strict=True):
+            correct, reason = evaluate_generated_image(image, row["meta"]["geneval"])
+            gen_results.append(
+                {
+                    "tag": row["meta"]["category"],
+                    "correct": correct,
+                    "unseen": bool(row["meta"].get("unseen_combination")),
+                    "reason": reason,
+                }
+            )
+            if len(samples) < 16:
+                samples.append((image, _question(row), correct))
+
+    vqa_preds, vqa_items = [], []
+    for chunk in tqdm(list(_batches(by_task["understanding"], batch_size)), desc="understanding", disable=not progress):
+        answers = pipe.chat_batch(
+            [_question(r) for r in chunk], [[str(_image_path(r, 0))] for r in chunk], max_new_tokens=12
+        )
+        for row, answer in zip(chunk, answers, strict=True):
+            vqa_preds.append(answer)
+            vqa_items.append(
+                {
+                    "answer": row["meta"]["answer"],
+                    "qtype": row["meta"]["category"],
+                    "unseen": bool(row["meta"].get("unseen_combination")),
+                }
+            )
+
+    edit_results = []
+    for chunk in tqdm(list(_batches(by_task["editing"], batch_size)), desc="editing", disable=not progress):
+        sources = [str(_image_path(r, 0)) for r in chunk]
+        edited = [to_world(i) for i in pipe.edit_batch(sources, [r["meta"]["instruction"] for r in chunk], seed)]
+        for row, image in zip(chunk, edited, strict=True):
+            ok, reason = edit_check(
+                image, Scene.from_dict(row["meta"]["target_scene"]), Scene.from_dict(row["meta"]["source_scene"])
+            )
+            edit_results.append(
+                {"kind": row["meta"]["category"], "correct": ok, "unseen": bool(row["meta"].get("unseen_combination"))}
+            )
+
+    report.update(_summaries(gen_results, vqa_preds, vqa_items, edit_results))
+    seen = _summaries(
+        [r for r in gen_results if r["unseen"]],
+        [p for p, i in zip(vqa_preds, vqa_items, strict=True) if i["unseen"]],
+        [i for i in vqa_items if i["unseen"]],
+        [r for r in edit_results if r["unseen"]],
+    )
+    report["unseen_combinations"] = seen
+    if grid_path is not None and samples:
+        sample_grid(samples).save(grid_path)
+        report["sample_grid"] = str(grid_path)
+    return report
+
+
+def _summaries(gen_results, vqa_preds, vqa_items, edit_results) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if gen_results:
+        out["generation"] = geneval_summary(gen_results) | {"n": len(gen_results)}
+    if vqa_items:
+        out["understanding"] = vqa_accuracy(vqa_preds, vqa_items) | {"n": len(vqa_items)}
+    if edit_results:
+        by_kind: dict[str, list[bool]] = {}
+        for r in edit_results:
+            by_kind.setdefault(r["kind"], []).append(r["correct"])
+        out["editing"] = {
+            "accuracy": sum(r["correct"] for r in edit_results) / len(edit_results),
+            **{k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            "n": len(edit_results),
+        }
+    return out
+
+
+def sample_grid(samples: Sequence[tuple[Image.Image, str, bool]], scale: int = 3, columns: int = 8) -> Image.Image:
+    """Generated images with a green (correct) or red (wrong) frame, prompts underneath in small type."""
+    size = samples[0][0].size[0] * scale
+    label = 34
+    rows = -(-len(samples) // columns)
+    sheet = Image.new("RGB", (columns * (size + 8), rows * (size + 8 + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, prompt, correct) in enumerate(samples):
+        x, y = (i % columns) * (size + 8), (i // columns) * (size + 8 + label)
+        draw.rectangle((x, y, x + size + 7, y + size + 7), fill=(40, 160, 60) if correct else (200, 40, 40))
+        sheet.paste(image.resize((size, size), Image.NEAREST), (x + 4, y + 4))
+        words, line, lines = prompt.split(), "", []
+        for word in words:
+            if len(line) + len(word) > 18:
+                lines.append(line)
+                line = ""
+            line = f"{line} {word}".strip()
+        lines.append(line)
+        draw.multiline_text((x + 2, y + size + 9), "\n".join(lines[:3]), fill="black", spacing=0)
+    return sheet

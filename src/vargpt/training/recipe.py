@@ -1,0 +1,124 @@
+"""Training recipes: one JSON file names the model, the data, the tokenizer run and every stage.
+
+Recipes ship inside the package (`vargpt/recipes/<name>.json`) so `vargpt train --recipe NAME` works from
+an installed copy; `--recipe PATH` takes any file of the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .stages import STAGES
+
+TASKS = ("understanding", "generation", "editing")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Rows per split and task of the shapes world (written once, deterministic by seed)."""
+
+    train: dict[str, int]
+    validation: dict[str, int]
+    test: dict[str, int]
+    image_size: int = 32
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    steps: int
+    batch_size: int
+    learning_rate: float
+    scenes: int = 4096
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage run. `plan` names a freeze plan in `stages.STAGES`; `trainable` overrides its prefixes."""
+
+    name: str
+    plan: str
+    resolution: int
+    steps: int
+    batch_size: int
+    tasks: tuple[str, ...]
+    learning_rate: float | None = None
+    trainable: tuple[str, ...] | None = None
+    warmup_ratio: float = 0.1
+    gradient_accumulation_steps: int = 1
+    save_steps: int = 200
+    dpo_pairs: int = 0
+    dpo_beta: float = 0.1
+    eval_rows: int = 32
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    name: str
+    seed: int
+    model_preset: str
+    processor_pixels: int
+    data: DataSpec
+    tokenizer: TokenizerSpec
+    stages: tuple[StageSpec, ...]
+    bf16: bool = False
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _stage(raw: dict[str, Any], index: int) -> StageSpec:
+    try:
+        spec = StageSpec(
+            **{
+                **raw,
+                "tasks": tuple(raw["tasks"]),
+                "trainable": tuple(raw["trainable"]) if raw.get("trainable") else None,
+            }
+        )
+    except (TypeError, KeyError) as err:
+        raise ValueError(f"stage {index} of the recipe is malformed: {err}") from err
+    if spec.plan not in STAGES:
+        raise ValueError(f"stage {spec.name!r}: unknown plan {spec.plan!r}; choose one of {sorted(STAGES)}")
+    bad = set(spec.tasks) - set(TASKS)
+    if bad:
+        raise ValueError(f"stage {spec.name!r}: unknown tasks {sorted(bad)}; choose from {TASKS}")
+    if STAGES[spec.plan].kind == "dpo" and spec.dpo_pairs <= 0:
+        raise ValueError(f"stage {spec.name!r} is a DPO stage and needs dpo_pairs > 0")
+    if spec.steps <= 0 or spec.batch_size <= 0:
+        raise ValueError(f"stage {spec.name!r}: steps and batch_size must be positive")
+    return spec
+
+
+def load_recipe(name_or_path: str | Path) -> RecipeSpec:
+    """A packaged recipe by name (e.g. "shapes-tiny") or a JSON file path."""
+    path = Path(str(name_or_path))
+    if path.suffix == ".json" and path.is_file():
+        text = path.read_text()
+    else:
+        packaged = resources.files("vargpt").joinpath("recipes", f"{name_or_path}.json")
+        if not packaged.is_file():
+            known = sorted(
+                p.name.removesuffix(".json") for p in resources.files("vargpt").joinpath("recipes").iterdir()
+            )
+            raise FileNotFoundError(f"no recipe {name_or_path!r}: give a JSON file or one of {known}")
+        text = packaged.read_text()
+    raw = json.loads(text)
+    try:
+        return RecipeSpec(
+            name=raw["name"],
+            seed=int(raw["seed"]),
+            model_preset=raw["model_preset"],
+            processor_pixels=int(raw["processor_pixels"]),
+            data=DataSpec(**raw["data"]),
+            tokenizer=TokenizerSpec(**raw["tokenizer"]),
+            stages=tuple(_stage(s, i) for i, s in enumerate(raw["stages"])),
+            bf16=bool(raw.get("bf16", False)),
+            model_overrides=raw.get("model_overrides", {}),
+        )
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"recipe {name_or_path!s} is malformed: {err}") from err

@@ -1,0 +1,374 @@
+"""`vargpt train --recipe NAME`: data, tokenizer, then every stage, resumable at each level.
+
+Layout of a run folder:
+    data/                 shapes-world splits (sharegpt JSONL + PNGs), one JSONL per task as well
+    tokenizer/            vae.safetensors, metrics.json, loss.png, samples.png (originals over reconstructions)
+    stages/NN-name/       model/ (checkpoint in the original layout), metrics.json, loss.png, samples.png,
+                          trainer/checkpoint-N (resumable; only complete ones are resumed)
+    final/                model + processor: loadable with VARGPTPipeline.from_pretrained
+    summary.json
+
+A finished step is skipped on a re-run; an interrupted stage resumes from its last complete checkpoint
+with the same data order and random state (transformers' Trainer restores both).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainingArguments, set_seed
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from ..checkpoint import atomic_directory_write
+from ..configuration import VARGPTConfig
+from ..modeling import VARGPTForConditionalGeneration
+from ..processing import VARGPTProcessor, preprocess_generation_target
+from ..tokenization import build_tiny_tokenizer
+from .checkpointing import CompleteCheckpointCallback, last_complete_checkpoint
+from .plots import image_rows, loss_curve
+from .recipe import TASKS, RecipeSpec, StageSpec
+from .stages import STAGES, apply_stage
+from .tokenizer import TokenizerTrainingModel, reconstruction_psnr
+from .trainer import ImageDPOTrainer, VARGPTTrainer
+
+DONE = "DONE"
+
+
+def _done(folder: Path) -> bool:
+    return (folder / DONE).is_file()
+
+
+def _mark_done(folder: Path, metrics: dict[str, Any]) -> None:
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (folder / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def build_processor(spec: RecipeSpec) -> VARGPTProcessor:
+    """The tiny byte tokenizer and a ViT input size fixed by the recipe (small images, a few patches)."""
+    pixels = spec.processor_pixels
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
+    return VARGPTProcessor(image_processor=image_processor, tokenizer=build_tiny_tokenizer())
+
+
+def prepare_data(spec: RecipeSpec, folder: Path) -> Path:
+    """Write the shapes-world splits once, plus one JSONL per task so stages can pick their mixture."""
+    from ..data.shapes_dataset import write_sharegpt_dataset
+
+    if _done(folder):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in ("train", "validation", "test"):
+        sizes = getattr(spec.data, split)
+        path = write_sharegpt_dataset(
+            folder,
+            split,
+            sizes.get("understanding", 0),
+            sizes.get("generation", 0),
+            sizes.get("editing", 0),
+            seed=spec.seed,
+            image_size=spec.data.image_size,
+        )
+        by_task: dict[str, list[str]] = {t: [] for t in TASKS}
+        for line in path.read_text().splitlines():
+            by_task[json.loads(line)["meta"]["task"]].append(line)
+        for task, lines in by_task.items():
+            (folder / f"{split}-{task}.jsonl").write_text("".join(line + "\n" for line in lines))
+        counts[split] = {t: len(v) for t, v in by_task.items()}
+    _mark_done(folder, {"rows": counts})
+    return folder
+
+
+def _training_args(spec: RecipeSpec, folder: Path, steps: int, batch: int, lr: float, **extra) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(folder),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=float(extra.pop("warmup_ratio", 0.1)),  # a float below 1 is a ratio of max_steps
+        weight_decay=0.0,
+        logging_steps=extra.pop("logging_steps", 10),
+        save_steps=extra.pop("save_steps", 200),
+        save_total_limit=2,
+        report_to=[],
+        seed=spec.seed,
+        data_seed=spec.seed,
+        bf16=spec.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def _train(trainer, folder: Path) -> None:
+    resume = last_complete_checkpoint(folder)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+# -- tokenizer ------------------------------------------------------------------------------------------
+
+
+class _Renders(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.images[index]}
+
+
+def _render_scenes(spec: RecipeSpec, split: str, count: int, seed_offset: int):
+    from ..data.shapes import ShapesWorld
+
+    world = ShapesWorld(spec.seed * 1000 + seed_offset, image_size=spec.data.image_size)
+    scenes = [world.sample_scene(split) for _ in range(count)]
+    images = [world.render(s) for s in scenes]
+    tensor = torch.stack([preprocess_generation_target(i, spec.data.image_size) for i in images])
+    return scenes, images, tensor
+
+
+def train_tokenizer(spec: RecipeSpec, model: VARGPTForConditionalGeneration, folder: Path) -> dict[str, Any]:
+    """Train `model.vae_local` on rendered scenes (or load it if this step is done)."""
+    from ..evaluation.shapes_detector import matches_scene, read_scene
+    from ..processing import postprocess_generated
+
+    weights = folder / "vae.safetensors"
+    if _done(folder):
+        model.vae_local.load_state_dict(load_file(str(weights)))
+        return json.loads((folder / "metrics.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    _, _, train_images = _render_scenes(spec, "train", spec.tokenizer.scenes, 1)
+    val_scenes, val_images, val_tensor = _render_scenes(spec, "validation", 256, 2)
+    vae = model.vae_local
+    wrapper = TokenizerTrainingModel(vae)
+    t = spec.tokenizer
+    args = _training_args(spec, folder / "trainer", t.steps, t.batch_size, t.learning_rate, logging_steps=20)
+    trainer = VARGPTTrainer(
+        model=wrapper,
+        args=args,
+        train_dataset=_Renders(train_images),
+        data_collator=lambda rows: {"pixel_values": torch.stack([r["pixel_values"] for r in rows])},
+        callbacks=[CompleteCheckpointCallback()],
+    )
+    _train(trainer, folder / "trainer")
+    vae.eval()
+    with torch.no_grad():
+        from ..image_tokenizer import encode_to_bits, scale_schedule
+
+        schedule = scale_schedule(spec.data.image_size, stride=vae.stride)
+        _, coded = encode_to_bits(vae.encode(val_tensor), schedule)
+        recon = postprocess_generated(vae.decode(coded))
+    exact = sum(matches_scene(read_scene(img), scene) for img, scene in zip(recon, val_scenes, strict=True))
+    metrics = {
+        "steps": t.steps,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "validation_psnr_db": round(reconstruction_psnr(vae, val_tensor), 2),
+        "validation_detector_exact_match": exact / len(val_scenes),
+        "final_loss": trainer.state.log_history[-1].get("train_loss"),
+    }
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(weights))
+    loss_curve(trainer.state.log_history, folder / "loss.png", "image tokenizer")
+    image_rows([val_images[:12], recon[:12]]).save(folder / "samples.png")
+    _mark_done(folder, metrics)
+    return metrics
+
+
+# -- stages ---------------------------------------------------------------------------------------------
+
+
+def _pad_tokens(model, resolution: int) -> int:
+    return model.num_image_gen_pad_tokens(model.generation_schedule(resolution))
+
+
+def _sft_dataset(data: Path, tasks: tuple[str, ...]):
+    import datasets
+
+    from ..data.formats import load_sft_dataset
+
+    parts, reports = [], {}
+    for task in tasks:
+        dataset, report = load_sft_dataset(data / f"train-{task}.jsonl")
+        parts.append(dataset)
+        reports[task] = report.to_dict()
+    return datasets.concatenate_datasets(parts), reports
+
+
+def _stage_pipeline(model, processor, resolution: int):
+    from ..pipeline import VARGPTPipeline
+
+    pipe = VARGPTPipeline(model, processor)
+    pipe.image_config = pipe.image_config.updated(resolution=resolution)
+    return pipe
+
+
+def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor, folder: Path) -> Path:
+    """Winners: the renderer's ground truth for a prompt; losers: the model's own wrong samples for it."""
+    from ..data.shapes import ShapesWorld
+    from ..evaluation.shapes_scoring import GENEVAL_CATEGORIES, evaluate_generated_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    world = ShapesWorld(spec.seed * 1000 + 7, image_size=spec.data.image_size)
+    pipe = _stage_pipeline(model.eval(), processor, stage.resolution)
+    rows, skipped, index = [], 0, 0
+    attempts = 0
+    while len(rows) < stage.dpo_pairs and attempts < stage.dpo_pairs * 4:
+        items = [world.t2i_prompt(GENEVAL_CATEGORIES[(attempts + i) % 6], "train") for i in range(16)]
+        attempts += len(items)
+        samples = pipe.generate([it.prompt for it in items], seed=spec.seed + attempts)
+        for item, sample in zip(items, samples, strict=True):
+            big = sample.resize((spec.data.image_size,) * 2)
+            correct, _ = evaluate_generated_image(big, item.metadata)
+            if correct:
+                skipped += 1  # the model already draws this prompt right: no preference signal
+                continue
+            chosen, rejected = f"pair{index:05d}_chosen.png", f"pair{index:05d}_rejected.png"
+            world.render(item.scene).save(folder / chosen)
+            big.save(folder / rejected)
+            rows.append(
+                {
+                    "conversations": [{"role": "user", "content": item.prompt}],
+                    "chosen": {"role": "assistant", "content": "<image_gen>"},
+                    "rejected": {"role": "assistant", "content": "<image_gen>"},
+                    "images": [chosen, rejected],
+                }
+            )
+            index += 1
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[: stage.dpo_pairs]))
+    (folder / "pairs_stats.json").write_text(json.dumps({"pairs": len(rows), "skipped_already_correct": skipped}))
+    return path
+
+
+def run_stage(
+    spec: RecipeSpec, stage: StageSpec, model, processor, data: Path, folder: Path, progress: bool
+) -> dict[str, Any]:
+    from ..data.collator import PreferenceCollator, SFTCollator
+    from ..data.formats import load_preference_dataset
+    from ..evaluation.shapes_eval import evaluate_split
+
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    plan = STAGES[stage.plan]
+    if stage.trainable:
+        plan = plan.with_trainable(*stage.trainable)
+    counts = apply_stage(model, plan)
+    model.train()
+    lr = stage.learning_rate if stage.learning_rate is not None else plan.learning_rate
+    args = _training_args(
+        spec,
+        folder / "trainer",
+        stage.steps,
+        stage.batch_size,
+        lr,
+        warmup_ratio=stage.warmup_ratio,
+        save_steps=stage.save_steps,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        disable_tqdm=not progress,
+    )
+    collator_args = {
+        "image_gen_resolution": stage.resolution,
+        "num_image_gen_pad_tokens": _pad_tokens(model, stage.resolution),
+        "max_length": model.config.text_config.max_position_embeddings,
+    }
+    extra: dict[str, Any] = {}
+    if plan.kind == "dpo":
+        pairs = _build_preference_pairs(spec, stage, model, processor, folder / "pairs")
+        dataset, report = load_preference_dataset(pairs)
+        extra["data_report"] = report.to_dict()
+        model.train()
+        trainer = ImageDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=PreferenceCollator(processor, **collator_args),
+            callbacks=[CompleteCheckpointCallback()],
+            beta=stage.dpo_beta,
+        )
+    else:
+        dataset, reports = _sft_dataset(data, stage.tasks)
+        extra["data_report"] = reports
+        trainer = VARGPTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=SFTCollator(processor, **collator_args),
+            callbacks=[CompleteCheckpointCallback()],
+        )
+    _train(trainer, folder / "trainer")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    pipe = _stage_pipeline(model, processor, stage.resolution)
+    evaluation = evaluate_split(
+        pipe,
+        data / "validation.jsonl",
+        limit=stage.eval_rows,
+        grid_path=folder / "samples.png",
+        progress=progress,
+        seed=spec.seed,
+    )
+    history = trainer.state.log_history
+    metrics = {
+        "stage": stage.name,
+        "plan": plan.name,
+        "trainable_parameters": counts["trainable"],
+        "frozen_parameters": counts["frozen"],
+        "steps": stage.steps,
+        "resolution": stage.resolution,
+        "learning_rate": lr,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "final_train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
+        "validation": evaluation,
+        **extra,
+    }
+    loss_curve(history, folder / "loss.png", f"{stage.name} ({plan.name}, {stage.resolution}px)")
+    model.save_pretrained(folder / "model")  # atomic: a crash never leaves a half-written checkpoint
+    _mark_done(folder, metrics)
+    return metrics
+
+
+def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a whole recipe; returns the summary that is also written to summary.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    set_seed(spec.seed)
+    (out / "recipe.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    data = prepare_data(spec, out / "data")
+    processor = build_processor(spec)
+    config = VARGPTConfig.from_preset(spec.model_preset, **spec.model_overrides)
+    model = VARGPTForConditionalGeneration(config)
+    summary: dict[str, Any] = {"recipe": spec.name, "tokenizer": train_tokenizer(spec, model, out / "tokenizer")}
+    summary["stages"] = []
+    for index, stage in enumerate(spec.stages):
+        folder = out / "stages" / f"{index:02d}-{stage.name}"
+        if _done(folder):
+            model = VARGPTForConditionalGeneration.from_pretrained(folder / "model", dtype=torch.float32)
+            summary["stages"].append(json.loads((folder / "metrics.json").read_text()))
+            continue
+        set_seed(spec.seed + index)
+        summary["stages"].append(run_stage(spec, stage, model, processor, data, folder, progress))
+    final = out / "final"
+
+    def write_final(staging: Path) -> None:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+
+    atomic_directory_write(final, write_final)
+    summary["wall_seconds_this_run"] = round(time.perf_counter() - started, 1)
+    summary["total_stage_seconds"] = math.fsum(s.get("wall_seconds", 0) for s in summary["stages"]) + summary[
+        "tokenizer"
+    ].get("wall_seconds", 0)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,148 @@
+"""A whole recipe, shrunk to seconds: data, tokenizer, every stage kind, outputs, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vargpt.training.recipe import load_recipe
+from vargpt.training.runner import run_recipe
+
+SMOKE = {
+    "name": "smoke",
+    "seed": 0,
+    "model_preset": "tiny",
+    "processor_pixels": 3136,
+    "data": {
+        "train": {"understanding": 8, "generation": 8, "editing": 4},
+        "validation": {"understanding": 4, "generation": 4, "editing": 2},
+        "test": {"understanding": 2, "generation": 2, "editing": 2},
+        "image_size": 32,
+    },
+    "tokenizer": {"steps": 4, "batch_size": 4, "learning_rate": 0.001, "scenes": 16},
+    "stages": [
+        {
+            "name": "projectors-16",
+            "plan": "stage1-projectors",
+            "resolution": 16,
+            "steps": 2,
+            "batch_size": 2,
+            "tasks": ["generation"],
+            "eval_rows": 2,
+        },
+        {
+            "name": "llm",
+            "plan": "stage2-llm",
+            "resolution": 16,
+            "steps": 2,
+            "batch_size": 2,
+            "tasks": ["understanding", "generation"],
+            "eval_rows": 2,
+            "trainable": ["model.", "lm_head.", "visual."],
+        },
+        {
+            "name": "decoder-32",
+            "plan": "stage3-decoder",
+            "resolution": 32,
+            "steps": 2,
+            "batch_size": 2,
+            "tasks": ["generation"],
+            "eval_rows": 2,
+        },
+        {
+            "name": "dpo-32",
+            "plan": "stage3-dpo",
+            "resolution": 32,
+            "steps": 2,
+            "batch_size": 2,
+            "tasks": ["generation"],
+            "dpo_pairs": 4,
+            "eval_rows": 2,
+        },
+        {
+            "name": "edit",
+            "plan": "edit",
+            "resolution": 32,
+            "steps": 2,
+            "batch_size": 2,
+            "tasks": ["editing"],
+            "eval_rows": 2,
+        },
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    path = root / "smoke.json"
+    path.write_text(json.dumps(SMOKE))
+    spec = load_recipe(path)
+    summary = run_recipe(spec, root / "run", progress=False)
+    return spec, root / "run", summary
+
+
+def test_every_stage_writes_metrics_plots_and_a_checkpoint(finished_run):
+    _, run, summary = finished_run
+    assert [s["stage"] for s in summary["stages"]] == [s["name"] for s in SMOKE["stages"]]
+    for index, stage in enumerate(SMOKE["stages"]):
+        folder = run / "stages" / f"{index:02d}-{stage['name']}"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["steps"] == 2 and metrics["final_train_loss"] is not None
+        assert "generation" in metrics["validation"]
+        assert (folder / "loss.png").stat().st_size > 0 and (folder / "samples.png").stat().st_size > 0
+        assert (folder / "model" / "config.json").is_file()
+    tokenizer = json.loads((run / "tokenizer" / "metrics.json").read_text())
+    assert tokenizer["validation_psnr_db"] > 0 and (run / "tokenizer" / "samples.png").is_file()
+    pairs = json.loads((run / "stages" / "03-dpo-32" / "pairs" / "pairs_stats.json").read_text())
+    assert pairs["pairs"] >= 1
+
+
+def test_final_model_loads_in_the_pipeline_and_eval_command_runs(finished_run, tmp_path):
+    from vargpt import VARGPTPipeline
+    from vargpt.cli import main
+
+    _, run, _ = finished_run
+    pipe = VARGPTPipeline.from_pretrained(run / "final")
+    assert pipe.generate("a red circle", seed=0)[0].size == (32, 32)
+    report_path = tmp_path / "report.json"
+    assert (
+        main(
+            [
+                "eval",
+                "shapes",
+                "--model",
+                str(run / "final"),
+                "--data",
+                str(run / "data"),
+                "--json",
+                str(report_path),
+                "--limit",
+                "2",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(report_path.read_text())
+    for part in ("generation", "understanding", "editing", "unseen_combinations"):
+        assert part in report
+    assert 0.0 <= report["generation"]["overall"] <= 1.0
+    assert report_path.with_suffix(".png").is_file()
+
+
+def test_a_finished_run_is_skipped_on_rerun(finished_run):
+    spec, run, summary = finished_run
+    again = run_recipe(spec, run, progress=False)
+    assert [s["wall_seconds"] for s in again["stages"]] == [s["wall_seconds"] for s in summary["stages"]]
+    assert again["wall_seconds_this_run"] < summary["wall_seconds_this_run"]
+
+
+def test_malformed_recipes_are_clear_errors(tmp_path):
+    bad = dict(SMOKE, stages=[dict(SMOKE["stages"][0], plan="stage7")])
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="unknown plan"):
+        load_recipe(path)
+    with pytest.raises(FileNotFoundError, match="no recipe"):
+        load_recipe("no-such-recipe")
