@@ -183,7 +183,7 @@ def test_vqa_answers_are_short_and_exact():
             if item.qtype in ("existence",):
                 assert item.answer in ("yes", "no")
             if item.qtype == "position":
-                ref = re.split(r" (?:on the left|at the top|left of|right of|above|below) ", item.question)[0]
+                ref = re.split(r" (?:on the left|at the top|left of|right of|above|below)\b", item.question)[0]
                 assert " in the " not in ref or item.question.startswith("Is there a shape in the ")
         colour_q = items[0]
         if colour_q.question.startswith("What colour is the ") and " in the " not in colour_q.question:

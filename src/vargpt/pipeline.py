@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ class VARGPTPipeline:
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         path = Path(str(name_or_path))
+        shipped = shipped_model_path(str(name_or_path))
+        if not path.is_dir() and shipped is not None:
+            path = shipped
         if path.is_dir():
             model = VARGPTForConditionalGeneration.from_pretrained(path, dtype=dtype, **model_kwargs)
             processor = VARGPTProcessor.from_pretrained(path)
@@ -91,8 +95,9 @@ class VARGPTPipeline:
             tokenizer = build_tiny_tokenizer() if name_or_path == "tiny" else build_qwen2_tokenizer()
             processor = VARGPTProcessor.from_tokenizer(tokenizer)
         else:
+            known = sorted([*PRESETS, *SHIPPED_MODELS])
             raise FileNotFoundError(
-                f"{name_or_path!s} is neither a checkpoint directory nor a preset ({', '.join(sorted(PRESETS))})"
+                f"{name_or_path!s} is neither a checkpoint directory nor a shipped model or preset ({', '.join(known)})"
             )
         return cls(model.to(device), processor, image_preset=image_preset)
 
@@ -242,6 +247,17 @@ class VARGPTPipeline:
         if pending:
             segments.append(self.processor.decode(pending, skip_special_tokens=True))
         return ChatTurn([s for s in segments if not (isinstance(s, str) and not s)])
+
+
+SHIPPED_MODELS = ("vargpt-shapes-tiny",)
+
+
+def shipped_model_path(name: str) -> Path | None:
+    """Folder of a model shipped inside the package (trained by this project's recipes), if present."""
+    if name not in SHIPPED_MODELS:
+        return None
+    folder = Path(str(resources.files("vargpt").joinpath("models", name)))
+    return folder if (folder / "config.json").is_file() else None
 
 
 def _user_message(text: str, num_images: int) -> dict:

@@ -286,7 +286,6 @@ class ShapesWorld:
         (adding to a full scene, removing the last object). The edited scene may belong to another split."""
         if kind not in EDIT_KINDS:
             raise ValueError(f"unknown edit kind {kind!r}; known: {EDIT_KINDS}")
-        include_held = include_held_out
         rng, config = self.rng, self.config
         empty = [c for c in all_cells() if c not in source.occupied()]
         if kind == "restyle":
@@ -298,7 +297,7 @@ class ShapesWorld:
         if kind == "add":
             if len(source.objects) >= config.max_objects:
                 return None
-            new = self._random_object(rng.choice(empty), config.allowed_pairs(include_held))
+            new = self._random_object(rng.choice(empty), config.allowed_pairs(include_held_out))
             return add_instruction(new, rng), Scene((*source.objects, new), source.background)
         obj = rng.choice(source.objects)
         if kind == "remove":
@@ -309,7 +308,7 @@ class ShapesWorld:
             cell = rng.choice(empty)
             moved = dataclasses.replace(obj, cell=cell)
             return move_instruction(source, obj, cell, rng), source.replace_object(obj, moved)
-        allowed = set(config.allowed_pairs(include_held))
+        allowed = set(config.allowed_pairs(include_held_out))
         colours = [c for c in config.colours if c != obj.colour and (c, obj.shape) in allowed]
         if not colours:
             return None
