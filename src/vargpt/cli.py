@@ -35,6 +35,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .training.finetune import from_namespace, run_finetune
+
+    result = run_finetune(from_namespace(args))
+    print(json.dumps({k: v for k, v in result.items() if k != "losses"} | {"last_loss": result["losses"][-1:]}))
+    return 0
+
+
 def _eval_shapes(args: argparse.Namespace) -> int:
     from .evaluation.shapes_eval import evaluate_split
     from .pipeline import VARGPTPipeline
@@ -70,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/shapes-tiny", help="run folder (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("finetune", help="SFT or DPO of a checkpoint on sharegpt data (one stage)")
+    from .training.finetune import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_finetune)
 
     p = sub.add_parser("eval", help="evaluate a model")
     evals = p.add_subparsers(dest="suite", required=True)
