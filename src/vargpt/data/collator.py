@@ -104,8 +104,13 @@ class SFTCollator:
         max_length: int | None = None,
         random_crop: bool = False,
         max_pixels: int | None = None,
+        resize_ratio: float = 1.125,
     ):
         _positive_int(image_gen_resolution, "image_gen_resolution")
+        if resize_ratio < 1.0:
+            raise ValueError(
+                f"resize_ratio must be >= 1 (short side = ratio x resolution before cropping), got {resize_ratio}"
+            )
         _positive_int(num_image_gen_pad_tokens, "num_image_gen_pad_tokens")
         _positive_int(max_length, "max_length", allow_none=True)
         _positive_int(max_pixels, "max_pixels", allow_none=True)
@@ -115,6 +120,7 @@ class SFTCollator:
         self.max_length = max_length
         self.random_crop = random_crop
         self.max_pixels = max_pixels
+        self.resize_ratio = resize_ratio
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -169,7 +175,7 @@ class SFTCollator:
     def _target(self, path: str, name: str) -> torch.Tensor:
         image = self._load(path, name)
         return self.processor.preprocess_generation_target(
-            image, self.image_gen_resolution, random_crop=self.random_crop
+            image, self.image_gen_resolution, random_crop=self.random_crop, resize_ratio=self.resize_ratio
         )
 
     def _align(self, base_ids: list[int], base_mask: list[bool], expanded: list[int], name: str) -> list[int]:
@@ -206,9 +212,10 @@ class PreferenceCollator:
         max_length: int | None = None,
         random_crop: bool = False,
         max_pixels: int | None = None,
+        resize_ratio: float = 1.125,
     ):
         self.sft = SFTCollator(
-            processor, image_gen_resolution, num_image_gen_pad_tokens, max_length, random_crop, max_pixels
+            processor, image_gen_resolution, num_image_gen_pad_tokens, max_length, random_crop, max_pixels, resize_ratio
         )
 
     @staticmethod

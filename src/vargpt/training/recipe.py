@@ -66,6 +66,9 @@ class RecipeSpec:
     stages: tuple[StageSpec, ...]
     bf16: bool = False
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # generation targets: short side resized to ratio x resolution, then cropped. The original uses 1.125 for
+    # photos; drawn scenes at their native size need 1.0 (an upscale-and-crop blurs and shifts the shapes).
+    target_resize_ratio: float = 1.125
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +122,7 @@ def load_recipe(name_or_path: str | Path) -> RecipeSpec:
             stages=tuple(_stage(s, i) for i, s in enumerate(raw["stages"])),
             bf16=bool(raw.get("bf16", False)),
             model_overrides=raw.get("model_overrides", {}),
+            target_resize_ratio=float(raw.get("target_resize_ratio", 1.125)),
         )
     except (KeyError, TypeError) as err:
         raise ValueError(f"recipe {name_or_path!s} is malformed: {err}") from err

@@ -133,7 +133,8 @@ def _render_scenes(spec: RecipeSpec, split: str, count: int, seed_offset: int):
     world = ShapesWorld(spec.seed * 1000 + seed_offset, image_size=spec.data.image_size)
     scenes = [world.sample_scene(split) for _ in range(count)]
     images = [world.render(s) for s in scenes]
-    tensor = torch.stack([preprocess_generation_target(i, spec.data.image_size) for i in images])
+    size, ratio = spec.data.image_size, spec.target_resize_ratio
+    tensor = torch.stack([preprocess_generation_target(i, size, resize_ratio=ratio) for i in images])
     return scenes, images, tensor
 
 
@@ -280,6 +281,7 @@ def run_stage(
         "image_gen_resolution": stage.resolution,
         "num_image_gen_pad_tokens": _pad_tokens(model, stage.resolution),
         "max_length": model.config.text_config.max_position_embeddings,
+        "resize_ratio": spec.target_resize_ratio,
     }
     extra: dict[str, Any] = {}
     if plan.kind == "dpo":
