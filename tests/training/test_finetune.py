@@ -45,8 +45,9 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(generation_
     single = tmp_path / "single"
     subprocess.run([sys.executable, *finetune_command(generation_data, single, batch=4)], check=True, env=ENV)
     double = tmp_path / "double"
-    # on a machine without GPUs, --multi_gpu starts torch.distributed CPU processes (gloo)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    # the shipped config: on a machine without GPUs it starts two torch.distributed CPU processes (gloo)
+    config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "cpu-2proc.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     subprocess.run([*launch, *finetune_command(generation_data, double, batch=2)], check=True, env=ENV)
     one, two = losses(single), losses(double)
     assert len(one) == len(two) == 6
