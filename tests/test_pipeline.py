@@ -80,3 +80,13 @@ def test_auto_processor_and_device_map_loading(pipe, tmp_path):
     assert isinstance(AutoProcessor.from_pretrained(tmp_path), VARGPTProcessor)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="cpu", low_cpu_mem_usage=True)
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_bf16_inference_runs_end_to_end():
+    import torch
+
+    bf16 = VARGPTPipeline.from_pretrained("tiny", dtype=torch.bfloat16)
+    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    image = bf16.generate("a red circle", seed=0, cfg_scale=3.0)[0]
+    assert image.size == (32, 32)
+    assert isinstance(bf16.chat("hello", images=[demo_scene()], max_new_tokens=3), str)
