@@ -1,0 +1,1 @@
+"""Machinery behind `vargpt bench` and the benchmark samplers: resumable sampling, FLOP counts, timing."""

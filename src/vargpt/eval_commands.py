@@ -1,0 +1,209 @@
+"""Command-line entries of the benchmark samplers, scorers and `vargpt bench` (wired into `vargpt.cli`).
+
+`register_eval_commands(eval_subparsers)` adds `geneval-sample`, `dpg-sample`, `geneval-score` and
+`dpg-score` under `vargpt eval`; `register_bench_command(subparsers)` adds `vargpt bench`. Each sets
+`func(args) -> int` like the other commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "tiny"
+_SETTINGS = ("cfg_scale", "tau", "top_k", "top_p", "resolution", "aspect_ratio", "position_mode")
+
+
+def _add_generation_arguments(p: argparse.ArgumentParser, batch_default: int = 16) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder (an interrupted run resumes in the same folder)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--batch-size", type=int, default=batch_default, help="images per model call (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--preset", default=None, help="image setting preset: original-code or paper")
+    p.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
+    p.add_argument("--aspect-ratio", type=float, default=None)
+    p.add_argument("--position-mode", default=None, choices=("mrope", "cache"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _SETTINGS if getattr(args, k) is not None}
+
+
+def _pipeline(args: argparse.Namespace):
+    from accelerate import PartialState
+
+    from .pipeline import VARGPTPipeline
+
+    state = PartialState()
+    device = args.device or (state.device if state.device.type != "mps" else "cpu")
+    return VARGPTPipeline.from_pretrained(args.model, device=device, dtype=args.dtype, seed=args.seed), state
+
+
+def _geneval_sample(args: argparse.Namespace) -> int:
+    from .evaluation.geneval import read_geneval_metadata, sample_geneval
+
+    metadata = read_geneval_metadata(args.metadata, args.limit)
+    pipe, state = _pipeline(args)
+    manifest = sample_geneval(
+        pipe,
+        args.out,
+        metadata,
+        model_name=str(args.model),
+        images_per_prompt=args.images_per_prompt,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        preset=args.preset,
+        settings=_settings(args),
+        state=state,
+        progress=not args.quiet,
+    )
+    if state.is_main_process:
+        print(json.dumps({"out": args.out, "prompts": len(manifest.get("prompts", {}))}))
+    return 0
+
+
+def _dpg_sample(args: argparse.Namespace) -> int:
+    from .evaluation.dpg import read_dpg_prompts, sample_dpg
+
+    prompts = read_dpg_prompts(args.prompts, args.limit)
+    pipe, state = _pipeline(args)
+    manifest = sample_dpg(
+        pipe,
+        args.out,
+        prompts,
+        model_name=str(args.model),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        preset=args.preset,
+        settings=_settings(args),
+        state=state,
+        progress=not args.quiet,
+    )
+    if state.is_main_process:
+        print(json.dumps({"out": args.out, "prompts": len(manifest.get("prompts", {}))}))
+    return 0
+
+
+def _geneval_score(args: argparse.Namespace) -> int:
+    from .evaluation.geneval import NO_FILTER, OFFICIAL_FILTER, ShapesDetector, score_geneval_folder
+
+    if args.detector != "shapes":
+        raise ValueError(f"unknown detector {args.detector!r}; built in: shapes (plug others in through the API)")
+    folder = Path(args.images)
+    results_path = Path(args.results) if args.results else folder / "results.jsonl"
+    detection_filter = OFFICIAL_FILTER if args.official_thresholds else NO_FILTER
+    _, summary = score_geneval_folder(
+        folder,
+        ShapesDetector(),
+        detection_filter=detection_filter,
+        results_path=results_path,
+        progress=not args.quiet,
+    )
+    summary_path = results_path.with_name(results_path.stem + "_summary.json")
+    summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _dpg_score(args: argparse.Namespace) -> int:
+    from .evaluation.dpg import ShapesVQA, read_dpg_questions, score_dpg_folder
+
+    if args.vqa != "shapes":
+        raise ValueError(f"unknown VQA model {args.vqa!r}; built in: shapes (plug others in through the API)")
+    folder = Path(args.images)
+    results_path = Path(args.results) if args.results else folder.parent / f"{folder.name}_dpg_results.jsonl"
+    tile = (args.resolution, args.resolution) if args.resolution else None
+    _, summary = score_dpg_folder(
+        folder,
+        read_dpg_questions(args.questions),
+        ShapesVQA(),
+        tiles=args.pic_num,
+        tile_size=tile,
+        results_path=results_path,
+        progress=not args.quiet,
+    )
+    summary_path = results_path.with_name(results_path.stem + "_summary.json")
+    summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register_eval_commands(eval_subparsers) -> None:
+    """Add the GenEval and DPG-Bench samplers and scorers under `vargpt eval`."""
+    p = eval_subparsers.add_parser("geneval-sample", help="draw GenEval prompts in its official folder layout")
+    _add_generation_arguments(p)
+    p.add_argument("--metadata", default=None, help="GenEval-format JSONL (default: the packaged 553 prompts)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.set_defaults(func=_geneval_sample)
+
+    p = eval_subparsers.add_parser("dpg-sample", help="draw DPG-Bench prompts as 2x2 grids named by prompt id")
+    _add_generation_arguments(p)
+    p.add_argument("--prompts", default=None, help="{id, prompt} JSONL (default: the packaged 1,065 prompts)")
+    p.set_defaults(func=_dpg_sample)
+
+    p = eval_subparsers.add_parser("geneval-score", help="score a GenEval-layout folder (results JSONL + summary)")
+    p.add_argument("images", help="the folder geneval-sample wrote")
+    p.add_argument("--detector", default="shapes", help="built-in detector (default: %(default)s)")
+    p.add_argument("--results", default=None, help="results JSONL (default: IMAGES/results.jsonl)")
+    p.add_argument(
+        "--official-thresholds",
+        action="store_true",
+        help="apply GenEval's confidence thresholds (0.3; 0.9 for counting) to the detector's scores",
+    )
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_geneval_score)
+
+    p = eval_subparsers.add_parser("dpg-score", help="score a DPG-Bench folder with a VQA model")
+    p.add_argument("images", help="the folder dpg-sample wrote")
+    p.add_argument("--questions", required=True, help="DPG-Bench question file (dpg_bench.csv)")
+    p.add_argument("--vqa", default="shapes", help="built-in VQA model (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=None, help="tile side in px (default: half the grid)")
+    p.add_argument("--pic-num", type=int, default=4, help="tiles scored per grid (official default 4)")
+    p.add_argument("--results", default=None, help="results JSONL (default: beside IMAGES)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_dpg_score)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmark import run_benchmark, write_report
+
+    report = run_benchmark(
+        args.preset,
+        device=args.device,
+        dtype=args.dtype,
+        resolutions=args.resolutions,
+        batch_sizes=args.batch_sizes,
+        repeats=args.repeats,
+        text_new_tokens=args.text_tokens,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    plot = write_report(report, args.json)
+    print(json.dumps({"json": args.json, "plot": str(plot)}))
+    return 0
+
+
+def register_bench_command(subparsers) -> None:
+    """Add `vargpt bench`."""
+    p = subparsers.add_parser("bench", help="generation / understanding speed, FLOP share and memory")
+    p.add_argument("--preset", default="tiny", help="model preset, e.g. tiny or bench-100m (default: %(default)s)")
+    p.add_argument("--json", required=True, help="report path (a PNG plot is written beside it)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: %(default)s)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=None, help="default: all the preset supports")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--text-tokens", type=int, default=32, help="new tokens for the understanding timing")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_bench)
