@@ -10,7 +10,7 @@ from vargpt.modeling import VARGPTForConditionalGeneration
 def test_demo_writes_a_self_contained_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") >= 5  # 2 generations, the question image, edit in + out
+    assert page.count("data:image/png;base64,") == 3 * 4 + 1 + 2  # 3 prompts x 4 images, the question, edit
     assert "report written" in capsys.readouterr().out
 
 

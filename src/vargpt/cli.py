@@ -8,7 +8,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-DEFAULT_MODEL = "tiny"
+def _default_model() -> str:
+    """The shipped shapes-world model when the package has it, else the random tiny preset."""
+    from .pipeline import shipped_model_path
+
+    return "vargpt-shapes-tiny" if shipped_model_path("vargpt-shapes-tiny") is not None else "tiny"
+
+
+DEFAULT_MODEL = _default_model()
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -8,11 +8,11 @@ import io
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-DEMO_PROMPTS = ("a red circle", "a blue square above a green triangle")
-DEMO_QUESTION = "What colour is the shape?"
-DEMO_EDIT = "make the circle blue"
+DEMO_PROMPTS = ("a photo of a red circle", "a blue square above a yellow triangle", "draw three green triangles")
+DEMO_QUESTION = "Which colour is the circle?"
+DEMO_EDIT = "Change the colour of the circle to blue."
 
 
 def _png_data_url(image: Image.Image) -> str:
@@ -21,11 +21,12 @@ def _png_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def demo_scene(size: int = 64) -> Image.Image:
-    """A plain test scene: one red circle on white."""
-    image = Image.new("RGB", (size, size), "white")
-    ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(220, 30, 30))
-    return image
+def demo_scene(size: int = 32) -> Image.Image:
+    """A shapes-world scene: a large red circle in the centre of a white picture."""
+    from .data.shapes_render import render
+    from .data.shapes_scene import Scene, ShapeInstance, ShapesWorldConfig
+
+    return render(Scene((ShapeInstance((1, 1), "circle", "red", "large"),)), ShapesWorldConfig(), size)
 
 
 def run_demo(model: str, out_dir: str | Path, seed: int = 0) -> Path:
@@ -38,8 +39,8 @@ def run_demo(model: str, out_dir: str | Path, seed: int = 0) -> Path:
     rows: list[str] = []
     for prompt in DEMO_PROMPTS:
         t0 = time.perf_counter()
-        image = pipe.generate(prompt, seed=seed)[0]
-        rows.append(_row(f"generate: {prompt}", [image], f"{time.perf_counter() - t0:.2f} s"))
+        images = pipe.generate(prompt, num_images=4, seed=seed)
+        rows.append(_row(f"generate: {prompt}", images, f"4 images in {time.perf_counter() - t0:.2f} s"))
     scene = demo_scene()
     t0 = time.perf_counter()
     answer = pipe.chat(DEMO_QUESTION, images=[scene], max_new_tokens=24)

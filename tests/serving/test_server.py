@@ -151,7 +151,9 @@ def test_images_the_model_draws_in_chat_come_back_as_image_parts(server, client)
 
 
 def test_images_generate_b64_size_and_seed(client):
-    first = client.images.generate(prompt="a red circle", n=2, size="32x32", response_format="b64_json", seed=7)
+    first = client.images.generate(
+        prompt="a red circle", n=2, size="32x32", response_format="b64_json", extra_body={"seed": 7}
+    )
     assert len(first.data) == 2
     assert all(_decode_png(d.b64_json).size == (32, 32) for d in first.data)
     again = client.images.generate(prompt="a red circle", n=2, response_format="b64_json", extra_body={"seed": 7})

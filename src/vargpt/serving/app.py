@@ -275,15 +275,15 @@ class _Service:
                 "choices": [choice],
                 "usage": usage,
             }
-        # Streaming: wait for the first event (or the end) so a request that never starts still gets a real 504.
-        first = asyncio.ensure_future(events.get())
-        done, _ = await asyncio.wait({first, future}, timeout=max(0.0, deadline - time.monotonic()))
-        if not done:
-            first.cancel()
-            await self.wait(job, future, deadline)  # raises the 504
-        if future.done() and future.exception() is not None:
-            first.cancel()
-            await self.wait(job, future, deadline)  # raises the mapped error
+        # Streaming: the events queue carries text deltas, then `_END` once the job's future has settled. The first
+        # event is awaited before answering, so a request that never starts still gets a real 504.
+        future.add_done_callback(lambda _: events.put_nowait(_END))
+        try:
+            first = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            first = None
+        if first is None or first is _END:
+            await self.wait(job, future, deadline)  # raises the 504, or the job's error
         chunks = _ChunkWriter(reply_id, created, self.config.model_name)
         return StreamingResponse(
             self.stream(job, future, events, first, deadline, chunks),
@@ -294,35 +294,27 @@ class _Service:
     async def stream(self, job: Job, future, events: asyncio.Queue, first, deadline: float, chunks: _ChunkWriter):
         try:
             yield chunks.sse({"role": "assistant", "content": ""})
-            pending = first
-            while True:
-                remaining = deadline - time.monotonic()
-                print("wait", time.time() % 100, pending.done(), future.done(), flush=True)
-                done, _ = await asyncio.wait({pending, future}, timeout=max(0.0, remaining))
-                print("woke", time.time() % 100, pending in done, future in done, flush=True)
-                if pending in done:
-                    yield chunks.sse({"content": pending.result()})
-                    pending = asyncio.ensure_future(events.get())
-                    continue
-                if future in done:
-                    pending.cancel()
-                    while not events.empty():
-                        yield chunks.sse({"content": events.get_nowait()})
-                    try:
-                        turn, state = future.result()
-                    except Exception as error:
-                        yield _sse(error_body(str(error), type="server_error"))
-                        break
+            item = first
+            while item is not _END:
+                if item is not None:
+                    yield chunks.sse({"content": item})
+                try:
+                    item = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    job.cancelled = True
+                    message = f"the request took longer than the server's limit of {self.config.timeout_s:g} s"
+                    yield _sse(error_body(message, type="timeout_error", code="timeout"))
+                    break
+            else:
+                try:
+                    turn, state = future.result()
+                except Exception as error:
+                    yield _sse(error_body(str(error), type="server_error"))
+                else:
                     images = [_image_part(s) for s in turn.segments if isinstance(s, Image.Image)]
                     if images:
                         yield chunks.sse({"content": images})
                     yield chunks.sse({}, finish_reason=state["finish_reason"])
-                    break
-                pending.cancel()
-                job.cancelled = True
-                message = f"the request took longer than the server's limit of {self.config.timeout_s:g} s"
-                yield _sse(error_body(message, type="timeout_error", code="timeout"))
-                break
             yield "data: [DONE]\n\n"
         finally:
             if not future.done():
@@ -476,6 +468,9 @@ class _Service:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+_END = object()  # end of a streamed job's events: its future has settled
+
+
 async def _parse_json(request: Request, model: type[BaseModel]) -> Any:
     """The body as `model`, whatever the Content-Type says (curl users often forget it); errors are 400s."""
     raw = await request.body()
