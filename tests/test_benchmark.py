@@ -4,7 +4,6 @@ import json
 import pytest
 
 from vargpt.benchmark import (
-    BENCH_100M,
     available_resolutions,
     bench_config,
     run_benchmark,
@@ -12,6 +11,7 @@ from vargpt.benchmark import (
     write_report,
 )
 from vargpt.benchmarking.flops import generation_flops, vae_decoder_flops
+from vargpt.configuration import PRESETS
 from vargpt.eval_commands import register_bench_command, register_eval_commands
 
 
@@ -32,7 +32,7 @@ def test_resolutions_of_the_presets():
 def test_bench_100m_has_about_100m_parameters():
     count = weight_memory(bench_config("bench-100m"))["parameters"]
     assert 90e6 < count < 115e6
-    assert BENCH_100M["vocab_size"] == 512  # the tiny tokenizer's ids
+    assert PRESETS["bench-100m"]["vocab_size"] == 512  # the tiny tokenizer's ids
 
 
 def test_full_size_weight_memory_from_the_meta_device():

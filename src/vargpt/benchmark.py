@@ -15,7 +15,6 @@ Nothing here depends on `vargpt.generation` internals: it times the public `VARG
 
 from __future__ import annotations
 
-import copy
 import os
 import platform
 from collections.abc import Sequence
@@ -31,66 +30,16 @@ from .image_tokenizer.schedules import scale_schedule
 
 # About 103M parameters (LLM 76M, visual decoder 20M, VAE 3.7M, ViT 1.1M), on the tiny tokenizer's ids, so
 # that timings reflect matrix work rather than Python overhead. Proposed for `configuration.PRESETS`.
-BENCH_100M: dict[str, Any] = {
-    **{
-        k: v
-        for k, v in PRESETS["tiny"].items()
-        if k not in ("vision_config", "visual_decoder_config", "image_tokenizer_config")
-    },
-    "hidden_size": 768,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 4,
-    "max_window_layers": 12,
-    "max_position_embeddings": 4096,
-    # head_dim 64 -> 32 rotary frequency pairs split as t/h/w
-    "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
-    "vision_config": {
-        "depth": 2,
-        "embed_dim": 128,
-        "hidden_size": 768,
-        "mlp_ratio": 2,
-        "num_heads": 2,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    },
-    "visual_decoder_config": {
-        "depth": 4,
-        "embed_dim": 512,
-        "num_heads": 8,
-        "mlp_ratio": 4.0,
-        "drop_path_rate": 0.0,
-        "bits": 16,
-        "context_dim": 512,
-        "num_block_chunks": 1,
-        "cfg_uncond_length": 256,
-        "rope_max_grid": 16,
-    },
-    "image_tokenizer_config": {
-        "base_channels": 64,
-        "channel_multipliers": [1, 2, 2],
-        "num_res_blocks": 1,
-        "norm_groups": 16,
-        "bits": 16,
-    },
-    "image_resolution": 32,
-    "image_gen_pad_multiple": 64,
-}
-BENCH_PRESETS: dict[str, dict[str, Any]] = {"bench-100m": BENCH_100M}
 FULL_SIZE_PRESET = "vargpt-v1.1"
 BENCH_PROMPT = "a red circle above a blue square on a white background"
 UNDERSTANDING_PROMPT = "Describe the picture: which shapes are there, what colours do they have and where are they?"
 
 
 def bench_config(preset: str) -> VARGPTConfig:
-    """A preset of `configuration.PRESETS`, or one of `BENCH_PRESETS` until it is added there."""
+    """A preset of `configuration.PRESETS` ("tiny", "bench-100m", ...)."""
     if preset in PRESETS:
         return VARGPTConfig.from_preset(preset)
-    if preset in BENCH_PRESETS:
-        return VARGPTConfig.from_preset("tiny", **copy.deepcopy(BENCH_PRESETS[preset]))
-    raise ValueError(f"unknown preset {preset!r}; choose one of {sorted({*PRESETS, *BENCH_PRESETS})}")
+    raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
 
 
 def available_resolutions(config: VARGPTConfig) -> list[int]:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+
 def _default_model() -> str:
     """The shipped shapes-world model when the package has it, else the random tiny preset."""
     from .pipeline import shipped_model_path
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_eval_shapes)
+    from .eval_commands import register_bench_command, register_eval_commands
+
+    register_eval_commands(evals)
+    register_bench_command(sub)
 
     p = sub.add_parser("inspect", help="parameters per module, dtypes, layout problems, memory estimates")
     p.add_argument("model", nargs="?", default=None, help="checkpoint directory")

@@ -163,7 +163,56 @@ _SHAPES_TINY: dict[str, Any] = {
     "image_gen_pad_multiple": 8,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"vargpt-v1.1": _FULL_SIZE, "tiny": _TINY, "shapes-tiny": _SHAPES_TINY}
+# About 100M parameters, for benchmarks that measure matrix work rather than Python overhead.
+_BENCH_100M: dict[str, Any] = {
+    **{k: v for k, v in _TINY.items() if k not in ("vision_config", "visual_decoder_config", "image_tokenizer_config")},
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "max_window_layers": 12,
+    "max_position_embeddings": 4096,
+    # head_dim 64 -> 32 rotary frequency pairs split as t/h/w
+    "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+    "vision_config": {
+        "depth": 2,
+        "embed_dim": 128,
+        "hidden_size": 768,
+        "mlp_ratio": 2,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+    "visual_decoder_config": {
+        "depth": 4,
+        "embed_dim": 512,
+        "num_heads": 8,
+        "mlp_ratio": 4.0,
+        "drop_path_rate": 0.0,
+        "bits": 16,
+        "context_dim": 512,
+        "num_block_chunks": 1,
+        "cfg_uncond_length": 256,
+        "rope_max_grid": 16,
+    },
+    "image_tokenizer_config": {
+        "base_channels": 64,
+        "channel_multipliers": [1, 2, 2],
+        "num_res_blocks": 1,
+        "norm_groups": 16,
+        "bits": 16,
+    },
+    "image_resolution": 32,
+    "image_gen_pad_multiple": 64,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "vargpt-v1.1": _FULL_SIZE,
+    "tiny": _TINY,
+    "shapes-tiny": _SHAPES_TINY,
+    "bench-100m": _BENCH_100M,
+}
 
 
 @strict
