@@ -151,3 +151,12 @@ def test_edit_writes_the_edited_image(tmp_path, pipe):
     assert Image.open(out).tobytes() == expected.tobytes()
     assert vargpt(["edit", str(tmp_path / "nope.png"), "make it blue"]) == 2
     assert vargpt(["edit", str(scene), " ", "--out", str(out)]) == 2
+
+
+def test_serve_refuses_bad_options_before_loading_the_model(capsys):
+    assert vargpt(["serve", "--allow-remote-images"]) == 2
+    assert "not implemented" in capsys.readouterr().err
+    assert vargpt(["serve", "--queue-size", "0"]) == 2
+    assert "--queue-size" in capsys.readouterr().err
+    assert vargpt(["serve", "--timeout", "0"]) == 2
+    assert "timeout" in capsys.readouterr().err

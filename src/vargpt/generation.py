@@ -98,13 +98,25 @@ class _DecodingState:
             past_key_values=self.cache,
             use_cache=True,
         )
-        self.hidden_BTH = out.last_hidden_state
+        # hidden states are kept as chunks and joined only when an image needs its context, so a long
+        # answer does not re-copy its whole history at every token
+        self._hidden_chunks: list[torch.Tensor] = [out.last_hidden_state]
+        self.dtype = out.last_hidden_state.dtype
         self.logits_BV = model.lm_head(out.last_hidden_state[:, -1]).float()
         self.next_pos_B = (deltas[:, 0] + L).to(self.device)
 
     @property
     def length(self) -> int:
         return self.mask_BT.shape[1]
+
+    @property
+    def hidden_BTH(self) -> torch.Tensor:
+        if len(self._hidden_chunks) > 1:
+            self._hidden_chunks = [torch.cat(self._hidden_chunks, dim=1)]
+        return self._hidden_chunks[0]
+
+    def append_hidden(self, hidden_BlH: torch.Tensor) -> None:
+        self._hidden_chunks.append(hidden_BlH)
 
     def step(self, embeds_BlH, real_B, positions_3Bl=None, see_new=None):
         """Feed l tokens per row. `real_B`: rows for which the tokens are part of their history."""
@@ -122,15 +134,23 @@ class _DecodingState:
             use_cache=True,
         )
         self.mask_BT = torch.cat([self.mask_BT, real_B.view(B, 1).long().expand(B, n_new)], dim=1)
-        self.hidden_BTH = torch.cat([self.hidden_BTH, out.last_hidden_state], dim=1)
+        self.append_hidden(out.last_hidden_state)
         self.next_pos_B = self.next_pos_B + real_B.long() * n_new
         return out.last_hidden_state
 
 
-def _image_events(model, state: _DecodingState, rows_B: torch.Tensor, settings: ImageGenerationConfig, generator):
+def _image_events(
+    model,
+    state: _DecodingState,
+    rows_B: torch.Tensor,
+    settings: ImageGenerationConfig,
+    generator,
+    continue_text: bool = True,
+):
     """Run the scale loop for rows `rows_B` (their `<|image_gen_start|>` is the last cached token).
 
-    Returns `(images_B3HW, bits_per_scale)`; the LLM cache afterwards holds the pad slots.
+    Returns `(images_B3HW, bits_per_scale, cond_logits, num_pads)`; when text continues, the LLM cache
+    afterwards holds the remaining pad slots too (when it does not, feeding them would be wasted work).
     """
     cfg = model.config
     B = state.batch
@@ -201,7 +221,7 @@ def _image_events(model, state: _DecodingState, rows_B: torch.Tensor, settings: 
             positions = cond_pos.unsqueeze(0).expand(3, rows, n)
             call_mask = cond_mask
         out = model.model(
-            inputs_embeds=x_RlH.to(state.hidden_BTH.dtype),
+            inputs_embeds=x_RlH.to(state.dtype),
             attention_mask=call_mask,
             position_ids=positions,
             past_key_values=state.cache,
@@ -233,12 +253,11 @@ def _image_events(model, state: _DecodingState, rows_B: torch.Tensor, settings: 
     # record the scale tokens as history of the participating rows, then fill the remaining pad slots
     real = rows_B.long().view(B, 1)
     state.mask_BT = torch.cat([state.mask_BT, real.expand(B, num_tokens)], dim=1)
-    scale_hidden = torch.zeros(B, num_tokens, H, dtype=state.hidden_BTH.dtype, device=device)
-    state.hidden_BTH = torch.cat([state.hidden_BTH, scale_hidden], dim=1)
+    state.append_hidden(torch.zeros(B, num_tokens, H, dtype=state.dtype, device=device))
     state.next_pos_B = state.next_pos_B + rows_B.long() * num_tokens
-    if num_pads > num_tokens:
+    if num_pads > num_tokens and continue_text:
         filler = proj_in(torch.zeros(B, num_pads - num_tokens, decoder.word_embed.weight.shape[0], dtype=dtype))
-        state.step(filler.to(state.hidden_BTH.dtype), rows_B)
+        state.step(filler.to(state.dtype), rows_B)
     images = model.vae_local.decode(latent.to(model.vae_local.decoder.conv_in.conv.weight.dtype))
     return images.float(), bits_per_scale, torch.cat(cond_logits, dim=1), num_pads
 
@@ -287,6 +306,7 @@ def generate_interleaved(
     embed = model.model.embed_tokens
     pad_id = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
     forced_done = False
+    eos_ids = torch.tensor(sorted(eos), device=device)
 
     new_tokens = 0
     while new_tokens < text_config.max_new_tokens and not bool(finished.all()):
@@ -312,11 +332,14 @@ def generate_interleaved(
             on_token(next_B)
         hidden = state.step(embed(next_B).unsqueeze(1), active)
         state.logits_BV = model.lm_head(hidden[:, -1]).float()
-        finished = finished | (active & torch.isin(next_B, torch.tensor(sorted(eos), device=device)))
+        finished = finished | (active & torch.isin(next_B, eos_ids))
 
         wants_image = active & (next_B == cfg.image_gen_start_token_id)
         if bool(wants_image.any()):
-            imgs, bits, logits_BLd2, num_pads = _image_events(model, state, wants_image, image_config, generator)
+            more_text = new_tokens < text_config.max_new_tokens
+            imgs, bits, logits_BLd2, num_pads = _image_events(
+                model, state, wants_image, image_config, generator, continue_text=more_text
+            )
             if on_image_step is not None:
                 on_image_step(len(bits))
             pads = torch.where(
@@ -326,9 +349,10 @@ def generate_interleaved(
             )
             end_B = torch.where(wants_image, cfg.image_gen_end_token_id, pad_id)
             sequences = torch.cat([sequences, pads, end_B.view(B, 1)], dim=1)
-            kept_logits = state.logits_BV
-            hidden = state.step(embed(end_B).unsqueeze(1), wants_image)
-            state.logits_BV = torch.where(wants_image.view(B, 1), model.lm_head(hidden[:, -1]).float(), kept_logits)
+            if more_text:
+                kept_logits = state.logits_BV
+                hidden = state.step(embed(end_B).unsqueeze(1), wants_image)
+                state.logits_BV = torch.where(wants_image.view(B, 1), model.lm_head(hidden[:, -1]).float(), kept_logits)
             for b in wants_image.nonzero().flatten().tolist():
                 images[b].append(imgs[b])
                 image_bits[b].append([s[b] for s in bits])
