@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_eval_commands(evals)
     register_bench_command(sub)
+    from .commands import register_commands
+
+    register_commands(sub)
 
     p = sub.add_parser("inspect", help="parameters per module, dtypes, layout problems, memory estimates")
     p.add_argument("model", nargs="?", default=None, help="checkpoint directory")
