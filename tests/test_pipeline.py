@@ -90,3 +90,11 @@ def test_bf16_inference_runs_end_to_end():
     image = bf16.generate("a red circle", seed=0, cfg_scale=3.0)[0]
     assert image.size == (32, 32)
     assert isinstance(bf16.chat("hello", images=[demo_scene()], max_new_tokens=3), str)
+
+
+def test_an_image_does_not_depend_on_the_rest_of_its_batch(pipe):
+    alone = pipe.generate("two blue squares", num_images=2, seed=11)
+    batched = pipe.generate(["a red circle", "two blue squares"], num_images=2, seed=11)
+    assert [i.tobytes() for i in batched[2:]] == [i.tobytes() for i in alone]
+    second = pipe.generate("two blue squares", seed=12)[0]
+    assert second.tobytes() == alone[1].tobytes()

@@ -234,10 +234,8 @@ def _image_events(
         logits = logits / settings.tau
         if use_cfg:
             logits = settings.cfg_scale * logits[:B] + (1.0 - settings.cfg_scale) * logits[B:]
-        if settings.top_k == 1:
-            bits = logits.argmax(-1)
-        else:
-            bits = sample_bits(logits, tau=1.0, top_p=settings.top_p, generator=generator)
+        greedy = settings.top_k == 1
+        bits = logits.argmax(-1) if greedy else _sample_rows(logits, settings.top_p, generator)
         bits_per_scale.append(bits)
         if latent is None:
             latent = torch.zeros(B, bits.shape[-1], *schedule[-1], dtype=torch.float32, device=device)
@@ -273,7 +271,7 @@ def generate_interleaved(
     generation_mode: str = "interleaved",
     text_config: TextSamplingConfig | None = None,
     image_config: ImageGenerationConfig | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     on_image_step: Callable[[int], None] | None = None,
 ) -> VARGPTGenerateOutput:
@@ -321,7 +319,13 @@ def generate_interleaved(
                 scores[:, banned] = float("-inf")
             scores = procs(sequences, scores)
             if text_config.do_sample:
-                next_B = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+                probs = scores.softmax(-1)
+                if isinstance(generator, list):
+                    next_B = torch.cat(
+                        [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator, strict=True)]
+                    )
+                else:
+                    next_B = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 next_B = scores.argmax(-1)
         next_B = torch.where(finished, torch.full_like(next_B, pad_id), next_B)
@@ -358,6 +362,16 @@ def generate_interleaved(
                 image_bits[b].append([s[b] for s in bits])
                 image_logits[b].append(logits_BLd2[b])
     return VARGPTGenerateOutput(sequences=sequences, images=images, image_bits=image_bits, image_logits=image_logits)
+
+
+def _sample_rows(logits_Bld2: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """Bits of every row; with one generator per row, a row's draws depend on nothing else in the batch."""
+    if isinstance(generator, list):
+        if len(generator) != logits_Bld2.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {logits_Bld2.shape[0]}")
+        rows = [sample_bits(logits_Bld2[b : b + 1], tau=1.0, top_p=top_p, generator=g) for b, g in enumerate(generator)]
+        return torch.cat(rows)
+    return sample_bits(logits_Bld2, tau=1.0, top_p=top_p, generator=generator)
 
 
 def _default_eos(cfg) -> Sequence[int]:

@@ -474,8 +474,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         *,
         generation_mode: str = "text",
         image_config: ImageGenerationConfig | None = None,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | Sequence[int] | None = None,
         return_dict_in_generate: bool = False,
         max_new_tokens: int = 256,
         do_sample: bool = False,
@@ -498,7 +498,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         Image modes always return a `VARGPTGenerateOutput` (`sequences`, `images`, `image_bits`).
         Image settings (`cfg_scale`, `tau`, `top_k` of bits as `image_top_k`, `image_top_p`, `resolution`,
         `aspect_ratio`, `uncond_mode`, `position_mode`) come from `image_config` or keyword arguments.
-        `seed` or `generator` makes results reproducible.
+        `seed` or `generator` makes results reproducible. A list of seeds (or generators), one per row, makes
+        each row's result independent of the rest of the batch: row i draws from its own seed only.
         """
         from .generation import TextSamplingConfig, generate_interleaved
 
@@ -509,7 +510,12 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             **{renamed.get(k, k): v for k, v in image_settings.items()}
         )
         if generator is None and seed is not None:
-            generator = torch.Generator(device=input_ids.device).manual_seed(int(seed))
+            if isinstance(seed, (list, tuple)):
+                if len(seed) != input_ids.shape[0]:
+                    raise ValueError(f"{len(seed)} seeds for a batch of {input_ids.shape[0]} prompts")
+                generator = [torch.Generator(device=input_ids.device).manual_seed(int(s)) for s in seed]
+            else:
+                generator = torch.Generator(device=input_ids.device).manual_seed(int(seed))
         eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
         text_config = TextSamplingConfig(
             max_new_tokens=max_new_tokens,

@@ -140,7 +140,8 @@ class VARGPTPipeline:
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
         messages = [[_user_message(text, 1)] for text in instructions]
         inputs = self._encode(messages, [[img] for img in images], editing=True)
-        out = self._draw(inputs, seed, settings.pop("preset", None), settings)
+        seeds = None if seed is None else [seed] * len(instructions)  # each edit depends on its own inputs only
+        out = self._draw(inputs, seeds, settings.pop("preset", None), settings)
         return [self.processor.postprocess_generated(row[0].unsqueeze(0))[0] for row in out.images]
 
     def converse(
@@ -180,6 +181,8 @@ class VARGPTPipeline:
     ) -> list[Image.Image]:
         """Text-to-image. `prompt` may be a list (a batch); returns `num_images` images per prompt, in order.
 
+        Image j of a prompt is drawn from seed `seed + j` alone, so it does not depend on the other prompts in
+        the batch: `generate([a, b], seed=s)[1] == generate(b, seed=s)[0]`.
         `settings`: cfg_scale, tau, top_k, top_p, resolution, aspect_ratio, uncond_mode, position_mode.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -188,7 +191,8 @@ class VARGPTPipeline:
         batch = [p for p in prompts for _ in range(num_images)]
         messages = [[_user_message(p, 0)] for p in batch]
         inputs = self._encode(messages, [[] for _ in batch])
-        out = self._draw(inputs, seed, preset, settings)
+        seeds = None if seed is None else [seed + j for _ in prompts for j in range(num_images)]
+        out = self._draw(inputs, seeds, preset, settings)
         return [self.processor.postprocess_generated(imgs[0].unsqueeze(0))[0] for imgs in out.images]
 
     def edit(self, image: ImageInput, instruction: str, seed: int | None = None, **settings: Any) -> Image.Image:
