@@ -7,8 +7,9 @@ cent at most). Per image, with the work of a batch divided by its size. The scal
 counts follow (see `vargpt.generation._image_events`):
 
 * LLM: prompt prefill (P tokens), the `<|image_gen_start|>` step, then per scale k its n_k tokens for
-  2 rows with CFG (conditional + unconditional in one batch, keys over the whole cache), the remaining pad
-  slots and `<|image_gen_end|>`; `lm_head` on the last position of each text step only.
+  2 rows with CFG (conditional + unconditional in one batch, keys over the whole cache); the remaining pad
+  slots and `<|image_gen_end|>` only when text follows the image (`continue_text`; plain text-to-image skips
+  them); `lm_head` on the last position of each text step only.
 * Decoder: per scale the `image_gen_projector_out` (LLM -> decoder width) and the blocks over the n_k
   tokens of both CFG rows (self-attention to every scale so far, cross-attention to the P context tokens),
   the head; the context keys/values once per block; the next scale's `word_embed` + `image_gen_projector`
@@ -78,6 +79,7 @@ def generation_flops(
     prompt_tokens: int,
     cfg: bool = True,
     include_attention: bool = True,
+    continue_text: bool = False,
 ) -> dict[str, float]:
     """FLOPs per generated image: {"llm", "decoder", "vae", "total"} (see the module docstring).
 
@@ -107,9 +109,10 @@ def generation_flops(
         llm += rows * (n * per_token + att * _llm_attention(config, n, P + 1 + fed + n))
         fed += n
     filler = num_pads - num_tokens
-    if filler:
-        llm += filler * per_token + att * _llm_attention(config, filler, P + 1 + num_pads)
-    llm += per_token + att * _llm_attention(config, 1, P + 2 + num_pads) + lm_head
+    if continue_text:
+        if filler:
+            llm += filler * per_token + att * _llm_attention(config, filler, P + 1 + num_pads)
+        llm += per_token + att * _llm_attention(config, 1, P + 2 + num_pads) + lm_head
 
     # Decoder and the two projectors
     proj_in = 2.0 * (C * C + C * H)

@@ -1,0 +1,239 @@
+"""lmms-eval model `vargpt`: runs a `VARGPTPipeline` under the unmodified lmms-eval harness (no fork).
+
+lmms-eval (0.7 and later) finds third-party models through the Python entry-point group `lmms_eval.models`:
+each entry point loads to a `ModelManifest` (or a callable returning one) naming the model class by import path.
+`model_manifest` below is that callable; the package declares it in pyproject.toml:
+
+    [project.entry-points."lmms_eval.models"]
+    vargpt = "vargpt.evaluation.lmms_plugin:model_manifest"
+
+after which `lmms-eval --model vargpt --model_args pretrained=DIR_OR_PRESET ...` works like any built-in model.
+Importing this module needs lmms-eval installed (the `lmms` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..pipeline import VARGPTPipeline
+
+MODEL_ID = "vargpt"
+logger = logging.getLogger(__name__)
+
+# Generation settings lmms-eval tasks commonly pass that have no meaning for this model's greedy / sampled decoding.
+_IGNORED_GENERATION_KEYS = frozenset({"image_aspect_ratio", "use_cache"})
+
+
+def model_manifest() -> ModelManifest:
+    """The `lmms_eval.models` entry point: registers `VARGPTLmms` as the simple (doc_to_visual) model `vargpt`."""
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.{VARGPTLmms.__name__}")
+
+
+class VARGPTLmms(lmms):
+    """lmms-eval adapter: `generate_until` in batches through `VARGPTPipeline.chat_batch`, `loglikelihood` through
+    the model's forward pass.
+
+    `pretrained` is a checkpoint directory (original layout), a shipped model name or a preset ("tiny").
+    `max_new_tokens` is the default when a task's generation settings do not give one.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str = "vargpt-shapes-tiny",
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int | str = 1,
+        max_new_tokens: int = 256,
+        seed: int = 0,
+        max_batch_size: int | None = None,
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise ValueError(f"unknown vargpt model_args: {', '.join(sorted(unknown))}")
+        if str(batch_size).startswith("auto"):
+            raise ValueError("vargpt needs an integer --batch_size (auto batch sizing is not supported)")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.pipe = VARGPTPipeline.from_pretrained(str(pretrained), device=device, dtype=dtype, seed=int(seed))
+        self._batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.device
+
+    # -- lmms-eval request types ---------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Answers in request order; requests with equal generation settings share batches of `batch_size`."""
+        answers: list[str | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), desc="vargpt generate_until", disable=self.rank != 0)
+        for indices in _group_by_generation_kwargs(requests):
+            until, max_new_tokens, settings = self._generation_settings(requests[indices[0]].args[1])
+            for batch in _chunks(indices, self.batch_size):
+                texts, images = [], []
+                for i in batch:
+                    context, _, doc_to_visual, doc_id, task, split = requests[i].args
+                    texts.append(_strip_image_tags(context))
+                    images.append(_visuals(doc_to_visual(self.task_dict[task][split][doc_id])))
+                replies = self.pipe.chat_batch(texts, images, max_new_tokens=max_new_tokens, **settings)
+                for i, reply in zip(batch, replies, strict=True):
+                    answers[i] = _truncate(reply, until)
+                    self.cache_hook.add_partial("generate_until", requests[i].args[:2], answers[i])
+                progress.update(len(batch))
+        progress.close()
+        return [a if a is not None else "" for a in answers]
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """(log p(continuation | context, images), whether greedy decoding would produce the continuation).
+
+        One forward pass per request: multiple-choice tasks are short and each request carries its own images.
+        """
+        results = []
+        for request in tqdm(requests, desc="vargpt loglikelihood", disable=self.rank != 0):
+            if len(request.args) < 6:
+                raise ValueError("vargpt scores continuations given a context only (no unconditional acc_mutual_info)")
+            context, target, doc_to_visual, doc_id, task, split = request.args[:6]
+            doc = self.task_dict[task][split][doc_id]
+            continuation = target if isinstance(target, str) else target(doc)
+            if not isinstance(continuation, str):
+                raise ValueError(f"loglikelihood needs a text continuation, the task gave {type(continuation).__name__}")
+            visuals = _visuals(doc_to_visual(doc)) if doc_to_visual is not None else []
+            result = self.continuation_logprob(_strip_image_tags(context), continuation, visuals)
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
+            results.append(result)
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError("the vargpt lmms-eval model answers single-round tasks only")
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def continuation_logprob(
+        self, context: str, continuation: str, images: Sequence[Image.Image | str] = ()
+    ) -> tuple[float, bool]:
+        """Sum of the continuation tokens' log-probabilities after the chat prompt for (images, context).
+
+        The continuation is tokenised on its own and appended to the prompt's ids (which end with the assistant
+        header), so the scored tokens are exactly those the model would have to generate.
+        """
+        if not context.strip():
+            raise ValueError("the context is empty: give some text")
+        processor = self.pipe.processor
+        cont_ids = processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not cont_ids:
+            raise ValueError(f"the continuation {continuation!r} has no tokens")
+        content: list[dict[str, str]] = [{"type": "image"} for _ in images]
+        content.append({"type": "text", "text": context})
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        enc = processor(text=[prompt], images=list(images) or None, return_tensors="pt")
+        prompt_len = enc["input_ids"].shape[1]
+        cont_1N = torch.tensor([cont_ids], dtype=enc["input_ids"].dtype)
+        inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("pixel_values", "image_grid_thw")}
+        inputs["input_ids"] = torch.cat([enc["input_ids"], cont_1N], dim=1).to(self.device)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        logits_NV = self.pipe.model(**inputs).logits[0, prompt_len - 1 : -1].float()
+        logprobs_NV = torch.log_softmax(logits_NV, dim=-1)
+        target_N = cont_1N[0].to(logprobs_NV.device)
+        total = logprobs_NV.gather(1, target_N[:, None]).sum().item()
+        greedy = bool((logprobs_NV.argmax(dim=-1) == target_N).all())
+        return total, greedy
+
+    def _generation_settings(self, gen_kwargs: dict[str, Any]) -> tuple[list[str], int, dict[str, Any]]:
+        """lmms-eval generation kwargs -> (stop strings, max_new_tokens, `generate` settings)."""
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None)
+        if until is None:
+            until = []
+        elif isinstance(until, str):
+            until = [until]
+        elif not isinstance(until, list) or not all(isinstance(u, str) for u in until):
+            raise ValueError(f"generation_kwargs 'until' must be a string or a list of strings, got {until!r}")
+        max_new_tokens = int(kwargs.pop("max_new_tokens", self.max_new_tokens))
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        do_sample = bool(kwargs.pop("do_sample", temperature > 0))
+        top_p = kwargs.pop("top_p", None)
+        top_k = kwargs.pop("top_k", None)
+        num_beams = int(kwargs.pop("num_beams", 1) or 1)
+        settings: dict[str, Any] = {"do_sample": do_sample}
+        if do_sample:
+            settings["temperature"] = temperature if temperature > 0 else 1.0
+            if top_p is not None:
+                settings["top_p"] = float(top_p)
+            if top_k is not None:
+                settings["top_k"] = int(top_k)
+        if num_beams > 1:
+            settings["num_beams"] = num_beams
+        ignored = sorted(set(kwargs) - _IGNORED_GENERATION_KEYS)
+        if ignored:
+            logger.warning("vargpt ignores these generation settings: %s", ", ".join(ignored))
+        return [u for u in until if u], max_new_tokens, settings
+
+
+def _group_by_generation_kwargs(requests: Sequence[Instance]) -> Iterator[list[int]]:
+    """Indices of requests grouped by their generation settings, groups and members in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, request in enumerate(requests):
+        key = json.dumps(request.args[1], sort_keys=True, default=repr)
+        groups.setdefault(key, []).append(i)
+    yield from groups.values()
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _strip_image_tags(context: str) -> str:
+    """Images go before the text in our chat template; tasks that inline `<image>` markers lose them here."""
+    return context.replace("<image>", "").strip()
+
+
+def _truncate(text: str, until: Sequence[str]) -> str:
+    """Cut at the first stop string, as lmms-eval's `until` asks."""
+    for stop in until:
+        text = text.split(stop, 1)[0]
+    return text
+
+
+def _visuals(visuals: Any) -> list[Image.Image | str]:
+    """A task's `doc_to_visual` output as a flat list of images (PIL images or image file paths)."""
+    if visuals is None:
+        return []
+    if not isinstance(visuals, (list, tuple)):
+        visuals = [visuals]
+    flat: list[Image.Image | str] = []
+    for item in visuals:
+        if isinstance(item, (list, tuple)):
+            flat.extend(_visuals(item))
+        elif isinstance(item, Image.Image):
+            flat.append(item)
+        elif isinstance(item, (str, os.PathLike)) and not str(item).lower().endswith((".mp4", ".avi", ".mov", ".wav")):
+            flat.append(os.fspath(item))
+        else:
+            raise ValueError(f"vargpt understands images only, the task gave {type(item).__name__}: {item!r:.80}")
+    return flat
+
+
+__all__ = ["MODEL_ID", "VARGPTLmms", "model_manifest"]
