@@ -8,15 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .pipeline import default_model_name
 
-def _default_model() -> str:
-    """The shipped shapes-world model when the package has it, else the random tiny preset."""
-    from .pipeline import shipped_model_path
-
-    return "vargpt-shapes-tiny" if shipped_model_path("vargpt-shapes-tiny") is not None else "tiny"
-
-
-DEFAULT_MODEL = _default_model()
+DEFAULT_MODEL = default_model_name()
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -27,6 +21,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.web:
+        from .serving.web import launch_web_demo
+
+        launch_web_demo(args.model, host=args.host, port=args.port)
+        return 0
     from .demo import run_demo
 
     path = run_demo(args.model, args.out, seed=args.seed)
@@ -79,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset (default: %(default)s)")
     p.add_argument("--out", default="vargpt-demo", help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--web", action="store_true", help="serve the interactive web demo instead (needs gradio)")
+    p.add_argument("--host", default="127.0.0.1", help="web demo interface (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="web demo port (default: %(default)s)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("train", help="run a training recipe (resumes an interrupted run in the same --out)")

@@ -17,7 +17,9 @@ from typing import Any, TextIO
 
 from PIL import Image
 
-DEFAULT_MODEL = "tiny"
+from .pipeline import default_model_name
+
+DEFAULT_MODEL = default_model_name()
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
@@ -54,6 +56,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra)")
     add_serve_arguments(p)
+    p.add_argument("--ui", action="store_true", help="serve the Gradio web demo on --host/--port instead")
     p.set_defaults(func=run_serve)
 
 
@@ -289,6 +292,11 @@ def run_edit(args: argparse.Namespace) -> int:
 
 # -- serve --------------------------------------------------------------------------------------------------------
 def run_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "ui", False):
+        from .serving.web import launch_web_demo
+
+        launch_web_demo(args.model, host=args.host, port=args.port)
+        return 0
     from .serving.server import config_from_args, serve
 
     config_from_args(args)  # refuse bad options before the model loads

@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = "tiny"
+from .pipeline import default_model_name
+
+DEFAULT_MODEL = default_model_name()
 _SETTINGS = ("cfg_scale", "tau", "top_k", "top_p", "resolution", "aspect_ratio", "position_mode")
 
 

@@ -264,6 +264,12 @@ def shipped_model_path(name: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def default_model_name() -> str:
+    """What commands use without `--model`: the shipped shapes-world model when present, else the random
+    `tiny` preset."""
+    return "vargpt-shapes-tiny" if shipped_model_path("vargpt-shapes-tiny") is not None else "tiny"
+
+
 def _user_message(text: str, num_images: int) -> dict:
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the prompt is empty: give some text")

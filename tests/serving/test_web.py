@@ -106,6 +106,11 @@ def test_answers_show_pictures_inline_and_an_empty_answer_is_said(pipe):
     assert list(_assistant_messages(ChatTurn([]))) == [{"role": "assistant", "content": EMPTY_ANSWER}]
 
 
+def test_picking_a_preset_sets_its_sliders(handlers):
+    assert handlers.preset_values("paper") == (1.5, 0.5, 0.95)
+    assert handlers.preset_values("original-code") == (3.0, 0.5, 0.97)
+
+
 def test_generate_returns_the_asked_number_of_images_at_the_asked_size(handlers):
     images = handlers.generate("a red circle", 2, 0, "paper", 1.5, 0.5, 0.95, 24)
     assert [image.size for image in images] == [(24, 24), (24, 24)]
@@ -200,7 +205,7 @@ def _natural_width(locator) -> int:
     return locator.evaluate("img => img.complete ? img.naturalWidth : 0")
 
 
-def test_the_page_chats_about_an_uploaded_picture_and_draws_one(served_demo, scene_png, tmp_path):
+def test_the_page_chats_about_an_uploaded_picture_draws_and_edits(served_demo, scene_png, tmp_path):
     sync_playwright = _playwright()
     off_loopback: list[str] = []
     with sync_playwright() as playwright:
@@ -234,6 +239,7 @@ def test_the_page_chats_about_an_uploaded_picture_and_draws_one(served_demo, sce
             page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=sent.element_handle())
             assert _natural_width(sent) == 32
             assert "Which colour is the circle?" in page.locator("#chat-box").inner_text()
+            sent.scroll_into_view_if_needed()
             page.screenshot(path=str(tmp_path / "web-demo-chat.png"), full_page=True)
 
             # Generate: an empty prompt is refused with a message, then a prompt draws a picture.
@@ -249,6 +255,17 @@ def test_the_page_chats_about_an_uploaded_picture_and_draws_one(served_demo, sce
 
             shot = tmp_path / "web-demo.png"
             page.screenshot(path=str(shot), full_page=True)
+
+            # Edit: upload the picture, give an instruction, get the edited picture.
+            page.get_by_role("tab", name="Edit").click()
+            page.locator("#edit-input input[type=file]").set_input_files(str(scene_png))
+            page.locator("#edit-input img").first.wait_for()
+            page.locator("#edit-instruction textarea").fill("make the circle blue")
+            page.locator("#edit-button").click()
+            edited = page.locator("#edit-output img").first
+            edited.wait_for()
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=edited.element_handle())
+            assert _natural_width(edited) == 32
         finally:
             browser.close()
     assert off_loopback == [], f"the page reached beyond loopback: {off_loopback}"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-DEFAULT_MODEL = "tiny"
+from ..pipeline import default_model_name
+
+DEFAULT_MODEL = default_model_name()
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

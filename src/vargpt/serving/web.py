@@ -30,7 +30,7 @@ EMPTY_ANSWER = "(the model answered with no text)"
 # Small pictures (32 px for the test models) are shown enlarged, with visible pixels.
 PAGE_CSS = (
     "#chat-box img, #gen-gallery img, #edit-input img, #edit-output img { image-rendering: pixelated; }\n"
-    "#chat-box img { min-width: 128px; }"
+    "#chat-box img { min-width: 128px; object-fit: contain; }"
 )
 
 
@@ -39,7 +39,7 @@ def supported_resolutions(pipe: VARGPTPipeline) -> list[int]:
 
     A size is offered when the model builds a scale schedule for it and its last grid fits the decoder's 2D
     RoPE reference grid (the 1024 px class of the published model). Classes under half the native size are
-    left out: the published model was trained from 256 px up and draws nothing useful below.
+    left out: the published model was trained at 256 and 512 px only (larger classes run, untrained).
     """
     config = pipe.model.config
     stride = config.image_tokenizer_config.downsample_factor
@@ -152,7 +152,8 @@ def build_web_demo(pipe: VARGPTPipeline) -> gr.Blocks:
     token_limit = min(MAX_NEW_TOKENS_LIMIT, config.text_config.max_position_embeddings)
     queued: dict[str, Any] = {"concurrency_limit": 1, "concurrency_id": MODEL_QUEUE}
 
-    with gr.Blocks(title="vargpt", analytics_enabled=False) as demo:
+    # Uploads and drawn pictures are cached as files by Gradio: drop them after an hour, and all at shutdown.
+    with gr.Blocks(title="vargpt", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# vargpt\nAsk about pictures, draw them and edit them with one model.")
         with gr.Tab("Chat", id="chat"):
             chatbot = gr.Chatbot(label="Conversation", elem_id="chat-box", height=420, feedback_options=None)
