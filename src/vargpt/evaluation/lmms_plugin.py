@@ -17,26 +17,34 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..pipeline import VARGPTPipeline
+from ..pipeline import VARGPTPipeline, default_model_name
+
+if TYPE_CHECKING:
+    from lmms_eval.models.registry_v2 import ModelManifest
 
 MODEL_ID = "vargpt"
 logger = logging.getLogger(__name__)
 
 # Generation settings lmms-eval tasks commonly pass that have no meaning for this model's greedy / sampled decoding.
-_IGNORED_GENERATION_KEYS = frozenset({"image_aspect_ratio", "use_cache"})
+_SILENTLY_IGNORED_KEYS = frozenset({"image_aspect_ratio", "use_cache"})
 
 
 def model_manifest() -> ModelManifest:
-    """The `lmms_eval.models` entry point: registers `VARGPTLmms` as the simple (doc_to_visual) model `vargpt`."""
+    """The `lmms_eval.models` entry point: registers `VARGPTLmms` as the simple (doc_to_visual) model `vargpt`.
+
+    `ModelManifest` is imported here, not at module level: importing `lmms_eval.models` runs the registry, which
+    loads this entry point, so a module-level import would hand the registry a half-initialised module.
+    """
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.{VARGPTLmms.__name__}")
 
 
@@ -44,7 +52,8 @@ class VARGPTLmms(lmms):
     """lmms-eval adapter: `generate_until` in batches through `VARGPTPipeline.chat_batch`, `loglikelihood` through
     the model's forward pass.
 
-    `pretrained` is a checkpoint directory (original layout), a shipped model name or a preset ("tiny").
+    `pretrained` is a checkpoint directory (original layout), a shipped model name or a preset ("tiny"); without
+    it, the model every vargpt command defaults to (`default_model_name()`).
     `max_new_tokens` is the default when a task's generation settings do not give one.
     """
 
@@ -52,7 +61,7 @@ class VARGPTLmms(lmms):
 
     def __init__(
         self,
-        pretrained: str = "vargpt-shapes-tiny",
+        pretrained: str | None = None,
         device: str | None = None,
         dtype: str | None = None,
         batch_size: int | str = 1,
@@ -70,7 +79,8 @@ class VARGPTLmms(lmms):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if int(max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.pipe = VARGPTPipeline.from_pretrained(str(pretrained), device=device, dtype=dtype, seed=int(seed))
+        name = str(pretrained) if pretrained is not None else default_model_name()
+        self.pipe = VARGPTPipeline.from_pretrained(name, device=device, dtype=dtype, seed=int(seed))
         self._batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 
@@ -116,7 +126,9 @@ class VARGPTLmms(lmms):
             doc = self.task_dict[task][split][doc_id]
             continuation = target if isinstance(target, str) else target(doc)
             if not isinstance(continuation, str):
-                raise ValueError(f"loglikelihood needs a text continuation, the task gave {type(continuation).__name__}")
+                raise ValueError(
+                    f"loglikelihood needs a text continuation, the task gave {type(continuation).__name__}"
+                )
             visuals = _visuals(doc_to_visual(doc)) if doc_to_visual is not None else []
             result = self.continuation_logprob(_strip_image_tags(context), continuation, visuals)
             self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
@@ -184,8 +196,12 @@ class VARGPTLmms(lmms):
             if top_k is not None:
                 settings["top_k"] = int(top_k)
         if num_beams > 1:
-            settings["num_beams"] = num_beams
-        ignored = sorted(set(kwargs) - _IGNORED_GENERATION_KEYS)
+            raise ValueError(
+                f"vargpt decodes greedily or by sampling; beam search (num_beams={num_beams}) is not supported"
+            )
+        if "repetition_penalty" in kwargs:
+            settings["repetition_penalty"] = float(kwargs.pop("repetition_penalty"))
+        ignored = sorted(set(kwargs) - _SILENTLY_IGNORED_KEYS)
         if ignored:
             logger.warning("vargpt ignores these generation settings: %s", ", ".join(ignored))
         return [u for u in until if u], max_new_tokens, settings

@@ -1,0 +1,265 @@
+"""The lmms-eval plugin: entry-point discovery, batched generate_until, loglikelihood, and the real lmms-eval CLI
+on a shapes-world VQA task reporting the same accuracy as `vargpt eval shapes`.
+
+Skipped when lmms-eval is not installed (the `lmms` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lmms_eval")
+
+from lmms_eval.api.instance import Instance
+
+from vargpt import VARGPTPipeline
+from vargpt.data.shapes_dataset import write_sharegpt_dataset
+from vargpt.evaluation.lmms_plugin import VARGPTLmms, model_manifest
+from vargpt.evaluation.lmms_tasks.shapes_vqa import shapes_vqa_documents, write_shapes_vqa_task
+from vargpt.evaluation.shapes_eval import evaluate_split
+from vargpt.evaluation.shapes_scoring import normalize_answer
+
+BATCH = 4
+MAX_NEW_TOKENS = 12  # what `vargpt eval shapes` and the task template both use
+
+
+def _steer_to_constant_answer(pipe: VARGPTPipeline, answer: str) -> None:
+    """Make the LLM answer `answer` to every question, greedily.
+
+    Zeroing each decoder layer's output projections leaves the residual stream equal to the current token's
+    embedding, so the next token depends on the current token only; the LM head then gets one row per step of
+    the chain (last prompt token -> answer bytes -> EOS) pointing at the normalised embedding of its source.
+    """
+    model, tokenizer = pipe.model, pipe.processor.tokenizer
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.startswith("model.layers.") and name.endswith(("self_attn.o_proj", "mlp.down_proj")):
+                module.weight.zero_()
+        prompt = pipe.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": "q"}]}], add_generation_prompt=True, tokenize=False
+        )
+        chain = [tokenizer(prompt, add_special_tokens=False)["input_ids"][-1]]
+        chain += tokenizer(answer, add_special_tokens=False)["input_ids"]
+        chain.append(model.generation_config.eos_token_id)
+        norm = dict(model.named_modules())["model.norm"]
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        for source, target in pairwise(chain):
+            h = norm(embed[source])
+            head[target] = 20.0 * h / h.norm()
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Path:
+    """24 understanding rows: 4 captions (which both evaluations leave out) and 20 questions, 3 answered "yes"."""
+    return write_sharegpt_dataset(tmp_path_factory.mktemp("shapes"), "test", 24, 0, 0, seed=4)
+
+
+@pytest.fixture(scope="module")
+def task_dir(split, tmp_path_factory) -> Path:
+    return write_shapes_vqa_task(split, tmp_path_factory.mktemp("task")).parent
+
+
+@pytest.fixture(scope="module")
+def yes_model_dir(tmp_path_factory) -> Path:
+    pipe = VARGPTPipeline.from_pretrained("tiny")
+    _steer_to_constant_answer(pipe, "yes")
+    out = tmp_path_factory.mktemp("yes_model")
+    pipe.save_pretrained(out)
+    return out
+
+
+def _start_lmms_eval(pretrained: str | Path, task_dir: Path, out: Path) -> subprocess.Popen:
+    """The real CLI in a subprocess (the two CLI tests' runs overlap to halve the wall time on 2+ cores)."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HOME": str(out / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "vargpt",
+        "--model_args",
+        f"pretrained={pretrained}",
+        "--tasks",
+        "shapes_vqa",
+        "--include_path",
+        str(task_dir),
+        "--batch_size",
+        str(BATCH),
+        "--log_samples",
+        "--output_path",
+        str(out / "results"),
+    ]
+    return subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish_lmms_eval(process: subprocess.Popen, out: Path) -> tuple[float, list[dict]]:
+    """(accuracy lmms-eval reports, its logged samples in document order)."""
+    log, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, log[-5000:]
+    (results_file,) = (out / "results").rglob("*_results.json")
+    (samples_file,) = (out / "results").rglob("*_samples_shapes_vqa.jsonl")
+    accuracy = json.loads(results_file.read_text())["results"]["shapes_vqa"]["accuracy,none"]
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    return accuracy, sorted(samples, key=lambda s: s["doc_id"])
+
+
+@pytest.fixture(scope="module")
+def cli_results(task_dir, yes_model_dir, tmp_path_factory) -> dict[str, tuple[float, list[dict]]]:
+    """lmms-eval on the random `tiny` preset and on the always-"yes" model."""
+    outs = {name: tmp_path_factory.mktemp(f"lmms_{name}") for name in ("tiny", "yes")}
+    runs = {"tiny": _start_lmms_eval("tiny", task_dir, outs["tiny"])}
+    runs["yes"] = _start_lmms_eval(yes_model_dir, task_dir, outs["yes"])
+    try:
+        return {name: _finish_lmms_eval(process, outs[name]) for name, process in runs.items()}
+    finally:
+        for process in runs.values():
+            if process.poll() is None:
+                process.kill()
+
+
+def _response(sample: dict) -> str:
+    response = sample["filtered_resps"]
+    return response[0] if isinstance(response, list) else response
+
+
+def _plugin_with_docs(pretrained: str | Path, docs: list[dict], batch_size: int = 2) -> VARGPTLmms:
+    plugin = VARGPTLmms(pretrained=str(pretrained), batch_size=batch_size)
+    plugin.task_dict = {"t": {"test": docs}}
+    return plugin
+
+
+def _request(kind: str, context: str, second, doc_id: int = 0) -> Instance:
+    def doc_to_visual(doc):
+        return [doc["image"]]
+
+    arguments = (context, second, doc_to_visual, doc_id, "t", "test")
+    return Instance(
+        request_type=kind, arguments=arguments, idx=0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1}
+    )
+
+
+# ---------------------------------------------------------------- discovery and the task files
+
+
+def test_the_entry_point_registers_the_vargpt_model():
+    from lmms_eval.models import get_model
+
+    (entry,) = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "vargpt"]
+    assert entry.value == "vargpt.evaluation.lmms_plugin:model_manifest"
+    manifest = model_manifest()
+    assert (manifest.model_id, manifest.simple_class_path) == ("vargpt", "vargpt.evaluation.lmms_plugin.VARGPTLmms")
+    assert get_model("vargpt") is VARGPTLmms
+
+
+def test_task_documents_are_the_vqa_rows_vargpt_eval_scores(split, task_dir):
+    rows = [json.loads(line) for line in split.read_text().splitlines()]
+    vqa = [r for r in rows if r["meta"]["task"] == "understanding" and r["meta"]["category"] != "caption"]
+    assert 0 < len(vqa) < len(rows)  # the split has captions to leave out
+    docs = [json.loads(line) for line in (task_dir / "shapes_vqa.jsonl").read_text().splitlines()]
+    assert [d["answer"] for d in docs] == [r["meta"]["answer"] for r in vqa]
+    assert [d["question"] for d in docs] == [r["messages"][0]["content"].removeprefix("<image>") for r in vqa]
+    assert all(Path(d["image"]).is_absolute() and Path(d["image"]).is_file() for d in docs)
+    assert [d["id"] for d in shapes_vqa_documents(split, limit=3)] == [0, 1, 2]
+    yaml_text = (task_dir / "shapes_vqa.yaml").read_text()
+    assert 'task: "shapes_vqa"' in yaml_text and str(task_dir / "shapes_vqa.jsonl") in yaml_text
+
+
+def test_task_writer_rejects_bad_input(split, tmp_path):
+    with pytest.raises(ValueError, match="task_name"):
+        write_shapes_vqa_task(split, tmp_path, task_name="shapes vqa")
+    with pytest.raises(ValueError, match="limit"):
+        shapes_vqa_documents(split, limit=0)
+    generation_only = write_sharegpt_dataset(tmp_path / "gen", "test", 0, 2, 0, seed=1)
+    with pytest.raises(ValueError, match="no VQA rows"):
+        shapes_vqa_documents(generation_only)
+
+
+# ---------------------------------------------------------------- the model class in process
+
+
+def test_generate_until_keeps_request_order_across_generation_settings(split, yes_model_dir):
+    docs = shapes_vqa_documents(split, limit=3)
+    plugin = _plugin_with_docs(yes_model_dir, docs)
+    long, short, stop = {"max_new_tokens": 12, "until": []}, {"max_new_tokens": 2}, {"until": ["s"]}
+    settings = [long, short, long, stop, short]
+    requests = [_request("generate_until", "Is there a square?", dict(s), i % 3) for i, s in enumerate(settings)]
+    assert plugin.generate_until(requests) == ["yes", "ye", "yes", "ye", "ye"]
+    with pytest.raises(ValueError, match="beam search"):
+        plugin.generate_until([_request("generate_until", "Is there a square?", {"num_beams": 3})])
+    with pytest.raises(NotImplementedError):
+        plugin.generate_until_multi_round(requests)
+
+
+def test_loglikelihood_of_the_steered_answer(split, yes_model_dir):
+    docs = shapes_vqa_documents(split, limit=1)
+    plugin = _plugin_with_docs(yes_model_dir, docs)
+    yes, no, by_target = plugin.loglikelihood(
+        [
+            _request("loglikelihood", "Is there a square?", "yes"),
+            _request("loglikelihood", "Is there a square?", "no"),
+            _request("loglikelihood", "Is there a square?", lambda doc: "yes"),  # a task's doc_to_target
+        ]
+    )
+    assert yes[1] and not no[1]
+    assert -1e-3 < yes[0] <= 0.0 and no[0] < -10.0
+    assert by_target == yes
+
+
+def test_loglikelihood_of_a_longer_continuation_is_lower(split):
+    docs = shapes_vqa_documents(split, limit=1)
+    plugin = _plugin_with_docs("tiny", docs)
+    question = docs[0]["question"]
+    (short, _), (longer, _) = plugin.loglikelihood(
+        [_request("loglikelihood", question, "red"), _request("loglikelihood", question, "red circle")]
+    )
+    assert longer < short < 0.0
+    with pytest.raises(ValueError, match="no tokens"):
+        plugin.continuation_logprob(question, "", [docs[0]["image"]])
+
+
+def test_model_args_are_checked():
+    with pytest.raises(ValueError, match="unknown vargpt model_args: colour"):
+        VARGPTLmms(pretrained="tiny", colour="red")
+    with pytest.raises(ValueError, match="auto"):
+        VARGPTLmms(pretrained="tiny", batch_size="auto")
+
+
+# ---------------------------------------------------------------- the real lmms-eval CLI
+
+
+def test_lmms_eval_cli_answers_row_by_row_like_the_pipeline(split, cli_results):
+    """A random model's answers depend on image and question: every row must match `chat_batch`'s answer."""
+    accuracy, samples = cli_results["tiny"]
+    docs = shapes_vqa_documents(split)
+    pipe = VARGPTPipeline.from_pretrained("tiny")
+    expected = []
+    for start in range(0, len(docs), BATCH):
+        chunk = docs[start : start + BATCH]
+        expected += pipe.chat_batch([d["question"] for d in chunk], [[d["image"]] for d in chunk], max_new_tokens=12)
+    assert len(set(expected)) > 1  # the answers really depend on the input
+    assert [s["doc_id"] for s in samples] == list(range(len(docs)))
+    assert [_response(s) for s in samples] == expected
+    assert [s["target"] for s in samples] == [d["answer"] for d in docs]
+    assert accuracy == evaluate_split(pipe, split, batch_size=BATCH, progress=False)["understanding"]["accuracy"]
+
+
+def test_lmms_eval_cli_accuracy_equals_vargpt_eval_shapes(split, yes_model_dir, cli_results):
+    """A model that always says "yes" is right on exactly the yes-rows, under both harnesses."""
+    accuracy, samples = cli_results["yes"]
+    report = evaluate_split(VARGPTPipeline.from_pretrained(yes_model_dir), split, batch_size=BATCH, progress=False)
+    docs = shapes_vqa_documents(split)
+    hits = [float(normalize_answer(d["answer"]) == "yes") for d in docs]
+    assert [s["accuracy"] for s in samples] == hits
+    assert 0.0 < accuracy < 1.0
+    assert accuracy == pytest.approx(report["understanding"]["accuracy"], abs=1e-12)
+    assert report["understanding"]["n"] == len(docs)
