@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from vargpt import VARGPTConfig
 from vargpt.visual_decoder import InfinityDecoder, VisualDecoderConfig
 
 SCHEDULE = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]
 
 
 def tiny_config(**overrides: object) -> VisualDecoderConfig:
-    """The values of the project's "tiny" preset."""
-    values: dict[str, object] = {
-        "depth": 2,
-        "embed_dim": 32,
-        "num_heads": 2,
-        "mlp_ratio": 2.0,
-        "drop_path_rate": 0.0,
-        "bits": 8,
-        "context_dim": 32,
-        "num_block_chunks": 1,
-        "cfg_uncond_length": 64,
-        "rope_max_grid": 8,
-    }
+    """The project's "tiny" preset decoder, with overrides."""
+    values = VARGPTConfig.from_preset("tiny").visual_decoder_config.to_dict()
+    values.pop("model_type", None)
+    values.pop("transformers_version", None)
     values.update(overrides)
     return VisualDecoderConfig(**values)
 

@@ -12,9 +12,9 @@ Choices where OpenAI's API has no answer for this model:
   When streaming, text arrives as usual string deltas and the drawn images follow in one extra chunk whose
   `delta.content` is the list of image parts, just before the chunk carrying `finish_reason`.
 * `temperature` omitted or 0 means greedy decoding (reproducible); above 0 samples with that temperature.
-* A request with a `seed` runs in a batch of its own: the model samples a batch from one random stream, so only
-  then do its outputs depend on nothing but its own settings (same seed, same bytes). Requests without a seed
-  are batched together.
+* A request with a `seed` runs in a batch of its own, so its outputs depend on nothing but its own settings
+  (same seed, same bytes). Images are already drawn from per-row seeds; chat text sampling still shares one
+  random stream per batch, which is why seeded requests are kept apart. Requests without a seed are batched.
 * Earlier assistant turns are fed back as text; images they contained are dropped (no slot in the template).
 * Image URLs must be `data:` URLs. The server never fetches remote URLs or reads its own files.
 """
