@@ -15,6 +15,7 @@ from vargpt.tokenization import (
     build_qwen2_tokenizer,
     build_tiny_tokenizer,
     default_qwen_ranks_file,
+    learn_tiny_merges,
     load_tiktoken_ranks,
 )
 
@@ -159,3 +160,48 @@ def test_tiny_roundtrips_any_text(tiny, text):
     assert tiny.decode(ids) == text
     if "<|" not in text:  # no special-token spelling: exactly one id per UTF-8 byte
         assert ids == list(text.encode())
+
+
+SHAPES_LIKE_CORPUS = [
+    "What colour is the triangle in the top right?",
+    "draw a red square and a blue circle",
+    "an image of two triangles",
+    "Is there a green circle?",
+] * 5
+
+
+@pytest.fixture(scope="module")
+def merged():
+    return build_tiny_tokenizer(learn_tiny_merges(SHAPES_LIKE_CORPUS))
+
+
+def test_learned_merges_make_frequent_words_single_tokens(merged):
+    tokens = merged.convert_ids_to_tokens(merged("draw a red triangle", add_special_tokens=False)["input_ids"])
+    assert tokens == ["draw", "Ġa", "Ġred", "Ġtriangle"]
+    (token_id,) = merged(" triangle", add_special_tokens=False)["input_ids"]
+    assert 256 <= token_id < 500  # merges live in the reserved range, never on a special token
+    assert len(merged) == 510 and merged.convert_tokens_to_ids("<|image_gen_pad|>") == 509
+
+
+def test_learned_merges_are_deterministic_and_bounded():
+    first = learn_tiny_merges(SHAPES_LIKE_CORPUS, max_merges=30)
+    assert first == learn_tiny_merges(list(SHAPES_LIKE_CORPUS), max_merges=30)
+    assert len(first) == 30
+    assert len(learn_tiny_merges(["abc"])) == 0  # no pair occurs twice: nothing to merge
+    with pytest.raises(ValueError, match="at most 244"):
+        build_tiny_tokenizer([("a", "b")] * 245)
+    with pytest.raises(ValueError, match="no earlier merge"):
+        build_tiny_tokenizer([("ab", "c")])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_merged_tokenizer_roundtrips_any_text(merged, text):
+    assert merged.decode(merged(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_merged_tokenizer_save_load_roundtrip(merged, tmp_path):
+    merged.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "<|im_start|>user\nIs there a green circle?<|im_end|>"
+    assert loaded(text)["input_ids"] == merged(text)["input_ids"]

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import base64
 import os
+from collections import Counter
+from collections.abc import Sequence
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
@@ -217,20 +220,85 @@ def build_qwen2_tokenizer(ranks_file: str | os.PathLike | None = None) -> Qwen2T
     return tokenizer
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+TINY_MAX_MERGES = TINY_NUM_BASE_TOKENS - TINY_NUM_BYTE_TOKENS
+
+
+def _tiny_pre_tokenizer(with_merges: bool) -> pre_tokenizers.ByteLevel:
+    # Merges never cross a word boundary, so a tokenizer with merges splits words first (GPT-2's regex); the
+    # merge-free byte tokenizer keeps its historical single-piece behaviour (same ids either way).
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=with_merges)
+
+
+def learn_tiny_merges(texts: Sequence[str], max_merges: int = TINY_MAX_MERGES) -> list[tuple[str, str]]:
+    """Learn byte-level BPE merges from `texts` for the tiny tokenizer's 244 reserved ids (256-499).
+
+    A small vision-language model reads a prompt far more easily as a handful of word tokens than as dozens of
+    bytes (and trains several times faster on the shorter sequences), so a model trained on a narrow corpus such
+    as the shapes world learns its own merges. Plain BPE: repeatedly merge the most frequent adjacent pair within
+    words (ties broken by the pair itself, so the result is deterministic), stopping at `max_merges` or when no
+    pair occurs twice.
+    """
+    if not 0 <= max_merges <= TINY_MAX_MERGES:
+        raise ValueError(f"max_merges must be between 0 and {TINY_MAX_MERGES}, got {max_merges}")
+    splitter = _tiny_pre_tokenizer(with_merges=True)
+    word_counts: Counter[tuple[str, ...]] = Counter()
+    for text in texts:
+        for piece, _ in splitter.pre_tokenize_str(text):
+            word_counts[tuple(piece)] += 1
+    words = dict(word_counts)
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, count in words.items():
+            for pair in pairwise(symbols):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best, count = min(pairs.items(), key=lambda item: (-item[1], item[0]))
+        if count < 2:
+            break
+        merges.append(best)
+        words = {_merge_pair(symbols, best): c for symbols, c in words.items()}
+    return merges
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
+
+
+def build_tiny_tokenizer(merges: Sequence[tuple[str, str]] = ()) -> PreTrainedTokenizerFast:
     """A 510-token byte-level tokenizer for tests and tiny models (ids match `VARGPTConfig.from_preset("tiny")`).
 
-    Ids 0-255 are the bytes (byte-level BPE without merges, so any UTF-8 text round-trips exactly; there is no
-    normaliser), 256-499 are reserved placeholders that no text maps to, 500-509 are the special tokens
-    `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|vision_start|>`, `<|vision_end|>`, `<|image_pad|>`,
-    `<|video_pad|>`, `<|image_gen_start|>`, `<|image_gen_end|>`, `<|image_gen_pad|>`.
+    Ids 0-255 are the bytes (byte-level BPE, so any UTF-8 text round-trips exactly; there is no normaliser),
+    256-499 hold up to 244 learned merges (`learn_tiny_merges`; without them they are placeholders that no text
+    maps to), 500-509 are the special tokens `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|vision_start|>`,
+    `<|vision_end|>`, `<|image_pad|>`, `<|video_pad|>`, `<|image_gen_start|>`, `<|image_gen_end|>`,
+    `<|image_gen_pad|>`.
     """
+    if len(merges) > TINY_MAX_MERGES:
+        raise ValueError(f"the tiny tokenizer holds at most {TINY_MAX_MERGES} merges, got {len(merges)}")
     byte_to_char = bytes_to_unicode()
     vocab = {byte_to_char[byte]: byte for byte in range(TINY_NUM_BYTE_TOKENS)}
-    for token_id in range(TINY_NUM_BYTE_TOKENS, TINY_NUM_BASE_TOKENS):
+    next_id = TINY_NUM_BYTE_TOKENS
+    for left, right in merges:
+        if left not in vocab or right not in vocab:
+            raise ValueError(f"merge {(left, right)!r} uses a symbol that no earlier merge or byte defines")
+        if left + right not in vocab:
+            vocab[left + right] = next_id
+            next_id += 1
+    for token_id in range(next_id, TINY_NUM_BASE_TOKENS):
         vocab[f"<|reserved_{token_id}|>"] = token_id
-    backend = Tokenizer(BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend = Tokenizer(BPE(vocab=vocab, merges=list(merges), fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = _tiny_pre_tokenizer(with_merges=bool(merges))
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

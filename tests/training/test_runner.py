@@ -21,6 +21,7 @@ SMOKE = {
         "image_size": 32,
     },
     "tokenizer": {"steps": 4, "batch_size": 4, "learning_rate": 0.001, "scenes": 16},
+    "text_tokenizer_merges": 60,
     "stages": [
         {
             "name": "projectors-16",
@@ -129,6 +130,19 @@ def test_final_model_loads_in_the_pipeline_and_eval_command_runs(finished_run, t
         assert part in report
     assert 0.0 <= report["generation"]["overall"] <= 1.0
     assert report_path.with_suffix(".png").is_file()
+
+
+def test_the_text_tokenizer_learns_merges_from_the_training_split(finished_run):
+    from transformers import AutoTokenizer
+
+    _, run, _ = finished_run
+    merges = json.loads((run / "data" / "text_merges.json").read_text())
+    assert len(merges) == SMOKE["text_tokenizer_merges"]
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    prompt = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>"
+    ids = tokenizer(prompt)["input_ids"]
+    assert len(ids) < len(prompt.encode()) - 16  # shorter than bytes: the template's own words were merged
+    assert tokenizer.decode(ids) == prompt
 
 
 def test_a_finished_run_is_skipped_on_rerun(finished_run):

@@ -29,7 +29,13 @@ from ..checkpoint import atomic_directory_write
 from ..configuration import VARGPTConfig
 from ..modeling import VARGPTForConditionalGeneration
 from ..processing import VARGPTProcessor, preprocess_generation_target
-from ..tokenization import build_tiny_tokenizer
+from ..tokenization import (
+    DEFAULT_SYSTEM_PROMPT,
+    SHAREGPT_IMAGE_GEN_PLACEHOLDER,
+    SHAREGPT_IMAGE_PLACEHOLDER,
+    build_tiny_tokenizer,
+    learn_tiny_merges,
+)
 from .checkpointing import CompleteCheckpointCallback, last_complete_checkpoint
 from .plots import image_rows, loss_curve
 from .recipe import TASKS, RecipeSpec, StageSpec
@@ -49,11 +55,37 @@ def _mark_done(folder: Path, metrics: dict[str, Any]) -> None:
     (folder / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
-def build_processor(spec: RecipeSpec) -> VARGPTProcessor:
-    """The tiny byte tokenizer and a ViT input size fixed by the recipe (small images, a few patches)."""
+def build_processor(spec: RecipeSpec, data: Path | None = None) -> VARGPTProcessor:
+    """The tiny tokenizer (with the merges learned from `data`'s training split, if the recipe asks for them)
+    and a ViT input size fixed by the recipe (small images, a few patches)."""
+    merges: list[tuple[str, str]] = []
+    if spec.text_tokenizer_merges:
+        if data is None:
+            raise ValueError("this recipe learns tokenizer merges from its data: pass the data folder")
+        merges = learn_text_merges(spec, data)
     pixels = spec.processor_pixels
     image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
-    return VARGPTProcessor(image_processor=image_processor, tokenizer=build_tiny_tokenizer())
+    return VARGPTProcessor(image_processor=image_processor, tokenizer=build_tiny_tokenizer(merges))
+
+
+def learn_text_merges(spec: RecipeSpec, data: Path) -> list[tuple[str, str]]:
+    """Merges learned from the training conversations as the chat template writes them (roles and the default
+    system prompt included); cached in `data/text_merges.json` so every stage and a resumed run agree."""
+    cache = data / "text_merges.json"
+    if cache.is_file():
+        return [tuple(pair) for pair in json.loads(cache.read_text())]
+    texts: list[str] = []
+    for line in (data / "train.jsonl").read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        texts.append(f"system\n{DEFAULT_SYSTEM_PROMPT}")
+        for message in messages:
+            content = message["content"].replace(SHAREGPT_IMAGE_PLACEHOLDER, "")
+            texts.append(f"{message['role']}\n{content.replace(SHAREGPT_IMAGE_GEN_PLACEHOLDER, '')}")
+    merges = learn_tiny_merges(texts, spec.text_tokenizer_merges)
+    partial = cache.with_suffix(".partial")
+    partial.write_text(json.dumps(merges))
+    partial.replace(cache)  # atomic: a killed run never leaves a truncated merges file behind
+    return merges
 
 
 def prepare_data(spec: RecipeSpec, folder: Path) -> Path:
@@ -348,7 +380,7 @@ def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True) 
     set_seed(spec.seed)
     (out / "recipe.json").write_text(json.dumps(spec.to_dict(), indent=2))
     data = prepare_data(spec, out / "data")
-    processor = build_processor(spec)
+    processor = build_processor(spec, data)
     config = VARGPTConfig.from_preset(spec.model_preset, **spec.model_overrides)
     model = VARGPTForConditionalGeneration(config)
     summary: dict[str, Any] = {"recipe": spec.name, "tokenizer": train_tokenizer(spec, model, out / "tokenizer")}
