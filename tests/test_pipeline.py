@@ -98,3 +98,22 @@ def test_an_image_does_not_depend_on_the_rest_of_its_batch(pipe):
     assert [i.tobytes() for i in batched[2:]] == [i.tobytes() for i in alone]
     second = pipe.generate("two blue squares", seed=12)[0]
     assert second.tobytes() == alone[1].tobytes()
+
+
+def test_a_checkpoint_ships_its_own_image_settings(pipe, tmp_path):
+    from vargpt.generation_config import IMAGE_GENERATION_CONFIG_NAME
+
+    pipe.image_config = pipe.image_config.updated(cfg_scale=1.0, top_p=0.9)
+    try:
+        pipe.save_pretrained(tmp_path)
+    finally:
+        pipe.image_config = pipe.image_config.updated(cfg_scale=3.0, top_p=0.97)
+    loaded = VARGPTPipeline.from_pretrained(tmp_path)
+    assert (loaded.image_config.cfg_scale, loaded.image_config.top_p) == (1.0, 0.9)
+    assert VARGPTPipeline.from_pretrained(tmp_path, image_preset="paper").image_config.cfg_scale == 1.5
+    (tmp_path / IMAGE_GENERATION_CONFIG_NAME).write_text('{"cfg": 2}')
+    with pytest.raises(ValueError, match="unknown image generation settings"):
+        VARGPTPipeline.from_pretrained(tmp_path)
+    (tmp_path / IMAGE_GENERATION_CONFIG_NAME).write_text('{"cfg_scale": ')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        VARGPTPipeline.from_pretrained(tmp_path)

@@ -178,8 +178,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"-n must be >= 1, got {args.num_images}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    settings = _image_config(args)
+    _image_config(args)  # refuse bad settings before the model loads
     pipe = _load(args.model)
+    settings = _image_config(args, pipe.image_config)
     _check_size(pipe, args.size)
     resolved = settings.updated(resolution=args.size or pipe.model.config.image_resolution)
     rows = [(i, p, s) for i, p in enumerate(prompts) for s in range(args.num_images)]
@@ -276,11 +277,12 @@ def run_edit(args: argparse.Namespace) -> int:
     source = load_image(_existing_file(args.image, "image"))
     if not args.instruction.strip():
         raise ValueError("the instruction is empty: say what to change")
-    settings = _image_config(args)
+    _image_config(args)  # refuse bad settings before the model loads
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}-edited.png")
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out}")
     pipe = _load(args.model)
+    settings = _image_config(args, pipe.image_config)
     _check_size(pipe, args.size)
     changes = {k: v for k, v in settings.to_dict().items() if k != "resolution"}
     edited = pipe.edit(source, args.instruction, seed=args.seed, resolution=args.size, **changes)
@@ -310,15 +312,18 @@ def _existing_file(path: str, what: str) -> str:
     return path
 
 
-def _image_config(args: argparse.Namespace):
-    """The preset with the command line's overrides (invalid values raise ValueError naming them)."""
+def _image_config(args: argparse.Namespace, model_defaults: Any = None):
+    """`--preset` (else the model's own defaults, else the default preset) with the command line's overrides;
+    invalid values raise ValueError naming them."""
     from .generation_config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
 
     if args.size is not None and args.size <= 0:
         raise ValueError(f"--size must be a positive number of pixels, got {args.size}")
 
     overrides = {"cfg_scale": args.cfg, "tau": args.tau, "top_k": args.top_k, "top_p": args.top_p}
-    return ImageGenerationConfig.from_preset(args.preset or DEFAULT_IMAGE_PRESET, **overrides)
+    if args.preset or model_defaults is None:
+        return ImageGenerationConfig.from_preset(args.preset or DEFAULT_IMAGE_PRESET, **overrides)
+    return model_defaults.updated(**overrides)
 
 
 def _check_size(pipe: Any, size: int | None) -> None:

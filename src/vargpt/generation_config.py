@@ -6,10 +6,16 @@ top-k 900, top-p 0.95 (it gives no tau, so the code's 0.5 is kept). Every value 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 UNCOND_MODES = ("original",)
+# A checkpoint may carry its own defaults (e.g. a model whose unconditional branch was never trained draws
+# without guidance); `VARGPTPipeline.from_pretrained` uses them unless a preset is asked for.
+IMAGE_GENERATION_CONFIG_NAME = "image_generation_config.json"
 POSITION_MODES = ("mrope", "cache")
 
 
@@ -56,6 +62,28 @@ class ImageGenerationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        path = Path(directory) / IMAGE_GENERATION_CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ImageGenerationConfig | None:
+        """The defaults a checkpoint directory ships, or None when it ships none."""
+        path = Path(directory) / IMAGE_GENERATION_CONFIG_NAME
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a JSON object of image generation settings")
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown image generation settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**raw)
 
     def updated(self, **changes: Any) -> ImageGenerationConfig:
         """A copy with the given fields replaced; unknown names are an error, None leaves a field as is."""

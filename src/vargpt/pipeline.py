@@ -52,10 +52,11 @@ class VARGPTPipeline:
         model: VARGPTForConditionalGeneration,
         processor: VARGPTProcessor,
         image_preset: str = DEFAULT_IMAGE_PRESET,
+        image_config: ImageGenerationConfig | None = None,
     ) -> None:
         self.model = model.eval()
         self.processor = processor
-        self.image_config = ImageGenerationConfig.from_preset(image_preset)
+        self.image_config = image_config or ImageGenerationConfig.from_preset(image_preset)
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -65,11 +66,14 @@ class VARGPTPipeline:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
-        image_preset: str = DEFAULT_IMAGE_PRESET,
+        image_preset: str | None = None,
         seed: int = 0,
         **model_kwargs: Any,
     ) -> VARGPTPipeline:
         """A checkpoint directory (original layout), or a preset name.
+
+        Image settings: `image_preset` if given, else the checkpoint's own `image_generation_config.json` if it
+        has one, else the "original-code" preset.
 
         Presets build a randomly initialised model (seeded) with its tokenizer: "tiny" is for tests and
         trying the API without weights; "vargpt-v1.1" is the full-size architecture (needs ~44 GB in fp32).
@@ -83,9 +87,12 @@ class VARGPTPipeline:
         shipped = shipped_model_path(str(name_or_path))
         if not path.is_dir() and shipped is not None:
             path = shipped
+        image_config = None
         if path.is_dir():
             model = VARGPTForConditionalGeneration.from_pretrained(path, dtype=dtype, **model_kwargs)
             processor = VARGPTProcessor.from_pretrained(path)
+            if image_preset is None:
+                image_config = ImageGenerationConfig.from_pretrained(path)
         elif str(name_or_path) in PRESETS:
             from .tokenization import build_qwen2_tokenizer, build_tiny_tokenizer
 
@@ -99,7 +106,9 @@ class VARGPTPipeline:
             raise FileNotFoundError(
                 f"{name_or_path!s} is neither a checkpoint directory nor a shipped model or preset ({', '.join(known)})"
             )
-        return cls(model.to(device), processor, image_preset=image_preset)
+        return cls(
+            model.to(device), processor, image_preset=image_preset or DEFAULT_IMAGE_PRESET, image_config=image_config
+        )
 
     @property
     def device(self) -> torch.device:
@@ -108,6 +117,7 @@ class VARGPTPipeline:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         self.model.save_pretrained(directory)
         self.processor.save_pretrained(directory)
+        self.image_config.updated().save_pretrained(directory)
 
     # -- the three calls -------------------------------------------------------------------------------
     def chat(self, text: str, images: Sequence[ImageInput] | None = None, **settings: Any) -> str:

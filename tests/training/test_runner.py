@@ -22,6 +22,7 @@ SMOKE = {
     },
     "tokenizer": {"steps": 4, "batch_size": 4, "learning_rate": 0.001, "scenes": 16},
     "text_tokenizer_merges": 60,
+    "image_generation": {"cfg_scale": 1.0},
     "stages": [
         {
             "name": "projectors-16",
@@ -92,6 +93,7 @@ def test_every_stage_writes_metrics_plots_and_a_checkpoint(finished_run):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["steps"] == 2 and metrics["final_train_loss"] is not None
         assert "generation" in metrics["validation"]
+        assert metrics["validation"]["image_settings"]["cfg_scale"] == 1.0
         assert (folder / "loss.png").stat().st_size > 0 and (folder / "samples.png").stat().st_size > 0
         assert (folder / "model" / "config.json").is_file()
     tokenizer = json.loads((run / "tokenizer" / "metrics.json").read_text())
@@ -107,6 +109,7 @@ def test_final_model_loads_in_the_pipeline_and_eval_command_runs(finished_run, t
     _, run, _ = finished_run
     pipe = VARGPTPipeline.from_pretrained(run / "final")
     assert pipe.generate("a red circle", seed=0)[0].size == (32, 32)
+    assert pipe.image_config.cfg_scale == 1.0  # the recipe's image settings ship with the model
     report_path = tmp_path / "report.json"
     assert (
         main(

@@ -70,7 +70,11 @@ def evaluate_split(
                 continue  # free-form captions have no single exact answer
             by_task[task].append(row)
 
-    report: dict[str, Any] = {"split_file": Path(jsonl).name, "counts": {k: len(v) for k, v in by_task.items()}}
+    report: dict[str, Any] = {
+        "split_file": Path(jsonl).name,
+        "counts": {k: len(v) for k, v in by_task.items()},
+        "image_settings": pipe.image_config.to_dict(),
+    }
     with Image.open(_image_path(rows[0], 0)) as first:
         world_size = first.size  # models drawing at a lower resolution are scored at the world's size
 

@@ -72,6 +72,9 @@ class RecipeSpec:
     # BPE merges the tiny text tokenizer learns from the training split (0: bytes only). Word tokens make prompts
     # several times shorter, which a small model both reads more easily and trains on faster.
     text_tokenizer_merges: int = 0
+    # image generation settings the stage evaluations use and the final model ships as its defaults
+    # (`image_generation_config.json`), e.g. {"cfg_scale": 1.0} for a model trained without a null-prompt branch
+    image_generation: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,7 +118,7 @@ def load_recipe(name_or_path: str | Path) -> RecipeSpec:
         text = packaged.read_text()
     raw = json.loads(text)
     try:
-        return RecipeSpec(
+        spec = RecipeSpec(
             name=raw["name"],
             seed=int(raw["seed"]),
             model_preset=raw["model_preset"],
@@ -127,6 +130,11 @@ def load_recipe(name_or_path: str | Path) -> RecipeSpec:
             model_overrides=raw.get("model_overrides", {}),
             target_resize_ratio=float(raw.get("target_resize_ratio", 1.125)),
             text_tokenizer_merges=int(raw.get("text_tokenizer_merges", 0)),
+            image_generation=dict(raw.get("image_generation", {})),
         )
     except (KeyError, TypeError) as err:
         raise ValueError(f"recipe {name_or_path!s} is malformed: {err}") from err
+    from ..generation_config import ImageGenerationConfig
+
+    ImageGenerationConfig().updated(**spec.image_generation)  # unknown or invalid settings: a clear error now
+    return spec

@@ -237,12 +237,16 @@ def _sft_dataset(data: Path, tasks: tuple[str, ...]):
     return datasets.concatenate_datasets(parts), reports
 
 
-def _stage_pipeline(model, processor, resolution: int):
+def _image_settings(spec: RecipeSpec):
+    from ..generation_config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
+
+    return ImageGenerationConfig.from_preset(DEFAULT_IMAGE_PRESET, **spec.image_generation)
+
+
+def _stage_pipeline(spec: RecipeSpec, model, processor, resolution: int):
     from ..pipeline import VARGPTPipeline
 
-    pipe = VARGPTPipeline(model, processor)
-    pipe.image_config = pipe.image_config.updated(resolution=resolution)
-    return pipe
+    return VARGPTPipeline(model, processor, image_config=_image_settings(spec).updated(resolution=resolution))
 
 
 def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor, folder: Path) -> Path:
@@ -252,7 +256,7 @@ def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor
 
     folder.mkdir(parents=True, exist_ok=True)
     world = ShapesWorld(spec.seed * 1000 + 7, image_size=spec.data.image_size)
-    pipe = _stage_pipeline(model.eval(), processor, stage.resolution)
+    pipe = _stage_pipeline(spec, model.eval(), processor, stage.resolution)
     rows, skipped, index = [], 0, 0
     attempts = 0
     while len(rows) < stage.dpo_pairs and attempts < stage.dpo_pairs * 4:
@@ -343,7 +347,7 @@ def run_stage(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    pipe = _stage_pipeline(model, processor, stage.resolution)
+    pipe = _stage_pipeline(spec, model, processor, stage.resolution)
     evaluation = evaluate_split(
         pipe,
         data / "validation.jsonl",
@@ -398,6 +402,8 @@ def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True) 
     def write_final(staging: Path) -> None:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        if spec.image_generation:
+            _image_settings(spec).save_pretrained(staging)
 
     atomic_directory_write(final, write_final)
     summary["wall_seconds_this_run"] = round(time.perf_counter() - started, 1)
