@@ -109,6 +109,8 @@ def test_answers_show_pictures_inline_and_an_empty_answer_is_said(pipe):
 def test_picking_a_preset_sets_its_sliders(handlers):
     assert handlers.preset_values("paper") == (1.5, 0.5, 0.95)
     assert handlers.preset_values("original-code") == (3.0, 0.5, 0.97)
+    own = handlers.pipe.image_config
+    assert handlers.preset_values("model defaults") == (own.cfg_scale, own.tau, own.top_p)
 
 
 def test_generate_returns_the_asked_number_of_images_at_the_asked_size(handlers):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from ..generation_config import DEFAULT_IMAGE_PRESET, IMAGE_PRESETS
+from ..generation_config import IMAGE_PRESETS
 
 if TYPE_CHECKING:
     from ..pipeline import ChatTurn, VARGPTPipeline
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 MODEL_QUEUE = "vargpt-model"
 MAX_NEW_TOKENS_LIMIT = 1024
 MAX_IMAGES_PER_PROMPT = 8
+# the preset choice that keeps the image settings the checkpoint ships (image_generation_config.json)
+MODEL_DEFAULTS = "model defaults"
 EMPTY_ANSWER = "(the model answered with no text)"
 
 # Small pictures (32 px for the test models) are shown enlarged, with visible pixels.
@@ -110,14 +112,14 @@ class _Handlers:
         prompt = (prompt or "").strip()
         if not prompt:
             raise _refusal("Describe the picture to draw first: the prompt is empty.")
-        if preset not in IMAGE_PRESETS:
-            raise _refusal(f"Unknown preset {preset!r}; choose one of {sorted(IMAGE_PRESETS)}.")
+        if preset != MODEL_DEFAULTS and preset not in IMAGE_PRESETS:
+            raise _refusal(f"Unknown preset {preset!r}; choose {MODEL_DEFAULTS!r} or one of {sorted(IMAGE_PRESETS)}.")
         return _call(
             self.pipe.generate,
             prompt,
             num_images=_positive_int(num_images, "number of images"),
             seed=_seed(seed),
-            preset=preset,
+            preset=None if preset == MODEL_DEFAULTS else preset,
             cfg_scale=float(cfg_scale),
             tau=float(tau),
             top_p=float(top_p),
@@ -132,10 +134,9 @@ class _Handlers:
             raise _refusal("Say how to change the picture: the instruction is empty.")
         return _call(self.pipe.edit, image.convert("RGB"), instruction, seed=_seed(seed))
 
-    @staticmethod
-    def preset_values(preset: str) -> tuple[float, float, float]:
+    def preset_values(self, preset: str) -> tuple[float, float, float]:
         """The cfg, tau and top-p sliders' values when a preset is picked."""
-        config = IMAGE_PRESETS[preset]
+        config = self.pipe.image_config if preset == MODEL_DEFAULTS else IMAGE_PRESETS[preset]
         return config.cfg_scale, config.tau, config.top_p
 
     @staticmethod
@@ -148,7 +149,7 @@ def build_web_demo(pipe: VARGPTPipeline) -> gr.Blocks:
     handlers = _Handlers(pipe)
     config = pipe.model.config
     sizes = supported_resolutions(pipe)
-    default_preset = IMAGE_PRESETS[DEFAULT_IMAGE_PRESET]
+    default_preset = pipe.image_config
     token_limit = min(MAX_NEW_TOKENS_LIMIT, config.text_config.max_position_embeddings)
     queued: dict[str, Any] = {"concurrency_limit": 1, "concurrency_id": MODEL_QUEUE}
 
@@ -185,7 +186,10 @@ def build_web_demo(pipe: VARGPTPipeline) -> gr.Blocks:
                         num_images = gr.Slider(1, MAX_IMAGES_PER_PROMPT, value=1, step=1, label="Number of images")
                         gen_seed = gr.Number(value=0, precision=0, label="Seed (empty: random)")
                     preset = gr.Dropdown(
-                        sorted(IMAGE_PRESETS), value=DEFAULT_IMAGE_PRESET, label="Preset", elem_id="gen-preset"
+                        [MODEL_DEFAULTS, *sorted(IMAGE_PRESETS)],
+                        value=MODEL_DEFAULTS,
+                        label="Preset",
+                        elem_id="gen-preset",
                     )
                     cfg_scale = gr.Slider(0.0, 10.0, value=default_preset.cfg_scale, step=0.1, label="CFG scale")
                     tau = gr.Slider(0.05, 2.0, value=default_preset.tau, step=0.05, label="Tau (temperature)")
