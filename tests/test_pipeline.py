@@ -117,3 +117,11 @@ def test_a_checkpoint_ships_its_own_image_settings(pipe, tmp_path):
     (tmp_path / IMAGE_GENERATION_CONFIG_NAME).write_text('{"cfg_scale": ')
     with pytest.raises(ValueError, match="not valid JSON"):
         VARGPTPipeline.from_pretrained(tmp_path)
+
+
+def test_one_seed_per_prompt_makes_images_independent_of_batching(pipe):
+    together = pipe.generate(["a red circle", "two blue squares"], num_images=2, seed=[10, 20])
+    assert [i.tobytes() for i in together[2:]] == [i.tobytes() for i in pipe.generate("two blue squares", 2, seed=20)]
+    assert together[0].tobytes() == pipe.generate("a red circle", seed=10)[0].tobytes()
+    with pytest.raises(ValueError, match="one per prompt"):
+        pipe.generate(["a", "b"], seed=[1])

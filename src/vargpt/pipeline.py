@@ -185,23 +185,31 @@ class VARGPTPipeline:
         self,
         prompt: str | Sequence[str],
         num_images: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         preset: str | None = None,
         **settings: Any,
     ) -> list[Image.Image]:
         """Text-to-image. `prompt` may be a list (a batch); returns `num_images` images per prompt, in order.
 
         Image j of a prompt is drawn from seed `seed + j` alone, so it does not depend on the other prompts in
-        the batch: `generate([a, b], seed=s)[1] == generate(b, seed=s)[0]`.
+        the batch: `generate([a, b], seed=s)[1] == generate(b, seed=s)[0]`. `seed` may also be one seed per
+        prompt (image j of prompt i then uses `seed[i] + j`), which is how benchmark samplers make a prompt's
+        images independent of how prompts are grouped into batches.
         `settings`: cfg_scale, tau, top_k, top_p, resolution, aspect_ratio, uncond_mode, position_mode.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if seed is None or isinstance(seed, int):
+            base_seeds = None if seed is None else [seed] * len(prompts)
+        else:
+            base_seeds = [int(s) for s in seed]
+            if len(base_seeds) != len(prompts):
+                raise ValueError(f"got {len(base_seeds)} seeds for {len(prompts)} prompts: give one per prompt")
         batch = [p for p in prompts for _ in range(num_images)]
         messages = [[_user_message(p, 0)] for p in batch]
         inputs = self._encode(messages, [[] for _ in batch])
-        seeds = None if seed is None else [seed + j for _ in prompts for j in range(num_images)]
+        seeds = None if base_seeds is None else [s + j for s in base_seeds for j in range(num_images)]
         out = self._draw(inputs, seeds, preset, settings)
         return [self.processor.postprocess_generated(imgs[0].unsqueeze(0))[0] for imgs in out.images]
 

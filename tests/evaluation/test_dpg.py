@@ -103,10 +103,10 @@ def test_packaged_prompts_and_sampler_layout(tmp_path):
     rows = [prompts[0], prompts[-1]]
     sample_dpg(pipe, tmp_path, rows, model_name="m", batch_size=8, state=SingleProcess(), progress=False)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{r['id']}.png" for r in rows)
-    assert pipe.calls == [([r["prompt"] for r in rows], 0)]  # one call: 2 prompts x 4 images
+    assert pipe.calls == [([r["prompt"] for r in rows], [0, 4])]  # one call: 2 prompts x 4 images, own seeds
     with Image.open(tmp_path / f"{rows[1]['id']}.png") as grid:
         assert grid.size == (32, 32)
-        assert grid.getpixel((20, 20)) == (0, 7, 0)  # its 4th image (call-wide 7) in the bottom right
+        assert grid.getpixel((20, 20)) == (7, 3, 0)  # its 4th image (seed 4 + 3) in the bottom right
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["format"] == "dpg_bench" and manifest["images_per_prompt"] == 4
 
@@ -119,7 +119,7 @@ def test_dpg_resume_redoes_a_truncated_grid_only(tmp_path):
     broken.write_bytes(broken.read_bytes()[:40])
     pipe.calls.clear()
     sample_dpg(pipe, tmp_path, rows, model_name="m", batch_size=4, state=SingleProcess(), progress=False)
-    assert pipe.calls == [([rows[1]["prompt"]], 1)]
+    assert pipe.calls == [([rows[1]["prompt"]], [4])]
 
 
 def test_dpg_sampler_with_the_tiny_model(tmp_path):

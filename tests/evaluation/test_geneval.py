@@ -53,7 +53,10 @@ class CountingPipe:
 
     def generate(self, prompts, num_images=1, seed=None, **settings):
         self.calls.append((list(prompts), seed))
-        return [Image.new("RGB", (self.size, self.size), (seed % 256, n, 0)) for n in range(len(prompts) * num_images)]
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        return [
+            Image.new("RGB", (self.size, self.size), ((s + j) % 256, j, 0)) for s in seeds for j in range(num_images)
+        ]
 
 
 def box(x, y, side=40):
@@ -184,9 +187,8 @@ def test_layout_is_what_the_official_evaluator_reads(tmp_path):
     manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
     assert manifest["settings"]["resolution"] == 32 and manifest["settings"]["cfg_scale"] == 3.0
     assert set(manifest["prompts"]) == set(folders)
-    # prompts 0 and 1 share a call (batch 4 = 2 prompts x 2 images), seeded with seed + first index
-    assert manifest["prompts"]["00001"]["batch_seed"] == 0 and manifest["prompts"]["00001"]["batch_keys"] == folders[:2]
-    assert manifest["prompts"]["00002"]["batch_seed"] == 2
+    # each prompt has its own seeds (seed + index x images per prompt), whatever call it shared
+    assert [manifest["prompts"][k]["seed"] for k in folders] == [0, 2, 4]
 
 
 def test_resume_skips_complete_prompts_and_redoes_partial_ones(tmp_path):
@@ -201,7 +203,7 @@ def test_resume_skips_complete_prompts_and_redoes_partial_ones(tmp_path):
     untouched = (tmp_path / "00000" / "samples" / "0000.png").stat().st_mtime_ns
     pipe.calls.clear()
     sample_geneval(pipe, tmp_path, rows, model_name="m", batch_size=8, state=SingleProcess(), progress=False)
-    assert pipe.calls == [([rows[1]["prompt"], rows[2]["prompt"]], 1)]
+    assert pipe.calls == [([rows[1]["prompt"], rows[2]["prompt"]], [4, 8])]  # the same seeds as the first run
     assert (tmp_path / "00000" / "samples" / "0000.png").stat().st_mtime_ns == untouched
     with Image.open(tmp_path / "00002" / "samples" / "0002.png") as image:
         image.load()

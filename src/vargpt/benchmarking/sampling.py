@@ -3,8 +3,9 @@
 GenEval and DPG-Bench differ only in where a prompt's images go (`OutputLayout`); everything else lives here:
 
 * Batching across prompts: one `pipe.generate` call draws `images_per_prompt` images for each of several
-  prompts. Each call gets its own seed, `seed + index of its first prompt`, and the manifest records, per
-  prompt, that seed and the call's prompts, which is what reproduces an image (one generator serves a call).
+  prompts. Image j of the prompt with benchmark index i is drawn from seed `seed + i * images_per_prompt + j`
+  alone, so a prompt's images do not depend on the batch size or on which prompts share its call; the
+  manifest records each prompt's first seed.
 * Resuming: a prompt whose outputs are all present and readable is skipped. Every file is written to a
   hidden temporary name (never matched by the official scorers' file patterns) and renamed into place, so
   an interrupted run leaves either a complete image or none.
@@ -212,8 +213,8 @@ def sample_prompts(
         "batch_size": batch_size,
         "num_processes": state.num_processes,
         "seeding": (
-            "one torch.Generator per model call, seeded with seed + the benchmark index of the call's first "
-            "prompt; a prompt's images depend on that seed and on the call's prompts (batch_keys), in order"
+            "image j of the prompt with benchmark index i is drawn from seed + i * images_per_prompt + j alone "
+            "(independent of batch size and batch mates); prompts[key].seed is its first seed"
         ),
     }
     existing = _read_manifest(manifest_path)
@@ -236,9 +237,9 @@ def sample_prompts(
             disable=not (progress and state.is_local_main_process),
         )
         for batch in _batches(todo, per_call):
-            batch_seed = seed + batch[0].index
+            prompt_seeds = [seed + job.index * images_per_prompt for job in batch]
             images = pipe.generate(
-                [job.prompt for job in batch], num_images=images_per_prompt, seed=batch_seed, **header["settings"]
+                [job.prompt for job in batch], num_images=images_per_prompt, seed=prompt_seeds, **header["settings"]
             )
             for row, job in enumerate(batch):
                 layout.write(job, images[row * images_per_prompt : (row + 1) * images_per_prompt])
@@ -246,8 +247,7 @@ def sample_prompts(
                     "key": job.key,
                     "index": job.index,
                     "prompt": job.prompt,
-                    "batch_seed": batch_seed,
-                    "batch_keys": [j.key for j in batch],
+                    "seed": prompt_seeds[row],
                     "rank": state.process_index,
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 }
