@@ -58,7 +58,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     split_file = data / f"{args.split}.jsonl" if data.is_dir() else data
     if not split_file.is_file():
         raise FileNotFoundError(f"no split file {split_file}: write one with the shapes-world data writer")
-    pipe = VARGPTPipeline.from_pretrained(args.model)
+    pipe = VARGPTPipeline.from_pretrained(args.model, image_preset=args.preset)
+    pipe.image_config = pipe.image_config.updated(cfg_scale=args.cfg, tau=args.tau, top_p=args.top_p)
     grid = Path(args.json).with_suffix(".png") if args.json else None
     report = evaluate_split(
         pipe, split_file, limit=args.limit, batch_size=args.batch_size, seed=args.seed, grid_path=grid
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="rows per task (default: all)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--preset", default=None, help="image settings preset (default: the model's own settings)")
+    e.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
+    e.add_argument("--tau", type=float, default=None)
+    e.add_argument("--top-p", type=float, default=None)
     e.set_defaults(func=_eval_shapes)
     from .eval_commands import register_bench_command, register_eval_commands
 

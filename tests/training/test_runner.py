@@ -96,6 +96,8 @@ def test_every_stage_writes_metrics_plots_and_a_checkpoint(finished_run):
         assert metrics["validation"]["image_settings"]["cfg_scale"] == 1.0
         assert (folder / "loss.png").stat().st_size > 0 and (folder / "samples.png").stat().st_size > 0
         assert (folder / "model" / "config.json").is_file()
+        assert (folder / "model" / "tokenizer.json").is_file()  # each stage's checkpoint loads on its own
+        assert (folder / "model" / "image_generation_config.json").is_file()
     tokenizer = json.loads((run / "tokenizer" / "metrics.json").read_text())
     assert tokenizer["validation_psnr_db"] > 0 and (run / "tokenizer" / "samples.png").is_file()
     pairs = json.loads((run / "stages" / "03-dpo-32" / "pairs" / "pairs_stats.json").read_text())
@@ -124,6 +126,8 @@ def test_final_model_loads_in_the_pipeline_and_eval_command_runs(finished_run, t
                 str(report_path),
                 "--limit",
                 "2",
+                "--cfg",
+                "2.5",
             ]
         )
         == 0
@@ -132,6 +136,8 @@ def test_final_model_loads_in_the_pipeline_and_eval_command_runs(finished_run, t
     for part in ("generation", "understanding", "editing", "unseen_combinations"):
         assert part in report
     assert 0.0 <= report["generation"]["overall"] <= 1.0
+    assert report["image_settings"]["cfg_scale"] == 2.5  # the command line overrides the model's own settings
+    assert "generation_prompt_shuffled" in report
     assert report_path.with_suffix(".png").is_file()
 
 

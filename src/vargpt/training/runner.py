@@ -287,6 +287,16 @@ def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor
     return path
 
 
+def _save_loadable(spec: RecipeSpec, model, processor, target: Path) -> None:
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if spec.image_generation:
+            _image_settings(spec).save_pretrained(staging)
+
+    atomic_directory_write(target, write)
+
+
 def run_stage(
     spec: RecipeSpec, stage: StageSpec, model, processor, data: Path, folder: Path, progress: bool
 ) -> dict[str, Any]:
@@ -371,7 +381,9 @@ def run_stage(
         **extra,
     }
     loss_curve(history, folder / "loss.png", f"{stage.name} ({plan.name}, {stage.resolution}px)")
-    model.save_pretrained(folder / "model")  # atomic: a crash never leaves a half-written checkpoint
+    # model, processor and image settings together, atomically: every stage's checkpoint loads on its own
+    # (`VARGPTPipeline.from_pretrained`, `vargpt eval shapes --model .../model`)
+    _save_loadable(spec, model, processor, folder / "model")
     _mark_done(folder, metrics)
     return metrics
 
@@ -397,15 +409,7 @@ def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True) 
             continue
         set_seed(spec.seed + index)
         summary["stages"].append(run_stage(spec, stage, model, processor, data, folder, progress))
-    final = out / "final"
-
-    def write_final(staging: Path) -> None:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        if spec.image_generation:
-            _image_settings(spec).save_pretrained(staging)
-
-    atomic_directory_write(final, write_final)
+    _save_loadable(spec, model, processor, out / "final")
     summary["wall_seconds_this_run"] = round(time.perf_counter() - started, 1)
     summary["total_stage_seconds"] = math.fsum(s.get("wall_seconds", 0) for s in summary["stages"]) + summary[
         "tokenizer"
