@@ -14,12 +14,11 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests.live_server import free_port, running_server
 from vargpt.cli import main
 from vargpt.configuration import VARGPTConfig
 from vargpt.data.shapes_dataset import write_sharegpt_dataset
@@ -84,20 +83,6 @@ def workdir(tmp_path_factory) -> Path:
     return folder
 
 
-def _wait_healthy(base: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"`vargpt serve` exited early:\n{process.stdout.read().decode()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("`vargpt serve` from the README did not come up within 90 s")
-
-
 def test_main_job_and_python_api(blocks, workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
     (main_job,) = [body for lang, body in blocks["Main job"] if lang == "bash"]
@@ -136,16 +121,9 @@ def test_command_and_server_examples(blocks, workdir, monkeypatch, capsys):
     assert (workdir / "bench.json").is_file()
 
     # `vargpt serve` exactly as written (port 8000 could be taken on a test machine: the one rewrite)
-    port = _free_port()
+    port = free_port()
     argv = [a if a != "8000" else str(port) for a in serve[0]]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vargpt.cli", *argv[1:]],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(base, process)
+    with running_server([sys.executable, "-m", "vargpt.cli", *argv[1:]], port):
         python_blocks = [b for lang, b in blocks["The server"] if lang == "python"]
         bash_blocks = [b for lang, b in blocks["The server"] if lang == "bash"]
         assert len(python_blocks) == 1 and len(bash_blocks) == 1
@@ -157,14 +135,3 @@ def test_command_and_server_examples(blocks, workdir, monkeypatch, capsys):
         curl = [a.replace(":8000", f":{port}") for a in curl]
         result = subprocess.run(curl, capture_output=True, check=True, timeout=60)
         assert json.loads(result.stdout)["data"][0]["b64_json"]
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

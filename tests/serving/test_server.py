@@ -11,9 +11,7 @@ import base64
 import contextlib
 import io
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -24,45 +22,19 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.live_server import free_port, running_server
 from vargpt.demo import demo_scene
 
 API_KEY = "test-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _running_server(*options: str) -> Iterator[str]:
     """`python -m vargpt.serving` on a free port with the tiny model; yields its base URL, always terminates it."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "vargpt.serving", "--model", "tiny", "--port", str(port), "--api-key", API_KEY]
-    process = subprocess.Popen([*command, *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited early:\n{process.stdout.read().decode()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the server did not come up within 90 s")
-            time.sleep(0.2)
+    with running_server([*command, *options], port) as base:
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")

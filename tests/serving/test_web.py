@@ -6,7 +6,6 @@ saying which is missing, only when one of them is absent. Playwright's own brows
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio", reason="the web demo needs gradio (pip install gradio)")
 
+from tests.live_server import free_port  # noqa: E402
 from vargpt.demo import demo_scene  # noqa: E402
 from vargpt.pipeline import ChatTurn, VARGPTPipeline  # noqa: E402
 from vargpt.serving.web import (  # noqa: E402
@@ -152,12 +152,6 @@ def test_refusals_are_escaped_because_gradio_shows_them_as_html(handlers, tmp_pa
 
 
 # -- the real page in headless Chromium ----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
 def _wait_until_served(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -175,7 +169,7 @@ def _wait_until_served(url: str, server: subprocess.Popen, log: Path, timeout_s:
 @pytest.fixture
 def served_demo(tmp_path):
     """`launch_web_demo("tiny")` in a child process on a free loopback port; its URL."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     code = f"from vargpt.serving.web import launch_web_demo; launch_web_demo('tiny', host={LOOPBACK!r}, port={port})"
     with log.open("w") as out:
