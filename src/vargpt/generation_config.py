@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +79,10 @@ class ImageGenerationConfig:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path} must hold a JSON object of image generation settings")
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown image generation settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**raw)
+        try:
+            return cls().updated(**raw)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def updated(self, **changes: Any) -> ImageGenerationConfig:
         """A copy with the given fields replaced; unknown names are an error, None leaves a field as is."""

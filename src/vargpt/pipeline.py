@@ -117,7 +117,7 @@ class VARGPTPipeline:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         self.model.save_pretrained(directory)
         self.processor.save_pretrained(directory)
-        self.image_config.updated().save_pretrained(directory)
+        self.image_config.save_pretrained(directory)
 
     # -- the three calls -------------------------------------------------------------------------------
     def chat(self, text: str, images: Sequence[ImageInput] | None = None, **settings: Any) -> str:
