@@ -200,3 +200,29 @@ def test_collators_survive_pickling_for_dataloader_workers(data_dir, processor, 
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[key], got[key]) for key in expected)
     pickle.loads(pickle.dumps(PreferenceCollator(processor, RESOLUTION, num_pads)))
+
+
+def test_prompt_dropout_empties_only_text_to_image_prompts(data_dir, processor, num_pads):
+    rows = sft_rows(data_dir)  # row 1 is text-to-image (with a system turn); rows 0 and 2 are not
+    null = processor.null_prompt_ids().tolist()
+    kept = SFTCollator(processor, RESOLUTION, num_pads)(rows)
+    assert all(row[: len(null)] != null for row in kept["input_ids"].tolist())
+    collator = SFTCollator(processor, RESOLUTION, num_pads, prompt_dropout=0.5)
+    torch.manual_seed(0)
+    dropped = 0
+    for _ in range(16):
+        batch = collator(rows)
+        ids = batch["input_ids"].tolist()
+        assert ids[0][: len(null)] != null and ids[2][: len(null)] != null
+        if ids[1][: len(null)] == null:
+            dropped += 1
+            # the training row now reads exactly what null-prompt guidance feeds the unconditional branch,
+            # and its answer (text and image) is still learnt
+            assert (batch["labels"][1] != IGNORE_INDEX).sum() == (kept["labels"][1] != IGNORE_INDEX).sum()
+            assert torch.equal(batch["pixel_gen_values"], kept["pixel_gen_values"])
+        else:
+            assert ids[1] == kept["input_ids"][1].tolist()
+    assert 0 < dropped < 16
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="prompt_dropout"):
+            SFTCollator(processor, RESOLUTION, num_pads, prompt_dropout=bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
 from vargpt import VARGPTPipeline
@@ -125,3 +126,33 @@ def test_one_seed_per_prompt_makes_images_independent_of_batching(pipe):
     assert together[0].tobytes() == pipe.generate("a red circle", seed=10)[0].tobytes()
     with pytest.raises(ValueError, match="one per prompt"):
         pipe.generate(["a", "b"], seed=[1])
+
+
+def test_null_prompt_guidance_runs_both_branches_alike(pipe):
+    # with the empty conversation as the prompt, both branches read the same tokens: guidance at any scale
+    # must then draw exactly the unguided image, which fails if the branches differ in positions, masks,
+    # caches or decoder context
+    null = pipe.processor.null_prompt_ids()
+    ids = null.view(1, -1)
+    common = {"generation_mode": "image", "max_new_tokens": 1, "null_prompt_ids": null, "uncond_mode": "null_prompt"}
+    guided = pipe.model.generate(ids, seed=2, cfg_scale=4.0, **common)
+    plain = pipe.model.generate(ids, seed=2, cfg_scale=1.0, **common)
+    assert torch.equal(torch.cat(guided.image_bits[0][0]), torch.cat(plain.image_bits[0][0]))
+    # with a real prompt the unconditional branch does change the draw (random weights give bit logits of
+    # ~1e-3 that differ by ~1e-4 between prompts, hence the large scale)
+    prompt = pipe._encode([[{"role": "user", "content": "a red circle"}]], [[]])["input_ids"]
+    guided = pipe.model.generate(prompt, seed=2, cfg_scale=300.0, **common)
+    plain = pipe.model.generate(prompt, seed=2, cfg_scale=1.0, **common)
+    assert not torch.equal(torch.cat(guided.image_bits[0][0]), torch.cat(plain.image_bits[0][0]))
+    with pytest.raises(ValueError, match="null_prompt_ids"):
+        pipe.model.generate(prompt, generation_mode="image", max_new_tokens=1, uncond_mode="null_prompt")
+
+
+def test_null_prompt_guidance_through_the_pipeline(pipe):
+    alone = pipe.generate("two blue squares", seed=7, uncond_mode="null_prompt")
+    batched = pipe.generate(["a red circle", "two blue squares"], seed=7, uncond_mode="null_prompt")
+    assert batched[1].tobytes() == alone[0].tobytes()
+    original = pipe.generate("two blue squares", seed=7)
+    assert original[0].tobytes() != alone[0].tobytes()
+    assert pipe.edit(demo_scene(), "make it green", seed=0, uncond_mode="null_prompt").size == (32, 32)
+    assert isinstance(pipe.chat("hello", max_new_tokens=3, uncond_mode="null_prompt"), str)

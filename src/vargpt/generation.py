@@ -146,11 +146,14 @@ def _image_events(
     settings: ImageGenerationConfig,
     generator,
     continue_text: bool = True,
+    null_prompt_ids: torch.Tensor | None = None,
 ):
     """Run the scale loop for rows `rows_B` (their `<|image_gen_start|>` is the last cached token).
 
     Returns `(images_B3HW, bits_per_scale, cond_logits, num_pads)`; when text continues, the LLM cache
     afterwards holds the remaining pad slots too (when it does not, feeding them would be wasted work).
+    With `uncond_mode="null_prompt"` the unconditional rows are a second decoding state over
+    `null_prompt_ids` (+ `<|image_gen_start|>`), stepped scale by scale beside the conditional one.
     """
     cfg = model.config
     B = state.batch
@@ -168,7 +171,15 @@ def _image_events(
         state.hidden_BTH, state.mask_BT, [(b, start_index) for b in range(B)]
     )
     cond_BD = model.image_condition(B)
-    if use_cfg:
+    null_state = None
+    if use_cfg and settings.uncond_mode == "null_prompt":
+        null_state = _null_prompt_state(model, null_prompt_ids, B, device)
+        null_ctx, null_mask = model.context_for_decoder(
+            null_state.hidden_BTH, null_state.mask_BT, [(b, null_state.length - 1) for b in range(B)]
+        )
+        context, context_mask = _stack_padded(context, null_ctx), _stack_padded(context_mask, null_mask)
+        cond_BD = torch.cat([cond_BD, cond_BD])
+    elif use_cfg:
         lengths = context_mask.sum(1).clamp(min=1, max=decoder.cfg_uncond.shape[0])
         width = int(lengths.max())
         uncond_ctx = decoder.cfg_uncond[:width].unsqueeze(0).expand(B, -1, -1).to(context.dtype)
@@ -200,13 +211,16 @@ def _image_events(
     fed = 0
     for k, (h, w) in enumerate(schedule):
         n = h * w
-        offs = torch.arange(fed, fed + n, device=device)
-        if settings.position_mode == "cache":
-            cond_pos = (cache_len0 + offs).view(1, n).expand(B, n)
-        else:
-            cond_pos = state.next_pos_B.view(B, 1) + offs.view(1, n)
+        cond_pos = _scale_positions(state, settings.position_mode, cache_len0, fed, n)
         cond_mask = torch.cat([prefix_mask, torch.ones(B, fed + n, dtype=torch.long, device=device)], dim=1)
-        if use_cfg:
+        if null_state is not None:
+            hidden_cond = _scale_call(model, x_RlH[:B].to(state.dtype), state.cache, prefix_mask, cond_pos, fed + n)
+            null_pos = _scale_positions(null_state, settings.position_mode, null_state.length, fed, n)
+            hidden_null = _scale_call(
+                model, x_RlH[B:].to(state.dtype), null_state.cache, null_state.mask_BT, null_pos, fed + n
+            )
+            last_hidden = torch.cat([hidden_cond, hidden_null])
+        elif use_cfg:
             uncond_pos = torch.arange(n, device=device).view(1, n).expand(B, n)
             uncond_mask = torch.cat(
                 [
@@ -220,15 +234,16 @@ def _image_events(
         else:
             positions = cond_pos.unsqueeze(0).expand(3, rows, n)
             call_mask = cond_mask
-        out = model.model(
-            inputs_embeds=x_RlH.to(state.dtype),
-            attention_mask=call_mask,
-            position_ids=positions,
-            past_key_values=state.cache,
-            use_cache=True,
-        )
+        if null_state is None:
+            last_hidden = model.model(
+                inputs_embeds=x_RlH.to(state.dtype),
+                attention_mask=call_mask,
+                position_ids=positions,
+                past_key_values=state.cache,
+                use_cache=True,
+            ).last_hidden_state
         fed += n
-        h_RlC = proj_out(out.last_hidden_state)
+        h_RlC = proj_out(last_hidden)
         logits = decoder.forward_scale(h_RlC, cond_BD, context, context_mask, schedule, k, dec_cache).float()
         cond_logits.append(logits[:B])
         logits = logits / settings.tau
@@ -246,7 +261,7 @@ def _image_events(
             if use_cfg:
                 x_RlH = torch.cat([x_RlH, x_RlH])
 
-    if use_cfg:
+    if use_cfg and null_state is None:
         state.cache.batch_select_indices(torch.arange(B, device=device))
     # record the scale tokens as history of the participating rows, then fill the remaining pad slots
     real = rows_B.long().view(B, 1)
@@ -258,6 +273,54 @@ def _image_events(
         state.step(filler.to(state.dtype), rows_B)
     images = model.vae_local.decode(latent.to(model.vae_local.decoder.conv_in.conv.weight.dtype))
     return images.float(), bits_per_scale, torch.cat(cond_logits, dim=1), num_pads
+
+
+def _null_prompt_state(model, null_prompt_ids: torch.Tensor | None, B: int, device) -> _DecodingState:
+    """B copies of the empty conversation followed by `<|image_gen_start|>`, prefilled."""
+    if null_prompt_ids is None or null_prompt_ids.dim() != 1 or null_prompt_ids.numel() == 0:
+        raise ValueError(
+            "uncond_mode='null_prompt' needs null_prompt_ids: the 1-D token ids of the empty conversation "
+            "(VARGPTPipeline passes them; see VARGPTProcessor.null_prompt_ids)"
+        )
+    start = torch.tensor([model.config.image_gen_start_token_id], device=device)
+    ids = torch.cat([null_prompt_ids.to(device), start]).view(1, -1).expand(B, -1)
+    return _DecodingState(model, ids, torch.ones_like(ids), None, None)
+
+
+def _stack_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of `a` then rows of `b`, right-padded with zeros to the wider of the two along dim 1."""
+    width = max(a.shape[1], b.shape[1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        spec = (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])
+        return torch.nn.functional.pad(t, spec)
+
+    return torch.cat([pad(a), pad(b)])
+
+
+def _scale_positions(state: _DecodingState, position_mode: str, cache_len0: int, fed: int, n: int) -> torch.Tensor:
+    """Rotary positions `[B, n]` of the current scale's tokens, `fed` tokens into the image block."""
+    B = state.batch
+    offs = torch.arange(fed, fed + n, device=state.device)
+    if position_mode == "cache":
+        return (cache_len0 + offs).view(1, n).expand(B, n)
+    return state.next_pos_B.view(B, 1) + offs.view(1, n)
+
+
+def _scale_call(model, x_BlH, cache, prefix_mask_BT, positions_Bl, block_len: int) -> torch.Tensor:
+    """One LLM call over a scale's tokens of rows that see their whole history and the block so far."""
+    B, n = positions_Bl.shape
+    mask = torch.cat(
+        [prefix_mask_BT, torch.ones(B, block_len, dtype=prefix_mask_BT.dtype, device=prefix_mask_BT.device)], dim=1
+    )
+    out = model.model(
+        inputs_embeds=x_BlH,
+        attention_mask=mask,
+        position_ids=positions_Bl.unsqueeze(0).expand(3, B, n),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.last_hidden_state
 
 
 @torch.no_grad()
@@ -274,8 +337,11 @@ def generate_interleaved(
     generator: torch.Generator | list[torch.Generator] | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     on_image_step: Callable[[int], None] | None = None,
+    null_prompt_ids: torch.Tensor | None = None,
 ) -> VARGPTGenerateOutput:
-    """Decode a batch of prompts (left padded). See the module docstring for the semantics."""
+    """Decode a batch of prompts (left padded). See the module docstring for the semantics.
+
+    `null_prompt_ids`: token ids of the empty conversation, needed by `uncond_mode="null_prompt"` guidance."""
     if generation_mode not in GENERATION_MODES:
         raise ValueError(f"generation_mode must be one of {GENERATION_MODES}, got {generation_mode!r}")
     cfg = model.config
@@ -342,7 +408,13 @@ def generate_interleaved(
         if bool(wants_image.any()):
             more_text = new_tokens < text_config.max_new_tokens
             imgs, bits, logits_BLd2, num_pads = _image_events(
-                model, state, wants_image, image_config, generator, continue_text=more_text
+                model,
+                state,
+                wants_image,
+                image_config,
+                generator,
+                continue_text=more_text,
+                null_prompt_ids=null_prompt_ids,
             )
             if on_image_step is not None:
                 on_image_step(len(bits))

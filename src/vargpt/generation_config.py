@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-UNCOND_MODES = ("original",)
+UNCOND_MODES = ("original", "null_prompt")
 # A checkpoint may carry its own defaults (e.g. a model whose unconditional branch was never trained draws
 # without guidance); `VARGPTPipeline.from_pretrained` uses them unless a preset is asked for.
 IMAGE_GENERATION_CONFIG_NAME = "image_generation_config.json"
@@ -30,6 +30,12 @@ class ImageGenerationConfig:
     * `aspect_ratio`: height / width, snapped to Infinity's templates.
     * `uncond_mode`: "original" = the published unconditional branch (context `cfg_uncond[:N]`, condition
       from `cfg_uncond[0]`, an LLM pass over only the current scale's tokens with no prompt and no cache).
+      That branch is never trained (training only swaps the condition embedding), so guidance pushes away
+      from an arbitrary distribution. "null_prompt" = the unconditional branch is the same conversation with an
+      empty user turn, run exactly like the conditional one (its own LLM cache, its own decoder context, the
+      usual condition embedding): what a model trained with prompt dropout (`SFTCollator(prompt_dropout=p)`)
+      has learnt to draw without a prompt. The caller passes the empty conversation's ids
+      (`VARGPTPipeline` does).
     * `position_mode`: rotary positions of the scale tokens in the LLM. "mrope" continues the prompt's
       M-RoPE text positions (what training sees); "cache" uses the raw cache index, as the original
       inference does (identical for prompts without understanding images).

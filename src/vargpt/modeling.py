@@ -486,6 +486,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         eos_token_id: int | Sequence[int] | None = None,
         on_token=None,
         mm_token_type_ids=None,
+        null_prompt_ids: torch.Tensor | None = None,
         **image_settings,
     ):
         """Decode text, images, or both.
@@ -498,6 +499,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         Image modes always return a `VARGPTGenerateOutput` (`sequences`, `images`, `image_bits`).
         Image settings (`cfg_scale`, `tau`, `top_k` of bits as `image_top_k`, `image_top_p`, `resolution`,
         `aspect_ratio`, `uncond_mode`, `position_mode`) come from `image_config` or keyword arguments.
+        `uncond_mode="null_prompt"` guidance needs `null_prompt_ids` (`VARGPTProcessor.null_prompt_ids()`).
         `seed` or `generator` makes results reproducible. A list of seeds (or generators), one per row, makes
         each row's result independent of the rest of the batch: row i draws from its own seed only.
         """
@@ -537,6 +539,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             image_config=image_config,
             generator=generator,
             on_token=on_token,
+            null_prompt_ids=null_prompt_ids,
         )
         if generation_mode == "text" and not return_dict_in_generate:
             return out.sequences

@@ -170,13 +170,16 @@ class VARGPTPipeline:
         messages.append(_user_message(text, len(images or [])))
         inputs = self._encode([messages], [list(images or [])])
         mode = "interleaved" if allow_images else "text"
+        config = self.image_config.updated(**{k: v for k, v in settings.items() if k in _IMAGE_SETTING_NAMES})
+        settings = {k: v for k, v in settings.items() if k not in _IMAGE_SETTING_NAMES}
         out = self.model.generate(
             **inputs,
             generation_mode=mode,
             return_dict_in_generate=True,
             seed=seed,
             max_new_tokens=max_new_tokens,
-            image_config=self.image_config,
+            image_config=config,
+            null_prompt_ids=self._null_prompt_ids(config),
             **settings,
         )
         return self._segments(out, inputs["input_ids"].shape[1], row=0)
@@ -230,7 +233,13 @@ class VARGPTPipeline:
             image_config=config,
             seed=seed,
             max_new_tokens=1,
+            null_prompt_ids=self._null_prompt_ids(config),
         )
+
+    def _null_prompt_ids(self, config: ImageGenerationConfig) -> torch.Tensor | None:
+        if config.uncond_mode != "null_prompt":
+            return None
+        return self.processor.null_prompt_ids().to(self.device)
 
     def _encode(self, conversations, images, editing: bool = False):
         texts = [
@@ -272,6 +281,9 @@ class VARGPTPipeline:
 
 
 SHIPPED_MODELS = ("vargpt-shapes-tiny",)
+# image settings `converse` may take by name; top_k / top_p there mean text sampling (image_top_k / image_top_p
+# reach the bits through `model.generate`)
+_IMAGE_SETTING_NAMES = frozenset(ImageGenerationConfig().to_dict()) - {"top_k", "top_p"}
 
 
 def shipped_model_path(name: str) -> Path | None:

@@ -32,6 +32,10 @@ EDIT_MAX_PIXELS = 512 * 512
 # Generation targets: the short side is resized to round(1.125 * resolution) before cropping (original's mid_reso).
 GENERATION_RESIZE_RATIO = 1.125
 
+# The conversation of null-prompt guidance's unconditional branch, and what prompt dropout trains a
+# text-to-image row into: one empty user turn.
+NULL_PROMPT_MESSAGES: tuple[dict[str, str], ...] = ({"role": "user", "content": ""},)
+
 _PADDING_CHOICES = (True, False, "longest", "max_length", "do_not_pad")
 # Keyword arguments `ProcessorMixin.apply_chat_template(tokenize=True)` always forwards; they carry no audio here.
 _CHAT_TEMPLATE_AUDIO_KWARGS = ("audio_from_video_indices", "load_audio_from_video")
@@ -189,6 +193,17 @@ class VARGPTProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"]
+
+    def null_prompt_ids(self) -> torch.Tensor:
+        """1-D ids of the empty conversation up to the assistant header (`uncond_mode="null_prompt"`): the same
+        tokens a text-to-image training row has in front of `<|image_gen_start|>` after prompt dropout."""
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in NULL_PROMPT_MESSAGES],
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
     preprocess_generation_target = staticmethod(preprocess_generation_target)
     postprocess_generated = staticmethod(postprocess_generated)

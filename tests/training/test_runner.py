@@ -22,7 +22,7 @@ SMOKE = {
     },
     "tokenizer": {"steps": 4, "batch_size": 4, "learning_rate": 0.001, "scenes": 16},
     "text_tokenizer_merges": 60,
-    "image_generation": {"cfg_scale": 1.0},
+    "image_generation": {"cfg_scale": 1.0, "uncond_mode": "null_prompt"},
     "stages": [
         {
             "name": "projectors-16",
@@ -42,6 +42,7 @@ SMOKE = {
             "tasks": ["understanding", "generation"],
             "eval_rows": 2,
             "trainable": ["model.", "lm_head.", "visual."],
+            "prompt_dropout": 0.5,
         },
         {
             "name": "decoder-32",
@@ -137,6 +138,7 @@ def test_final_model_loads_in_the_pipeline_and_eval_command_runs(finished_run, t
         assert part in report
     assert 0.0 <= report["generation"]["overall"] <= 1.0
     assert report["image_settings"]["cfg_scale"] == 2.5  # the command line overrides the model's own settings
+    assert report["image_settings"]["uncond_mode"] == "null_prompt"  # guided by the model's own null prompt
     assert "generation_prompt_shuffled" in report
     assert report_path.with_suffix(".png").is_file()
 
@@ -167,5 +169,12 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="unknown plan"):
         load_recipe(path)
+    for stage, message in (
+        (dict(SMOKE["stages"][1], prompt_dropout=1.0), "prompt_dropout must lie"),
+        (dict(SMOKE["stages"][3], prompt_dropout=0.1), "SFT stages, not DPO"),
+    ):
+        path.write_text(json.dumps(dict(SMOKE, stages=[stage])))
+        with pytest.raises(ValueError, match=message):
+            load_recipe(path)
     with pytest.raises(FileNotFoundError, match="no recipe"):
         load_recipe("no-such-recipe")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..image_io import load_image
+from ..processing import NULL_PROMPT_MESSAGES
 from ..tokenization import IM_END
 
 IGNORE_INDEX = -100
@@ -94,6 +95,11 @@ class SFTCollator:
     at random offsets drawn from torch's global generator (seeded per DataLoader worker) as the original's training
     transform did; the default is the centre crop. Use with the Trainer's `remove_unused_columns=False`, since the
     rows' columns are not `forward` arguments.
+
+    `prompt_dropout=p` replaces the user turn of a text-to-image row (a generation target, no understanding
+    image) with the empty one of `NULL_PROMPT_MESSAGES` with probability p (torch's global generator, like
+    `random_crop`): the model then learns the unconditional image distribution that null-prompt guidance
+    (`uncond_mode="null_prompt"`) subtracts at inference.
     """
 
     def __init__(
@@ -105,8 +111,11 @@ class SFTCollator:
         random_crop: bool = False,
         max_pixels: int | None = None,
         resize_ratio: float = 1.125,
+        prompt_dropout: float = 0.0,
     ):
         _positive_int(image_gen_resolution, "image_gen_resolution")
+        if not 0.0 <= prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must lie in [0, 1), got {prompt_dropout}")
         if resize_ratio < 1.0:
             raise ValueError(
                 f"resize_ratio must be >= 1 (short side = ratio x resolution before cropping), got {resize_ratio}"
@@ -121,11 +130,22 @@ class SFTCollator:
         self.random_crop = random_crop
         self.max_pixels = max_pixels
         self.resize_ratio = resize_ratio
+        self.prompt_dropout = prompt_dropout
+
+    def _maybe_drop_prompt(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        text_to_image = row.get("gen_images") and not row["images"]
+        if not text_to_image or self.prompt_dropout == 0.0 or float(torch.rand(())) >= self.prompt_dropout:
+            return row
+        # every user turn emptied, system turns dropped: a one-turn row becomes exactly the null conversation
+        empty = NULL_PROMPT_MESSAGES[0]["content"]
+        messages = [{**m, "content": empty} if m["role"] == "user" else dict(m) for m in row["messages"]]
+        return {**row, "messages": [m for m in messages if m["role"] != "system"]}
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("cannot collate an empty batch")
         names = [row_name(row, position) for position, row in enumerate(rows)]
+        rows = [self._maybe_drop_prompt(row) for row in rows]
         processor, tokenizer = self.processor, self.processor.tokenizer
         texts, bases = [], []
         for row in rows:

@@ -53,6 +53,8 @@ class StageSpec:
     dpo_pairs: int = 0
     dpo_beta: float = 0.1
     eval_rows: int = 32
+    # share of text-to-image rows whose prompt is emptied (trains null-prompt guidance; SFT stages only)
+    prompt_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
         raise ValueError(f"stage {spec.name!r}: unknown tasks {sorted(bad)}; choose from {TASKS}")
     if STAGES[spec.plan].kind == "dpo" and spec.dpo_pairs <= 0:
         raise ValueError(f"stage {spec.name!r} is a DPO stage and needs dpo_pairs > 0")
+    if not 0.0 <= spec.prompt_dropout < 1.0:
+        raise ValueError(f"stage {spec.name!r}: prompt_dropout must lie in [0, 1), got {spec.prompt_dropout}")
+    if STAGES[spec.plan].kind == "dpo" and spec.prompt_dropout:
+        raise ValueError(f"stage {spec.name!r}: prompt_dropout applies to SFT stages, not DPO")
     if spec.steps <= 0 or spec.batch_size <= 0:
         raise ValueError(f"stage {spec.name!r}: steps and batch_size must be positive")
     return spec

@@ -350,7 +350,7 @@ def run_stage(
             model=model,
             args=args,
             train_dataset=dataset,
-            data_collator=SFTCollator(processor, **collator_args),
+            data_collator=SFTCollator(processor, **collator_args, prompt_dropout=stage.prompt_dropout),
             callbacks=[CompleteCheckpointCallback()],
         )
     _train(trainer, folder / "trainer")
