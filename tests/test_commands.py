@@ -1,4 +1,5 @@
-"""`vargpt chat | generate | edit` as a user runs them, on the tiny preset."""
+"""`vargpt chat | generate | edit` as a user runs them, on the tiny preset (named: the default model is the
+shipped shapes model when present)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class _Recorder(io.StringIO):
 def _chat_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     register_commands(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(["chat", *argv])
+    return parser.parse_args(["chat", "--model", "tiny", *argv])
 
 
 def test_one_shot_chat_streams_the_answer_token_by_token(pipe):
@@ -89,7 +90,20 @@ def test_chat_errors_exit_2(tmp_path, capsys):
 
 def test_generate_batches_and_records_every_setting(tmp_path, pipe):
     out = tmp_path / "gen"
-    argv = ["generate", "a red circle", "-n", "3", "--batch-size", "2", "--seed", "4", "--cfg", "2.0"]
+    argv = [
+        "generate",
+        "a red circle",
+        "--model",
+        "tiny",
+        "-n",
+        "3",
+        "--batch-size",
+        "2",
+        "--seed",
+        "4",
+        "--cfg",
+        "2.0",
+    ]
     assert vargpt([*argv, "--top-p", "0.9", "--out", str(out)]) == 0
     record = json.loads((out / "generations.json").read_text())
     assert record["image_settings"]["cfg_scale"] == 2.0 and record["image_settings"]["top_p"] == 0.9
@@ -146,7 +160,9 @@ def test_edit_writes_the_edited_image(tmp_path, pipe):
     scene = tmp_path / "scene.png"
     demo_scene().save(scene)
     out = tmp_path / "out" / "edited.png"
-    assert vargpt(["edit", str(scene), "make the circle blue", "--seed", "3", "--out", str(out)]) == 0
+    assert (
+        vargpt(["edit", str(scene), "make the circle blue", "--model", "tiny", "--seed", "3", "--out", str(out)]) == 0
+    )
     expected = pipe.edit(demo_scene(), "make the circle blue", seed=3)
     assert Image.open(out).tobytes() == expected.tobytes()
     assert vargpt(["edit", str(tmp_path / "nope.png"), "make it blue"]) == 2
