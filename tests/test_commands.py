@@ -176,3 +176,14 @@ def test_serve_refuses_bad_options_before_loading_the_model(capsys):
     assert "--queue-size" in capsys.readouterr().err
     assert vargpt(["serve", "--timeout", "0"]) == 2
     assert "timeout" in capsys.readouterr().err
+
+
+def test_generate_takes_the_unconditional_branch_mode(tmp_path, pipe):
+    out = tmp_path / "null"
+    argv = ["generate", "a red circle", "--model", "tiny", "--uncond-mode", "null_prompt", "--cfg", "3"]
+    assert vargpt([*argv, "--out", str(out)]) == 0
+    record = json.loads((out / "generations.json").read_text())
+    assert record["image_settings"]["uncond_mode"] == "null_prompt"
+    entry = record["images"][0]
+    again = pipe.generate(entry["batch_prompts"], seed=entry["batch_seed"], **record["image_settings"])
+    assert Image.open(out / entry["file"]).tobytes() == again[entry["row"]].tobytes()

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .generation_config import UNCOND_MODES
 from .pipeline import default_model_name
 
 DEFAULT_MODEL = default_model_name()
@@ -59,7 +60,9 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     if not split_file.is_file():
         raise FileNotFoundError(f"no split file {split_file}: write one with the shapes-world data writer")
     pipe = VARGPTPipeline.from_pretrained(args.model, image_preset=args.preset)
-    pipe.image_config = pipe.image_config.updated(cfg_scale=args.cfg, tau=args.tau, top_p=args.top_p)
+    pipe.image_config = pipe.image_config.updated(
+        cfg_scale=args.cfg, tau=args.tau, top_p=args.top_p, uncond_mode=args.uncond_mode
+    )
     grid = Path(args.json).with_suffix(".png") if args.json else None
     report = evaluate_split(
         pipe, split_file, limit=args.limit, batch_size=args.batch_size, seed=args.seed, grid_path=grid
@@ -110,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale")
     e.add_argument("--tau", type=float, default=None)
     e.add_argument("--top-p", type=float, default=None)
+    e.add_argument("--uncond-mode", default=None, choices=UNCOND_MODES, help="guidance's unconditional branch")
     e.set_defaults(func=_eval_shapes)
     from .eval_commands import register_bench_command, register_eval_commands
 

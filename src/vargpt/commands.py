@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from PIL import Image
 
+from .generation_config import UNCOND_MODES
 from .pipeline import default_model_name
 
 DEFAULT_MODEL = default_model_name()
@@ -73,6 +74,7 @@ def _image_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=None, help="bit-logit temperature (overrides the preset)")
     p.add_argument("--top-k", type=int, default=None, help="bit top-k (overrides the preset)")
     p.add_argument("--top-p", type=float, default=None, help="bit top-p (overrides the preset)")
+    p.add_argument("--uncond-mode", default=None, choices=UNCOND_MODES, help="guidance's unconditional branch")
 
 
 # -- chat ---------------------------------------------------------------------------------------------------------
@@ -320,7 +322,13 @@ def _image_config(args: argparse.Namespace, model_defaults: Any = None):
     if args.size is not None and args.size <= 0:
         raise ValueError(f"--size must be a positive number of pixels, got {args.size}")
 
-    overrides = {"cfg_scale": args.cfg, "tau": args.tau, "top_k": args.top_k, "top_p": args.top_p}
+    overrides = {
+        "cfg_scale": args.cfg,
+        "tau": args.tau,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "uncond_mode": args.uncond_mode,
+    }
     if args.preset or model_defaults is None:
         return ImageGenerationConfig.from_preset(args.preset or DEFAULT_IMAGE_PRESET, **overrides)
     return model_defaults.updated(**overrides)

@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .generation_config import UNCOND_MODES
 from .pipeline import default_model_name
 
 DEFAULT_MODEL = default_model_name()
-_SETTINGS = ("cfg_scale", "tau", "top_k", "top_p", "resolution", "aspect_ratio", "position_mode")
+_SETTINGS = ("cfg_scale", "tau", "top_k", "top_p", "resolution", "aspect_ratio", "position_mode", "uncond_mode")
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser, batch_default: int = 16) -> None:
@@ -34,6 +35,7 @@ def _add_generation_arguments(p: argparse.ArgumentParser, batch_default: int = 1
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
     p.add_argument("--aspect-ratio", type=float, default=None)
     p.add_argument("--position-mode", default=None, choices=("mrope", "cache"))
+    p.add_argument("--uncond-mode", default=None, choices=UNCOND_MODES, help="guidance's unconditional branch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
