@@ -62,6 +62,7 @@ SMOKE = {
             "tasks": ["generation"],
             "dpo_pairs": 4,
             "eval_rows": 2,
+            "image_generation": {"tau": 0.8},
         },
         {
             "name": "edit",
@@ -70,6 +71,16 @@ SMOKE = {
             "steps": 2,
             "batch_size": 2,
             "tasks": ["editing"],
+            "eval_rows": 2,
+        },
+        {
+            "name": "dpo-round2",
+            "plan": "stage3-dpo",
+            "resolution": 32,
+            "steps": 1,
+            "batch_size": 2,
+            "tasks": ["generation"],
+            "dpo_pairs": 4,
             "eval_rows": 2,
         },
     ],
@@ -92,9 +103,11 @@ def test_every_stage_writes_metrics_plots_and_a_checkpoint(finished_run):
     for index, stage in enumerate(SMOKE["stages"]):
         folder = run / "stages" / f"{index:02d}-{stage['name']}"
         metrics = json.loads((folder / "metrics.json").read_text())
-        assert metrics["steps"] == 2 and metrics["final_train_loss"] is not None
+        assert metrics["steps"] == stage["steps"] and metrics["final_train_loss"] is not None
         assert "generation" in metrics["validation"]
         assert metrics["validation"]["image_settings"]["cfg_scale"] == 1.0
+        # a stage's own image settings (here the DPO stage's) apply to its sampling over the recipe's
+        assert metrics["validation"]["image_settings"]["tau"] == stage.get("image_generation", {}).get("tau", 0.5)
         assert (folder / "loss.png").stat().st_size > 0 and (folder / "samples.png").stat().st_size > 0
         assert (folder / "model" / "config.json").is_file()
         assert (folder / "model" / "tokenizer.json").is_file()  # each stage's checkpoint loads on its own
@@ -103,6 +116,12 @@ def test_every_stage_writes_metrics_plots_and_a_checkpoint(finished_run):
     assert tokenizer["validation_psnr_db"] > 0 and (run / "tokenizer" / "samples.png").is_file()
     pairs = json.loads((run / "stages" / "03-dpo-32" / "pairs" / "pairs_stats.json").read_text())
     assert pairs["pairs"] >= 1
+
+    def prompts(stage: str) -> list[str]:
+        rows = (run / "stages" / stage / "pairs" / "pairs.jsonl").read_text().splitlines()
+        return [json.loads(r)["conversations"][0]["content"] for r in rows]
+
+    assert prompts("03-dpo-32") != prompts("05-dpo-round2")  # iterative DPO: each round draws fresh prompts
 
 
 def test_final_model_loads_in_the_pipeline_and_eval_command_runs(finished_run, tmp_path):
@@ -172,6 +191,7 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
     for stage, message in (
         (dict(SMOKE["stages"][1], prompt_dropout=1.0), "prompt_dropout must lie"),
         (dict(SMOKE["stages"][3], prompt_dropout=0.1), "SFT stages, not DPO"),
+        (dict(SMOKE["stages"][3], image_generation={"cfg": 2}), "unknown image generation settings"),
     ):
         path.write_text(json.dumps(dict(SMOKE, stages=[stage])))
         with pytest.raises(ValueError, match=message):

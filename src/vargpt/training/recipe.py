@@ -55,6 +55,8 @@ class StageSpec:
     eval_rows: int = 32
     # share of text-to-image rows whose prompt is emptied (trains null-prompt guidance; SFT stages only)
     prompt_dropout: float = 0.0
+    # image settings this stage samples with (DPO losers, its validation), over the recipe's `image_generation`
+    image_generation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,12 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
         raise ValueError(f"stage {spec.name!r}: unknown tasks {sorted(bad)}; choose from {TASKS}")
     if STAGES[spec.plan].kind == "dpo" and spec.dpo_pairs <= 0:
         raise ValueError(f"stage {spec.name!r} is a DPO stage and needs dpo_pairs > 0")
+    from ..generation_config import ImageGenerationConfig
+
+    try:
+        ImageGenerationConfig().updated(**spec.image_generation)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"stage {spec.name!r}: image_generation: {err}") from None
     if not 0.0 <= spec.prompt_dropout < 1.0:
         raise ValueError(f"stage {spec.name!r}: prompt_dropout must lie in [0, 1), got {spec.prompt_dropout}")
     if STAGES[spec.plan].kind == "dpo" and spec.prompt_dropout:

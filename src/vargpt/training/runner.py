@@ -243,10 +243,13 @@ def _image_settings(spec: RecipeSpec):
     return ImageGenerationConfig.from_preset(DEFAULT_IMAGE_PRESET, **spec.image_generation)
 
 
-def _stage_pipeline(spec: RecipeSpec, model, processor, resolution: int):
+def _stage_pipeline(spec: RecipeSpec, model, processor, stage: StageSpec):
+    """The pipeline a stage samples with (DPO losers, validation): the recipe's image settings with the
+    stage's own overrides, at the stage's resolution."""
     from ..pipeline import VARGPTPipeline
 
-    return VARGPTPipeline(model, processor, image_config=_image_settings(spec).updated(resolution=resolution))
+    settings = _image_settings(spec).updated(**stage.image_generation, resolution=stage.resolution)
+    return VARGPTPipeline(model, processor, image_config=settings)
 
 
 def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor, folder: Path) -> Path:
@@ -255,8 +258,10 @@ def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor
     from ..evaluation.shapes_scoring import GENEVAL_CATEGORIES, evaluate_generated_image
 
     folder.mkdir(parents=True, exist_ok=True)
-    world = ShapesWorld(spec.seed * 1000 + 7, image_size=spec.data.image_size)
-    pipe = _stage_pipeline(spec, model.eval(), processor, stage.resolution)
+    # each DPO round (iterative DPO) draws fresh prompts: the world's seed moves on with every earlier DPO stage
+    rounds_before = sum(STAGES[s.plan].kind == "dpo" for s in spec.stages[: spec.stages.index(stage)])
+    world = ShapesWorld(spec.seed * 1000 + 7 + 1000 * rounds_before, image_size=spec.data.image_size)
+    pipe = _stage_pipeline(spec, model.eval(), processor, stage)
     rows, skipped, index = [], 0, 0
     attempts = 0
     while len(rows) < stage.dpo_pairs and attempts < stage.dpo_pairs * 4:
@@ -357,7 +362,7 @@ def run_stage(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    pipe = _stage_pipeline(spec, model, processor, stage.resolution)
+    pipe = _stage_pipeline(spec, model, processor, stage)
     evaluation = evaluate_split(
         pipe,
         data / "validation.jsonl",
