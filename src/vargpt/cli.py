@@ -65,7 +65,13 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     )
     grid = Path(args.json).with_suffix(".png") if args.json else None
     report = evaluate_split(
-        pipe, split_file, limit=args.limit, batch_size=args.batch_size, seed=args.seed, grid_path=grid
+        pipe,
+        split_file,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        grid_path=grid,
+        progress=not args.quiet,
     )
     text = json.dumps(report, indent=2)
     if args.json:
@@ -114,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tau", type=float, default=None)
     e.add_argument("--top-p", type=float, default=None)
     e.add_argument("--uncond-mode", default=None, choices=UNCOND_MODES, help="guidance's unconditional branch")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_eval_shapes)
     from .eval_commands import register_bench_command, register_eval_commands
 

@@ -179,7 +179,7 @@ class VARGPTPipeline:
             seed=seed,
             max_new_tokens=max_new_tokens,
             image_config=config,
-            null_prompt_ids=self._null_prompt_ids(config),
+            null_prompt_ids=self.null_prompt_ids(config),
             **settings,
         )
         return self._segments(out, inputs["input_ids"].shape[1], row=0)
@@ -233,10 +233,11 @@ class VARGPTPipeline:
             image_config=config,
             seed=seed,
             max_new_tokens=1,
-            null_prompt_ids=self._null_prompt_ids(config),
+            null_prompt_ids=self.null_prompt_ids(config),
         )
 
-    def _null_prompt_ids(self, config: ImageGenerationConfig) -> torch.Tensor | None:
+    def null_prompt_ids(self, config: ImageGenerationConfig) -> torch.Tensor | None:
+        """What `model.generate(null_prompt_ids=...)` needs for `config` (None unless null-prompt guidance)."""
         if config.uncond_mode != "null_prompt":
             return None
         return self.processor.null_prompt_ids().to(self.device)

@@ -32,3 +32,43 @@ def test_a_prompt_independent_image_scores_the_same_either_way():
     own = sum(evaluate_generated_image(same, r["meta"]["geneval"])[0] for r in rows) / len(rows)
     assert prompt_shuffled_baseline([(r, same) for r in rows])["overall"] == own
     assert prompt_shuffled_baseline([(rows[0], same)]) == {}  # a lone prompt has no other to be judged against
+
+
+class _SeedRecorder:
+    """Stands in for a pipeline: draws blank pictures and records the seed of every prompt."""
+
+    def __init__(self) -> None:
+        from vargpt.generation_config import ImageGenerationConfig
+
+        self.image_config = ImageGenerationConfig()
+        self.seeds: list[int] = []
+
+    def generate(self, prompts, seed):
+        from PIL import Image
+
+        assert isinstance(seed, list) and len(seed) == len(prompts)
+        self.seeds += seed
+        return [Image.new("RGB", (32, 32), "white") for _ in prompts]
+
+
+def test_repeated_prompts_are_drawn_from_different_seeds_whatever_the_batch_size(tmp_path):
+    import json
+
+    from vargpt.evaluation.shapes_eval import evaluate_split
+
+    world = ShapesWorld(5, image_size=32)
+    item = world.t2i_prompt("single_object", "validation")
+    world.render(item.scene).save(tmp_path / "truth.png")
+    row = {
+        "messages": [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": "<image_gen>"}],
+        "images": ["truth.png"],
+        "meta": {"task": "generation", "category": "single_object", "geneval": item.metadata},
+    }
+    split = tmp_path / "split.jsonl"
+    split.write_text((json.dumps(row) + "\n") * 7)  # one prompt, seven times, as the shapes splits repeat prompts
+    seen = []
+    for batch_size in (3, 7):
+        pipe = _SeedRecorder()
+        evaluate_split(pipe, split, batch_size=batch_size, seed=100, progress=False)
+        seen.append(pipe.seeds)
+    assert seen[0] == seen[1] == list(range(100, 107))

@@ -99,6 +99,7 @@ def converse_batch(
         seed=seed,
         max_new_tokens=max_new_tokens,
         image_config=pipe.image_config,
+        null_prompt_ids=pipe.null_prompt_ids(pipe.image_config),
         on_token=on_token,
         **settings,
     )
