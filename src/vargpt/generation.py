@@ -1,11 +1,11 @@
 """Interleaved decoding: text by next-token prediction, images by next-scale prediction.
 
 One batched loop. Each row writes text until it samples `<|image_gen_start|>` (or the caller forces an
-image); then the rows that asked for an image run the scale loop together (LLM and decoder KV caches,
-CFG as one batch), the image's tokens enter the LLM cache in the training layout
-(`<|image_gen_start|>` + pad slots + `<|image_gen_end|>`), and text continues until EOS. Rows that did not
-ask for an image take part in the batched calls with their tokens masked out of their own history.
-Images come back as tensors; nothing is written anywhere.
+image); then the rows that asked for an image run the scale loop together (LLM and decoder KV caches; the
+original CFG branch shares the batch, the null-prompt branch has its own LLM cache and call), the image's
+tokens enter the LLM cache in the training layout (`<|image_gen_start|>` + pad slots + `<|image_gen_end|>`),
+and text continues until EOS. Rows that did not ask for an image take part in the batched calls with their
+tokens masked out of their own history. Images come back as tensors; nothing is written anywhere.
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ SMOKE = {
             "batch_size": 2,
             "tasks": ["generation"],
             "dpo_pairs": 4,
+            "dpo_losers": "other_prompts",
             "eval_rows": 2,
         },
     ],
@@ -122,6 +123,8 @@ def test_every_stage_writes_metrics_plots_and_a_checkpoint(finished_run):
         return [json.loads(r)["conversations"][0]["content"] for r in rows]
 
     assert prompts("03-dpo-32") != prompts("05-dpo-round2")  # iterative DPO: each round draws fresh prompts
+    second = json.loads((run / "stages" / "05-dpo-round2" / "pairs" / "pairs_stats.json").read_text())
+    assert second["losers"] == "other_prompts" and second["pairs"] >= 4
 
 
 def test_final_model_loads_in_the_pipeline_and_eval_command_runs(finished_run, tmp_path):
@@ -192,6 +195,7 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
         (dict(SMOKE["stages"][1], prompt_dropout=1.0), "prompt_dropout must lie"),
         (dict(SMOKE["stages"][3], prompt_dropout=0.1), "SFT stages, not DPO"),
         (dict(SMOKE["stages"][3], image_generation={"cfg": 2}), "unknown image generation settings"),
+        (dict(SMOKE["stages"][3], dpo_losers="random"), "dpo_losers must be"),
     ):
         path.write_text(json.dumps(dict(SMOKE, stages=[stage])))
         with pytest.raises(ValueError, match=message):

@@ -52,6 +52,9 @@ class StageSpec:
     save_steps: int = 200
     dpo_pairs: int = 0
     dpo_beta: float = 0.1
+    # DPO losers: "own_samples" (the model's wrong samples, the paper's way) or "other_prompts" (ground truth of
+    # another prompt of the same category that fails this one)
+    dpo_losers: str = "own_samples"
     eval_rows: int = 32
     # share of text-to-image rows whose prompt is emptied (trains null-prompt guidance; SFT stages only)
     prompt_dropout: float = 0.0
@@ -108,6 +111,8 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
         ImageGenerationConfig().updated(**spec.image_generation)
     except (TypeError, ValueError) as err:
         raise ValueError(f"stage {spec.name!r}: image_generation: {err}") from None
+    if spec.dpo_losers not in ("own_samples", "other_prompts"):
+        raise ValueError(f"stage {spec.name!r}: dpo_losers must be 'own_samples' or 'other_prompts'")
     if not 0.0 <= spec.prompt_dropout < 1.0:
         raise ValueError(f"stage {spec.name!r}: prompt_dropout must lie in [0, 1), got {spec.prompt_dropout}")
     if STAGES[spec.plan].kind == "dpo" and spec.prompt_dropout:

@@ -253,7 +253,10 @@ def _stage_pipeline(spec: RecipeSpec, model, processor, stage: StageSpec):
 
 
 def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor, folder: Path) -> Path:
-    """Winners: the renderer's ground truth for a prompt; losers: the model's own wrong samples for it."""
+    """Winners: the renderer's ground truth for a prompt. Losers (`stage.dpo_losers`): "own_samples", the
+    model's own wrong samples for it (the paper's construction); or "other_prompts", the ground truth of another
+    prompt of the same category that this prompt rejects, which rewards following the prompt rather than drawing
+    any clean scene."""
     from ..data.shapes import ShapesWorld
     from ..evaluation.shapes_scoring import GENEVAL_CATEGORIES, evaluate_generated_image
 
@@ -261,22 +264,34 @@ def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor
     # each DPO round (iterative DPO) draws fresh prompts: the world's seed moves on with every earlier DPO stage
     rounds_before = sum(STAGES[s.plan].kind == "dpo" for s in spec.stages[: spec.stages.index(stage)])
     world = ShapesWorld(spec.seed * 1000 + 7 + 1000 * rounds_before, image_size=spec.data.image_size)
-    pipe = _stage_pipeline(spec, model.eval(), processor, stage)
+    pipe = _stage_pipeline(spec, model.eval(), processor, stage) if stage.dpo_losers == "own_samples" else None
     rows, skipped, index = [], 0, 0
     attempts = 0
+    previous: dict[str, Any] = {}  # category -> the last prompt item drawn for it
     while len(rows) < stage.dpo_pairs and attempts < stage.dpo_pairs * 4:
         items = [world.t2i_prompt(GENEVAL_CATEGORIES[(attempts + i) % 6], "train") for i in range(16)]
         attempts += len(items)
-        samples = pipe.generate([it.prompt for it in items], seed=spec.seed + attempts)
-        for item, sample in zip(items, samples, strict=True):
-            big = sample.resize((spec.data.image_size,) * 2)
-            correct, _ = evaluate_generated_image(big, item.metadata)
+        if pipe is not None:
+            losers = [
+                s.resize((spec.data.image_size,) * 2)
+                for s in pipe.generate([it.prompt for it in items], seed=spec.seed + attempts)
+            ]
+        else:
+            losers = []
+            for item in items:
+                other = previous.get(item.metadata["tag"])
+                previous[item.metadata["tag"]] = item
+                losers.append(None if other is None else world.render(other.scene))
+        for item, loser in zip(items, losers, strict=True):
+            if loser is None:
+                continue
+            correct, _ = evaluate_generated_image(loser, item.metadata)
             if correct:
-                skipped += 1  # the model already draws this prompt right: no preference signal
+                skipped += 1  # the loser satisfies this prompt too: no preference signal
                 continue
             chosen, rejected = f"pair{index:05d}_chosen.png", f"pair{index:05d}_rejected.png"
             world.render(item.scene).save(folder / chosen)
-            big.save(folder / rejected)
+            loser.save(folder / rejected)
             rows.append(
                 {
                     "conversations": [{"role": "user", "content": item.prompt}],
@@ -288,7 +303,8 @@ def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor
             index += 1
     path = folder / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[: stage.dpo_pairs]))
-    (folder / "pairs_stats.json").write_text(json.dumps({"pairs": len(rows), "skipped_already_correct": skipped}))
+    stats = {"pairs": len(rows), "losers": stage.dpo_losers, "skipped_loser_satisfies_prompt": skipped}
+    (folder / "pairs_stats.json").write_text(json.dumps(stats))
     return path
 
 
