@@ -17,6 +17,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(process: subprocess.Popen, timeout_s: float = 15) -> None:
+    """Terminate a child process, killing it when it does not exit within `timeout_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
 @contextlib.contextmanager
 def running_server(command: Sequence[str], port: int, timeout_s: float = 90) -> Iterator[str]:
     """Start `command` (a server listening on `port`), wait until `/health` answers 200, yield its base URL;
@@ -38,9 +48,4 @@ def running_server(command: Sequence[str], port: int, timeout_s: float = 90) -> 
             time.sleep(0.2)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop(process)

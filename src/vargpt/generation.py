@@ -212,36 +212,27 @@ def _image_events(
     for k, (h, w) in enumerate(schedule):
         n = h * w
         cond_pos = _scale_positions(state, settings.position_mode, cache_len0, fed, n)
-        cond_mask = torch.cat([prefix_mask, torch.ones(B, fed + n, dtype=torch.long, device=device)], dim=1)
+        x_RlH = x_RlH.to(state.dtype)
         if null_state is not None:
-            hidden_cond = _scale_call(model, x_RlH[:B].to(state.dtype), state.cache, prefix_mask, cond_pos, fed + n)
+            hidden_cond = _scale_call(model, x_RlH[:B], state.cache, prefix_mask, cond_pos, fed + n)
             null_pos = _scale_positions(null_state, settings.position_mode, null_state.length, fed, n)
-            hidden_null = _scale_call(
-                model, x_RlH[B:].to(state.dtype), null_state.cache, null_state.mask_BT, null_pos, fed + n
-            )
+            hidden_null = _scale_call(model, x_RlH[B:], null_state.cache, null_state.mask_BT, null_pos, fed + n)
             last_hidden = torch.cat([hidden_cond, hidden_null])
         elif use_cfg:
+            # the original unconditional rows see only the current scale (no prompt, no earlier scales)
+            ones = torch.ones(B, n, dtype=torch.long, device=device)
+            cond_mask = torch.cat([prefix_mask, torch.ones(B, fed, dtype=torch.long, device=device), ones], dim=1)
+            uncond_mask = torch.cat([torch.zeros(B, cache_len0 + fed, dtype=torch.long, device=device), ones], dim=1)
             uncond_pos = torch.arange(n, device=device).view(1, n).expand(B, n)
-            uncond_mask = torch.cat(
-                [
-                    torch.zeros(B, cache_len0 + fed, dtype=torch.long, device=device),
-                    torch.ones(B, n, dtype=torch.long, device=device),
-                ],
-                dim=1,
-            )
-            positions = torch.cat([cond_pos, uncond_pos]).unsqueeze(0).expand(3, rows, n)
-            call_mask = torch.cat([cond_mask, uncond_mask])
-        else:
-            positions = cond_pos.unsqueeze(0).expand(3, rows, n)
-            call_mask = cond_mask
-        if null_state is None:
             last_hidden = model.model(
-                inputs_embeds=x_RlH.to(state.dtype),
-                attention_mask=call_mask,
-                position_ids=positions,
+                inputs_embeds=x_RlH,
+                attention_mask=torch.cat([cond_mask, uncond_mask]),
+                position_ids=torch.cat([cond_pos, uncond_pos]).unsqueeze(0).expand(3, rows, n),
                 past_key_values=state.cache,
                 use_cache=True,
             ).last_hidden_state
+        else:
+            last_hidden = _scale_call(model, x_RlH, state.cache, prefix_mask, cond_pos, fed + n)
         fed += n
         h_RlC = proj_out(last_hidden)
         logits = decoder.forward_scale(h_RlC, cond_BD, context, context_mask, schedule, k, dec_cache).float()

@@ -19,7 +19,7 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio", reason="the web demo needs gradio (pip install gradio)")
 
-from tests.live_server import free_port  # noqa: E402
+from tests.live_server import free_port, stop  # noqa: E402
 from vargpt.demo import demo_scene  # noqa: E402
 from vargpt.pipeline import ChatTurn, VARGPTPipeline  # noqa: E402
 from vargpt.serving.web import (  # noqa: E402
@@ -179,12 +179,7 @@ def served_demo(tmp_path):
         _wait_until_served(url, server, log)
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, timeout_s=10)
 
 
 def _playwright():
