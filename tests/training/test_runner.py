@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from vargpt.training.recipe import load_recipe
 from vargpt.training.runner import run_recipe
@@ -183,6 +185,27 @@ def test_a_finished_run_is_skipped_on_rerun(finished_run):
     again = run_recipe(spec, run, progress=False)
     assert [s["wall_seconds"] for s in again["stages"]] == [s["wall_seconds"] for s in summary["stages"]]
     assert again["wall_seconds_this_run"] < summary["wall_seconds_this_run"]
+
+
+def test_a_run_resumed_between_stages_ends_bit_identical_to_a_run_straight_through(tmp_path):
+    # bf16 on: the trainer's mixed-precision wrapper once stayed on the in-memory model, so the stage after a
+    # DPO stage trained differently from the same stage resumed from the saved checkpoint
+    stages = [SMOKE["stages"][0], SMOKE["stages"][3], dict(SMOKE["stages"][3], name="dpo-again")]
+    recipe = dict(SMOKE, bf16=True, stages=stages)
+
+    def spec(count: int):
+        path = tmp_path / f"recipe-{count}.json"
+        path.write_text(json.dumps(dict(recipe, stages=stages[:count])))
+        return load_recipe(path)
+
+    run_recipe(spec(3), tmp_path / "straight", progress=False)
+    run_recipe(spec(2), tmp_path / "resumed", progress=False)
+    run_recipe(spec(3), tmp_path / "resumed", progress=False)
+    for name in ("01-dpo-32", "02-dpo-again"):
+        straight = load_file(tmp_path / "straight" / "stages" / name / "model" / "model.safetensors")
+        resumed = load_file(tmp_path / "resumed" / "stages" / name / "model" / "model.safetensors")
+        assert straight.keys() == resumed.keys()
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), name
 
 
 def test_malformed_recipes_are_clear_errors(tmp_path):

@@ -114,6 +114,38 @@ def test_dpo_trainer_prefers_the_chosen_images(tmp_path):
     assert history[-1]["rewards/margin"] > 0
 
 
+def test_dpo_reference_runs_in_the_policys_precision_and_training_releases_the_model(tmp_path):
+    model = make_tiny_model(6).train()
+    apply_stage(model, get_stage("stage3-dpo"))
+    ids, _ = generation_sample(model)
+    rows = [
+        {
+            "chosen": {"input_ids": ids[0], "pixel_gen_values": g},
+            "rejected": {"input_ids": ids[0], "pixel_gen_values": b},
+        }
+        for g, b in zip(targets(2, 2), targets(2, 3), strict=True)
+    ]
+
+    def collate(batch):
+        return {side: stack([r[side] for r in batch]) for side in ("chosen", "rejected")}
+
+    trainer = ImageDPOTrainer(
+        model=model, args=args(tmp_path, 1, 1e-3, bf16=True), train_dataset=ListDataset(rows), data_collator=collate
+    )
+    trainer.train()
+    first = trainer.state.log_history[0]
+    # at the first step policy and reference are the same weights under the same bf16 autocast: equal scores
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    # afterwards the model is a plain module again (no autocast wrapper, not marked prepared), like one loaded
+    # from disk, so the next stage's Trainer prepares it afresh
+    assert "forward" not in vars(model) and not getattr(model, "_is_accelerate_prepared", False)
+    again = ImageDPOTrainer(
+        model=model, args=args(tmp_path, 1, 1e-3, bf16=True), train_dataset=ListDataset(rows), data_collator=collate
+    )
+    again.train()
+    assert again.state.log_history[0]["rewards/chosen"] == 0.0
+
+
 def test_tokenizer_training_improves_reconstruction(tmp_path):
     torch.manual_seed(0)
     from vargpt import VARGPTConfig

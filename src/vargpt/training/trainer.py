@@ -18,12 +18,32 @@ from transformers import Trainer
 from ..visual_decoder import bit_log_likelihood
 
 
+def release_from_accelerate(accelerator, model) -> None:
+    """Return a trained model to the state of one loaded from disk.
+
+    accelerate's `prepare` leaves its mixed-precision wrapper on `model.forward` and marks the model prepared,
+    so a later Trainer neither wraps it again nor runs it as a fresh model: the next recipe stage (and a DPO
+    reference copied from it) ran with the previous stage's wrapper, and a recipe run straight through
+    diverged from one resumed from a saved stage.
+    """
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if getattr(vars(model).get("forward"), "__func__", None) is type(model).forward:
+        del model.forward  # the unwrapped forward is the class's own: drop the instance copy
+    vars(model).pop("_is_accelerate_prepared", None)
+
+
 class VARGPTTrainer(Trainer):
     """`Trainer` that also logs the text and image parts of the loss."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._parts: dict[str, list[float]] = defaultdict(list)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            release_from_accelerate(self.accelerator, self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -102,7 +122,9 @@ class ImageDPOTrainer(VARGPTTrainer):
             raise ValueError(f"beta must be positive, got {beta}")
         self.beta = beta
         self.noise = noise
-        self.ref_model = ref_model if ref_model is not None else copy.deepcopy(self.model)
+        reference = ref_model if ref_model is not None else copy.deepcopy(self.model)
+        release_from_accelerate(self.accelerator, reference)
+        self.ref_model = reference
         self.ref_model.eval()
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
@@ -116,7 +138,8 @@ class ImageDPOTrainer(VARGPTTrainer):
         self.ref_model.to(next(model.parameters()).device)
         policy_c = image_log_probs(model, inputs["chosen"], seed, noise)
         policy_r = image_log_probs(model, inputs["rejected"], seed, noise)
-        with torch.no_grad():
+        # the reference runs under the policy's mixed precision, so a policy equal to it has margin exactly 0
+        with torch.no_grad(), self.accelerator.autocast():
             ref_c = image_log_probs(self.ref_model, inputs["chosen"], seed, noise)
             ref_r = image_log_probs(self.ref_model, inputs["rejected"], seed, noise)
         loss, stats = dpo_loss(policy_c, policy_r, ref_c, ref_r, self.beta)
