@@ -64,6 +64,18 @@ def test_analytic_flops_match_torch_flop_counter_on_the_tiny_model():
         assert analytic["vae"] == sum(counter.get_flop_counts()["Decoder"].values()) / 2
         with_attention = generation_flops(pipe.model.config, schedule, prompt_tokens, cfg=cfg != 1.0)
         assert with_attention["total"] > analytic["total"]
+    # null-prompt guidance: a second LLM state over the empty conversation, its own context
+    null_tokens = int(pipe.processor.null_prompt_ids().numel())
+    with FlopCounterMode(display=False) as counter:
+        pipe.generate([prompt, prompt], seed=0, resolution=32, cfg_scale=3.0, uncond_mode="null_prompt")
+    schedule = pipe.model.generation_schedule(32)
+    kwargs = {"cfg": True, "include_attention": False, "uncond_mode": "null_prompt", "null_prompt_tokens": null_tokens}
+    analytic = generation_flops(pipe.model.config, schedule, prompt_tokens, **kwargs)
+    assert analytic["total"] == pytest.approx(counter.get_total_flops() / 2, rel=0.01)
+    original = generation_flops(pipe.model.config, schedule, prompt_tokens, cfg=True, include_attention=False)
+    assert analytic["llm"] > original["llm"]
+    with pytest.raises(ValueError, match="null_prompt_tokens"):
+        generation_flops(pipe.model.config, schedule, prompt_tokens, uncond_mode="null_prompt")
 
 
 def test_vae_flops_grow_with_the_pixel_count():

@@ -107,7 +107,16 @@ def bench_generation(
         lambda: pipe.generate(prompts, seed=0, resolution=resolution, cfg_scale=cfg_scale), device, repeats
     )
     latency = median(times)
-    flops = generation_flops(pipe.model.config, schedule, prompt_len, cfg=cfg_scale != 1.0)
+    mode = pipe.image_config.uncond_mode
+    null_ids = pipe.null_prompt_ids(pipe.image_config)
+    flops = generation_flops(
+        pipe.model.config,
+        schedule,
+        prompt_len,
+        cfg=cfg_scale != 1.0,
+        uncond_mode=mode,
+        null_prompt_tokens=None if null_ids is None else int(null_ids.numel()),
+    )
     per_image = latency / batch_size
     achieved = flops["total"] / per_image
     return {
@@ -117,6 +126,7 @@ def bench_generation(
         "tokens_per_image": sum(h * w for h, w in schedule),
         "prompt_tokens": prompt_len,
         "cfg_scale": cfg_scale,
+        "uncond_mode": mode,
         "latency_s": latency,
         "latency_all_s": times,
         "seconds_per_image": per_image,

@@ -15,6 +15,11 @@ counts follow (see `vargpt.generation._image_events`):
   the head; the context keys/values once per block; the next scale's `word_embed` + `image_gen_projector`
   on the conditional rows only (they are copied for the unconditional ones).
 * VAE decoder: its convolutions at the final latent grid.
+
+With null-prompt guidance (`uncond_mode="null_prompt"`) the unconditional rows are a second decoding state:
+the empty conversation (N tokens) and `<|image_gen_start|>` prefilled, then per scale their own LLM call
+with keys over their own cache, and a cross-attention context of N tokens (both rows' contexts padded to
+the longer one, whose masked slots SDPA still computes).
 """
 
 from __future__ import annotations
@@ -80,14 +85,22 @@ def generation_flops(
     cfg: bool = True,
     include_attention: bool = True,
     continue_text: bool = False,
+    uncond_mode: str = "original",
+    null_prompt_tokens: int | None = None,
 ) -> dict[str, float]:
     """FLOPs per generated image: {"llm", "decoder", "vae", "total"} (see the module docstring).
 
     `include_attention=False` leaves out the attention products (what torch's FlopCounterMode sees on CPU,
-    where it does not count scaled_dot_product_attention)."""
+    where it does not count scaled_dot_product_attention). `uncond_mode` is the guidance's unconditional
+    branch ("original" or "null_prompt", which needs `null_prompt_tokens`); it matters only with `cfg`."""
     att = 1.0 if include_attention else 0.0
     if prompt_tokens < 1:
         raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
+    if uncond_mode not in ("original", "null_prompt"):
+        raise ValueError(f"uncond_mode must be 'original' or 'null_prompt', got {uncond_mode!r}")
+    null = cfg and uncond_mode == "null_prompt"
+    if null and (null_prompt_tokens is None or null_prompt_tokens < 1):
+        raise ValueError("uncond_mode='null_prompt' needs null_prompt_tokens >= 1 (the empty conversation's length)")
     text = config.text_config
     dec = config.visual_decoder_config
     H, C, bits = text.hidden_size, dec.embed_dim, dec.bits
@@ -103,10 +116,18 @@ def generation_flops(
     # LLM: prefill, start token, scales, pad filler, end token
     llm = P * per_token + att * _causal_attention(config, P) + lm_head
     llm += per_token + att * _llm_attention(config, 1, P + 1) + lm_head
+    N = null_prompt_tokens if null else 0
+    if null:  # the unconditional state: the empty conversation and its start token, prefilled
+        llm += (N + 1) * per_token + att * _causal_attention(config, N + 1) + lm_head
     fed = 0
     for h, w in schedule:
         n = h * w
-        llm += rows * (n * per_token + att * _llm_attention(config, n, P + 1 + fed + n))
+        if null:
+            llm += 2 * n * per_token + att * (
+                _llm_attention(config, n, P + 1 + fed + n) + _llm_attention(config, n, N + 1 + fed + n)
+            )
+        else:
+            llm += rows * (n * per_token + att * _llm_attention(config, n, P + 1 + fed + n))
         fed += n
     filler = num_pads - num_tokens
     if continue_text:
@@ -118,15 +139,16 @@ def generation_flops(
     proj_in = 2.0 * (C * C + C * H)
     proj_out = 2.0 * (H * H + H * C)
     block_linear = 2.0 * (3 * C * C + C * C + C * C + C * C + 2 * C * F)
-    decoder = P * proj_out  # the context through image_gen_projector_out (conditional rows)
-    decoder += rows * dec.depth * 2.0 * P * dec.context_dim * 2 * C  # context keys / values, once
+    width = max(P, N)  # the context slots each row's cross-attention computes
+    decoder = (P + N) * proj_out  # the context through image_gen_projector_out (null-prompt rows too)
+    decoder += rows * dec.depth * 2.0 * width * dec.context_dim * 2 * C  # context keys / values, once
     decoder += proj_in  # the start token
     fed = 0
     for k, (h, w) in enumerate(schedule):
         n = h * w
         fed += n
         decoder += rows * n * (proj_out + dec.depth * block_linear + 2.0 * C * 2 * bits)
-        decoder += att * rows * dec.depth * 4.0 * n * C * (fed + P)  # self-attention to all scales so far + context
+        decoder += att * rows * dec.depth * 4.0 * n * C * (fed + width)  # self-attention to all scales so far + context
         if k + 1 < len(schedule):
             h2, w2 = schedule[k + 1]
             decoder += h2 * w2 * (2.0 * bits * C + proj_in)
