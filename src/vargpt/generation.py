@@ -115,6 +115,17 @@ class _DecodingState:
             self._hidden_chunks = [torch.cat(self._hidden_chunks, dim=1)]
         return self._hidden_chunks[0]
 
+    def repeat_rows(self, B: int) -> None:
+        """Turn a one-row state into B identical rows (the same prefix prefilled once, not B times)."""
+        if self.batch != 1:
+            raise ValueError(f"only a one-row state can be repeated, this one has {self.batch} rows")
+        self.cache.batch_repeat_interleave(B)
+        self._hidden_chunks = [self.hidden_BTH.expand(B, -1, -1)]
+        self.mask_BT = self.mask_BT.expand(B, -1)
+        self.logits_BV = self.logits_BV.expand(B, -1)
+        self.next_pos_B = self.next_pos_B.expand(B)
+        self.batch = B
+
     def append_hidden(self, hidden_BlH: torch.Tensor) -> None:
         self._hidden_chunks.append(hidden_BlH)
 
@@ -267,15 +278,17 @@ def _image_events(
 
 
 def _null_prompt_state(model, null_prompt_ids: torch.Tensor | None, B: int, device) -> _DecodingState:
-    """B copies of the empty conversation followed by `<|image_gen_start|>`, prefilled."""
+    """The empty conversation followed by `<|image_gen_start|>`, prefilled once and repeated for B rows."""
     if null_prompt_ids is None or null_prompt_ids.dim() != 1 or null_prompt_ids.numel() == 0:
         raise ValueError(
             "uncond_mode='null_prompt' needs null_prompt_ids: the 1-D token ids of the empty conversation "
             "(VARGPTPipeline passes them; see VARGPTProcessor.null_prompt_ids)"
         )
     start = torch.tensor([model.config.image_gen_start_token_id], device=device)
-    ids = torch.cat([null_prompt_ids.to(device), start]).view(1, -1).expand(B, -1)
-    return _DecodingState(model, ids, torch.ones_like(ids), None, None)
+    ids = torch.cat([null_prompt_ids.to(device), start]).view(1, -1)
+    state = _DecodingState(model, ids, torch.ones_like(ids), None, None)
+    state.repeat_rows(B)
+    return state
 
 
 def _stack_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
