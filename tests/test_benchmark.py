@@ -70,8 +70,10 @@ def test_analytic_flops_match_torch_flop_counter_on_the_tiny_model():
         pipe.generate([prompt, prompt], seed=0, resolution=32, cfg_scale=3.0, uncond_mode="null_prompt")
     schedule = pipe.model.generation_schedule(32)
     kwargs = {"cfg": True, "include_attention": False, "uncond_mode": "null_prompt", "null_prompt_tokens": null_tokens}
-    analytic = generation_flops(pipe.model.config, schedule, prompt_tokens, **kwargs)
+    analytic = generation_flops(pipe.model.config, schedule, prompt_tokens, batch_size=2, **kwargs)
     assert analytic["total"] == pytest.approx(counter.get_total_flops() / 2, rel=0.01)
+    # the null prompt is prefilled once per batch: a batch of one pays all of it
+    assert generation_flops(pipe.model.config, schedule, prompt_tokens, **kwargs)["llm"] > analytic["llm"]
     original = generation_flops(pipe.model.config, schedule, prompt_tokens, cfg=True, include_attention=False)
     assert analytic["llm"] > original["llm"]
     with pytest.raises(ValueError, match="null_prompt_tokens"):

@@ -116,6 +116,7 @@ def bench_generation(
         cfg=cfg_scale != 1.0,
         uncond_mode=mode,
         null_prompt_tokens=None if null_ids is None else int(null_ids.numel()),
+        batch_size=batch_size,
     )
     per_image = latency / batch_size
     achieved = flops["total"] / per_image

@@ -17,7 +17,7 @@ counts follow (see `vargpt.generation._image_events`):
 * VAE decoder: its convolutions at the final latent grid.
 
 With null-prompt guidance (`uncond_mode="null_prompt"`) the unconditional rows are a second decoding state:
-the empty conversation (N tokens) and `<|image_gen_start|>` prefilled, then per scale their own LLM call
+the empty conversation (N tokens) and `<|image_gen_start|>` prefilled once per batch, then per scale their own LLM call
 with keys over their own cache, and a cross-attention context of N tokens (both rows' contexts padded to
 the longer one, whose masked slots SDPA still computes).
 """
@@ -87,18 +87,22 @@ def generation_flops(
     continue_text: bool = False,
     uncond_mode: str = "original",
     null_prompt_tokens: int | None = None,
+    batch_size: int = 1,
 ) -> dict[str, float]:
     """FLOPs per generated image: {"llm", "decoder", "vae", "total"} (see the module docstring).
 
     `include_attention=False` leaves out the attention products (what torch's FlopCounterMode sees on CPU,
     where it does not count scaled_dot_product_attention). `uncond_mode` is the guidance's unconditional
-    branch ("original" or "null_prompt", which needs `null_prompt_tokens`); it matters only with `cfg`."""
+    branch ("original" or "null_prompt", which needs `null_prompt_tokens`); it matters only with `cfg`.
+    `batch_size` shares the null prompt's prefill, which runs once per batch, among the batch's images."""
     att = 1.0 if include_attention else 0.0
     if prompt_tokens < 1:
         raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
     if uncond_mode not in ("original", "null_prompt"):
         raise ValueError(f"uncond_mode must be 'original' or 'null_prompt', got {uncond_mode!r}")
     null = cfg and uncond_mode == "null_prompt"
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if null and (null_prompt_tokens is None or null_prompt_tokens < 1):
         raise ValueError("uncond_mode='null_prompt' needs null_prompt_tokens >= 1 (the empty conversation's length)")
     text = config.text_config
@@ -118,7 +122,7 @@ def generation_flops(
     llm += per_token + att * _llm_attention(config, 1, P + 1) + lm_head
     N = null_prompt_tokens if null else 0
     if null:  # the unconditional state: the empty conversation and its start token, prefilled
-        llm += (N + 1) * per_token + att * _causal_attention(config, N + 1) + lm_head
+        llm += ((N + 1) * per_token + att * _causal_attention(config, N + 1) + lm_head) / batch_size
     fed = 0
     for h, w in schedule:
         n = h * w
