@@ -223,5 +223,29 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
         path.write_text(json.dumps(dict(SMOKE, stages=[stage])))
         with pytest.raises(ValueError, match=message):
             load_recipe(path)
+    path.write_text(json.dumps(dict(SMOKE, threads=0)))
+    with pytest.raises(ValueError, match="threads must be a positive count"):
+        load_recipe(path)
     with pytest.raises(FileNotFoundError, match="no recipe"):
         load_recipe("no-such-recipe")
+
+
+def test_a_recipe_that_pins_its_threads_trains_the_same_bits_whatever_the_process_uses(tmp_path):
+    # float sums depend on the thread count: the shapes recipe pins one thread so that a fresh clone reproduces
+    # the shipped weights however many threads its machine would use
+    recipe = dict(SMOKE, bf16=True, stages=[SMOKE["stages"][1]])
+    original = torch.get_num_threads()
+    weights = {}
+    try:
+        for name, process_threads, pinned in (("one", 1, None), ("pinned", 2, 1), ("two", 2, None)):
+            path = tmp_path / f"{name}.json"
+            path.write_text(json.dumps(dict(recipe, threads=pinned)))
+            torch.set_num_threads(process_threads)
+            run_recipe(load_recipe(path), tmp_path / name, progress=False)
+            assert torch.get_num_threads() == process_threads  # restored after the run
+            weights[name] = load_file(tmp_path / name / "stages" / "00-llm" / "model" / "model.safetensors")
+    finally:
+        torch.set_num_threads(original)
+    assert all(torch.equal(weights["one"][k], weights["pinned"][k]) for k in weights["one"])
+    # the pin is needed: two threads give other bits (so this test could tell the difference)
+    assert not all(torch.equal(weights["one"][k], weights["two"][k]) for k in weights["one"])

@@ -82,6 +82,9 @@ class RecipeSpec:
     # image generation settings the stage evaluations use and the final model ships as its defaults
     # (`image_generation_config.json`), e.g. {"cfg_scale": 1.0} for a model trained without a null-prompt branch
     image_generation: dict[str, Any] = field(default_factory=dict)
+    # torch threads for the whole run (None: torch's default). Float sums depend on the thread count, so a run
+    # reproduces another bit for bit only with the same count; the shapes recipe pins it to 1.
+    threads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,9 +153,12 @@ def load_recipe(name_or_path: str | Path) -> RecipeSpec:
             target_resize_ratio=float(raw.get("target_resize_ratio", 1.125)),
             text_tokenizer_merges=int(raw.get("text_tokenizer_merges", 0)),
             image_generation=dict(raw.get("image_generation", {})),
+            threads=None if raw.get("threads") is None else int(raw["threads"]),
         )
     except (KeyError, TypeError) as err:
         raise ValueError(f"recipe {name_or_path!s} is malformed: {err}") from err
+    if spec.threads is not None and spec.threads < 1:
+        raise ValueError(f"recipe {name_or_path!s}: threads must be a positive count, got {spec.threads}")
     from ..generation_config import ImageGenerationConfig
 
     ImageGenerationConfig().updated(**spec.image_generation)  # unknown or invalid settings: a clear error now

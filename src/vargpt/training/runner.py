@@ -411,6 +411,17 @@ def run_stage(
 
 def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a whole recipe; returns the summary that is also written to summary.json."""
+    if spec.threads is None:
+        return _run_recipe(spec, out_dir, progress)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)
+    try:
+        return _run_recipe(spec, out_dir, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_recipe(spec: RecipeSpec, out_dir: str | Path, progress: bool) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
