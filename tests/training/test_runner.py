@@ -118,7 +118,9 @@ def test_every_stage_writes_metrics_plots_and_a_checkpoint(finished_run):
     tokenizer = json.loads((run / "tokenizer" / "metrics.json").read_text())
     assert tokenizer["validation_psnr_db"] > 0 and (run / "tokenizer" / "samples.png").is_file()
     pairs = json.loads((run / "stages" / "03-dpo-32" / "pairs" / "pairs_stats.json").read_text())
-    assert pairs["pairs"] >= 1
+    written = (run / "stages" / "03-dpo-32" / "pairs" / "pairs.jsonl").read_text().splitlines()
+    assert 1 <= pairs["pairs"] == len(written) <= 4  # the stats count what the file holds (dpo_pairs: 4)
+    assert pairs["prompts_drawn"] >= pairs["pairs"] + pairs["skipped_loser_satisfies_prompt"]
 
     def prompts(stage: str) -> list[str]:
         rows = (run / "stages" / stage / "pairs" / "pairs.jsonl").read_text().splitlines()

@@ -105,13 +105,11 @@ def evaluate_split(
 
     gen_results = []
     drawn: list[tuple[dict[str, Any], Image.Image]] = []
-    # prompt i draws from seed + i: the splits repeat prompts (1,200 test prompts hold 149 distinct texts), and a
-    # shared seed would score one image many times over instead of the model's distribution for that prompt
-    drawn_so_far = 0
     for chunk in tqdm(list(_batches(by_task["generation"], batch_size)), desc="generation", disable=not progress):
         prompts = [_question(r) for r in chunk]
-        seeds = [seed + drawn_so_far + i for i in range(len(chunk))]
-        drawn_so_far += len(chunk)
+        # prompt i draws from seed + i: the splits repeat prompts (1,200 test prompts hold 149 distinct texts),
+        # and a shared seed would score one image many times over instead of the model's distribution for it
+        seeds = [seed + len(drawn) + i for i in range(len(chunk))]
         images = [to_world(i) for i in pipe.generate(prompts, seed=seeds)]
         for row, image in zip(chunk, images, strict=True):
             drawn.append((row, image))

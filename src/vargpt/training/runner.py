@@ -301,9 +301,15 @@ def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor
                 }
             )
             index += 1
+    rows = rows[: stage.dpo_pairs]  # the last batch of 16 prompts may overshoot
     path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[: stage.dpo_pairs]))
-    stats = {"pairs": len(rows), "losers": stage.dpo_losers, "skipped_loser_satisfies_prompt": skipped}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = {
+        "pairs": len(rows),
+        "prompts_drawn": attempts,
+        "losers": stage.dpo_losers,
+        "skipped_loser_satisfies_prompt": skipped,
+    }
     (folder / "pairs_stats.json").write_text(json.dumps(stats))
     return path
 
@@ -411,10 +417,9 @@ def run_stage(
 
 def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a whole recipe; returns the summary that is also written to summary.json."""
-    if spec.threads is None:
-        return _run_recipe(spec, out_dir, progress)
     previous = torch.get_num_threads()
-    torch.set_num_threads(spec.threads)
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
     try:
         return _run_recipe(spec, out_dir, progress)
     finally:
