@@ -148,6 +148,9 @@ def test_null_prompt_guidance_runs_both_branches_alike(pipe):
         pipe.model.generate(prompt, generation_mode="image", max_new_tokens=1, uncond_mode="null_prompt")
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="batch-independent bits are a CPU guarantee; GPU kernels vary with batch size"
+)
 def test_null_prompt_guidance_through_the_pipeline(pipe):
     alone = pipe.generate("two blue squares", seed=7, uncond_mode="null_prompt")
     batched = pipe.generate(["a red circle", "two blue squares"], seed=7, uncond_mode="null_prompt")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import Qwen2VLImageProcessorPil
 
 from vargpt.processing import (
     VARGPTProcessor,
@@ -288,3 +289,20 @@ def test_real_qwen2_tokenizer_ids_in_processor_output():
     gen = ids.index(151657)
     assert ids[gen : gen + 5] == [151657, 151659, 151659, 151659, 151658]
     assert out["mm_token_type_ids"][0].tolist() == [int(i == 151655) for i in ids]
+
+
+def test_a_torchvision_image_processor_becomes_the_pil_one_with_the_same_settings():
+    # where torchvision is installed, loading a saved processor hands over the torchvision backend, which
+    # resizes to other pixel values; a stand-in of another class with the same settings plays that part here
+    pil = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+
+    class OtherBackend:
+        def to_dict(self):
+            return {**pil.to_dict(), "image_processor_type": "Qwen2VLImageProcessor"}
+
+    processor = VARGPTProcessor(image_processor=OtherBackend(), tokenizer=build_tiny_tokenizer())
+    assert type(processor.image_processor) is Qwen2VLImageProcessorPil
+    reference = VARGPTProcessor(image_processor=pil, tokenizer=build_tiny_tokenizer())
+    image = _noise(90, 70)
+    prompt = "<|vision_start|><|image_pad|><|vision_end|>What?"
+    assert torch.equal(processor(prompt, images=image)["pixel_values"], reference(prompt, images=image)["pixel_values"])

@@ -181,7 +181,7 @@ def run_benchmark(
     batch_sizes: Sequence[int] = (1, 8),
     repeats: int = 3,
     text_new_tokens: int = 32,
-    matmul_size: int = 2048,
+    matmul_size: int | None = None,
     threads: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -208,6 +208,10 @@ def run_benchmark(
     if bad:
         raise ValueError(f"resolutions {bad} are not available for preset {preset!r}; available: {allowed}")
 
+    # A GPU finishes a 2048-wide product in tens of microseconds, where launch and synchronisation
+    # overheads dominate the clock; 8192 wide takes milliseconds there and seconds on a CPU.
+    if matmul_size is None:
+        matmul_size = 8192 if device.type == "cuda" else 2048
     peak = matmul_peak(device, dtype, size=matmul_size)
     pipe = _build_pipeline(config, device, dtype)
     generation = []

@@ -271,7 +271,9 @@ def _image_events(
     state.append_hidden(torch.zeros(B, num_tokens, H, dtype=state.dtype, device=device))
     state.next_pos_B = state.next_pos_B + rows_B.long() * num_tokens
     if num_pads > num_tokens and continue_text:
-        filler = proj_in(torch.zeros(B, num_pads - num_tokens, decoder.word_embed.weight.shape[0], dtype=dtype))
+        filler = proj_in(
+            torch.zeros(B, num_pads - num_tokens, decoder.word_embed.weight.shape[0], dtype=dtype, device=device)
+        )
         state.step(filler.to(state.dtype), rows_B)
     images = model.vae_local.decode(latent.to(model.vae_local.decoder.conv_in.conv.weight.dtype))
     return images.float(), bits_per_scale, torch.cat(cond_logits, dim=1), num_pads

@@ -507,6 +507,12 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
 
         if input_ids is None:
             raise ValueError("generate needs input_ids (build them with VARGPTProcessor)")
+        # Processor outputs live on the CPU; follow the model to its device as transformers' generate does.
+        device = self.device
+        input_ids, attention_mask, pixel_values, image_grid_thw, null_prompt_ids = (
+            None if t is None else t.to(device)
+            for t in (input_ids, attention_mask, pixel_values, image_grid_thw, null_prompt_ids)
+        )
         renamed = {"image_top_k": "top_k", "image_top_p": "top_p"}
         image_config = (image_config or ImageGenerationConfig()).updated(
             **{renamed.get(k, k): v for k, v in image_settings.items()}

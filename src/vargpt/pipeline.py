@@ -195,7 +195,8 @@ class VARGPTPipeline:
         """Text-to-image. `prompt` may be a list (a batch); returns `num_images` images per prompt, in order.
 
         Image j of a prompt is drawn from seed `seed + j` alone, so it does not depend on the other prompts in
-        the batch: `generate([a, b], seed=s)[1] == generate(b, seed=s)[0]`. `seed` may also be one seed per
+        the batch: `generate([a, b], seed=s)[1] == generate(b, seed=s)[0]` (bit for bit on the CPU; on a GPU,
+        kernels picked by batch size can change low bits and so a draw). `seed` may also be one seed per
         prompt (image j of prompt i then uses `seed[i] + j`), which is how benchmark samplers make a prompt's
         images independent of how prompts are grouped into batches.
         `settings`: cfg_scale, tau, top_k, top_p, resolution, aspect_ratio, uncond_mode, position_mode.

@@ -139,6 +139,18 @@ def _flatten_images(images: Any) -> list[ImageSource]:
     return [images]
 
 
+def _pil_image_processor(image_processor: Any) -> Qwen2VLImageProcessorPil:
+    """The PIL backend with `image_processor`'s settings.
+
+    Where torchvision is installed, transformers loads a saved Qwen2-VL image processor with its torchvision
+    backend, whose resizing gives other pixel values than the PIL path the model was trained with (and than
+    the same checkpoint gives on a machine without torchvision). One backend everywhere keeps inputs equal.
+    """
+    skip = ("image_processor_type", "processor_class")
+    settings = {k: v for k, v in image_processor.to_dict().items() if k not in skip}
+    return Qwen2VLImageProcessorPil(**settings)
+
+
 class VARGPTProcessor(ProcessorMixin):
     """Qwen2-VL image processor + Qwen2 tokenizer (+ VARGPT's generation tokens) in one processor.
 
@@ -161,6 +173,8 @@ class VARGPTProcessor(ProcessorMixin):
             image_processor = Qwen2VLImageProcessorPil(
                 min_pixels=UNDERSTANDING_MIN_PIXELS, max_pixels=UNDERSTANDING_MAX_PIXELS
             )
+        elif not isinstance(image_processor, Qwen2VLImageProcessorPil):
+            image_processor = _pil_image_processor(image_processor)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if not isinstance(edit_max_pixels, int) or edit_max_pixels <= 0:

@@ -32,7 +32,7 @@ def finetune_command(
     return [
         "-m", "vargpt.cli", "finetune", "--model", "tiny", "--data", str(data), "--out", str(out),
         "--stage", "stage3-decoder", "--steps", str(steps), "--batch-size", str(batch),
-        "--learning-rate", "0.003", "--save-steps", str(save_steps), "--seed", "0",
+        "--learning-rate", "0.003", "--save-steps", str(save_steps), "--seed", "0", "--cpu",
     ] + ([] if noise else ["--no-image-noise"])  # fmt: skip
 
 
@@ -45,7 +45,8 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(generation_
     single = tmp_path / "single"
     subprocess.run([sys.executable, *finetune_command(generation_data, single, batch=4)], check=True, env=ENV)
     double = tmp_path / "double"
-    # the shipped config: on a machine without GPUs it starts two torch.distributed CPU processes (gloo)
+    # the shipped config starts two torch.distributed processes; --cpu keeps them on the CPU (gloo) also on a
+    # machine with a GPU, where both would otherwise take the one GPU and NCCL refuses
     config = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "cpu-2proc.yaml"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     subprocess.run([*launch, *finetune_command(generation_data, double, batch=2)], check=True, env=ENV)

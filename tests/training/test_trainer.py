@@ -12,7 +12,7 @@ from tests.test_modeling import generation_sample, make_tiny_model
 from vargpt.image_tokenizer import BSQVAE
 from vargpt.training.stages import apply_stage, get_stage
 from vargpt.training.tokenizer import TokenizerTrainingModel, reconstruction_psnr
-from vargpt.training.trainer import ImageDPOTrainer, VARGPTTrainer, dpo_loss, image_log_probs
+from vargpt.training.trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments, dpo_loss, image_log_probs
 
 
 def targets(n: int, seed: int) -> torch.Tensor:
@@ -160,3 +160,15 @@ def test_tokenizer_training_improves_reconstruction(tmp_path):
     trainer.train()
     after = reconstruction_psnr(vae, images)
     assert after > before + 3.0
+
+
+def test_device_arguments_keep_cpu_process_groups_on_gloo(monkeypatch):
+    # two CPU processes on a GPU machine got NCCL (which refuses them) when the backend was left to accelerate
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert device_arguments(force_cpu=True) == {"use_cpu": True, "ddp_backend": "gloo"}
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert device_arguments() == {"use_cpu": True, "ddp_backend": "gloo"}
+    monkeypatch.delenv("WORLD_SIZE")
+    # one process: no process group to name (naming one makes the Trainer look for it)
+    assert device_arguments(force_cpu=True) == {"use_cpu": True, "ddp_backend": None}

@@ -174,7 +174,8 @@ def sample_flip_probs(
     if step <= 0 or not 0.0 <= max_prob <= 1.0:
         raise ValueError(f"need step > 0 and 0 <= max_prob <= 1, got step={step}, max_prob={max_prob}")
     levels = round(max_prob / step)
-    draws = torch.randint(0, levels + 1, (num_scales,), generator=generator)
+    device = generator.device if generator is not None else None
+    draws = torch.randint(0, levels + 1, (num_scales,), generator=generator, device=device)
     return [int(k) * step for k in draws.tolist()]
 
 

@@ -16,7 +16,7 @@ from transformers import TrainingArguments, set_seed
 
 from .checkpointing import CompleteCheckpointCallback, last_complete_checkpoint
 from .stages import STAGES, apply_stage
-from .trainer import ImageDPOTrainer, VARGPTTrainer
+from .trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments
 
 
 @dataclass
@@ -38,6 +38,7 @@ class FinetuneArgs:
     beta: float = 0.1
     strict_data: bool = False
     no_image_noise: bool = False
+    cpu: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-image-noise",
         action="store_true",
         help="turn off bitwise self-correction and condition dropout (exactly reproducible across process counts)",
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="train on the CPU even where a GPU is present (CPU process groups: gloo)"
     )
 
 
@@ -112,7 +116,7 @@ def run_finetune(args: FinetuneArgs) -> dict:
         seed=args.seed,
         data_seed=args.seed,
         bf16=args.bf16,
-        use_cpu=not torch.cuda.is_available(),
+        **device_arguments(force_cpu=args.cpu),
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )

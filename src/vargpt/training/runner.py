@@ -41,7 +41,7 @@ from .plots import image_rows, loss_curve
 from .recipe import TASKS, RecipeSpec, StageSpec
 from .stages import STAGES, apply_stage
 from .tokenizer import TokenizerTrainingModel, reconstruction_psnr
-from .trainer import ImageDPOTrainer, VARGPTTrainer
+from .trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments
 
 DONE = "DONE"
 
@@ -133,7 +133,7 @@ def _training_args(spec: RecipeSpec, folder: Path, steps: int, batch: int, lr: f
         seed=spec.seed,
         data_seed=spec.seed,
         bf16=spec.bf16,
-        use_cpu=not torch.cuda.is_available(),
+        **device_arguments(),
         remove_unused_columns=False,
         dataloader_num_workers=0,
         **extra,
@@ -196,6 +196,7 @@ def train_tokenizer(spec: RecipeSpec, model: VARGPTForConditionalGeneration, fol
     )
     _train(trainer, folder / "trainer")
     vae.eval()
+    val_tensor = val_tensor.to(next(vae.parameters()).device)  # the trainer may have moved the VAE to a GPU
     with torch.no_grad():
         from ..image_tokenizer import encode_to_bits, scale_schedule
 

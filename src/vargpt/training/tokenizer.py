@@ -52,6 +52,7 @@ class TokenizerTrainingModel(nn.Module):
 @torch.no_grad()
 def reconstruction_psnr(vae: BSQVAE, images_B3HW: torch.Tensor) -> float:
     """PSNR (dB, images in [-1, 1] mapped to [0, 1]) of images coded to bits and decoded back."""
+    images_B3HW = images_B3HW.to(next(vae.parameters()).device)
     schedule = scale_schedule(images_B3HW.shape[-1], stride=vae.stride)
     _, coded = encode_to_bits(vae.encode(images_B3HW), schedule)
     recon = vae.decode(coded.to(images_B3HW.dtype))

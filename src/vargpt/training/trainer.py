@@ -9,10 +9,13 @@ preference margin).
 from __future__ import annotations
 
 import copy
+import os
 from collections import defaultdict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import parse_flag_from_env
 from transformers import Trainer
 
 from ..visual_decoder import bit_log_likelihood
@@ -62,6 +65,18 @@ class VARGPTTrainer(Trainer):
                 logs[name] = sum(values) / len(values)
         self._parts.clear()
         super().log(logs, *args, **kwargs)
+
+
+def device_arguments(force_cpu: bool = False) -> dict[str, Any]:
+    """`TrainingArguments` fields that pick the device: the GPU when there is one, unless asked to stay on
+    the CPU (`force_cpu`, or ACCELERATE_USE_CPU, which accelerate's CPU launchers set).
+
+    Distributed CPU processes join over gloo by name: left unset, the backend becomes NCCL whenever CUDA is
+    present, and NCCL refuses ranks that share one GPU or none (seen with two processes on a GPU machine).
+    """
+    use_cpu = force_cpu or not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return {"use_cpu": use_cpu, "ddp_backend": "gloo" if use_cpu and distributed else None}
 
 
 def image_log_probs(model, batch: dict, seed: int | None, noise: bool) -> torch.Tensor:
