@@ -257,3 +257,28 @@ def test_a_recipe_that_pins_its_threads_trains_the_same_bits_whatever_the_proces
     assert all(torch.equal(weights["one"][k], weights["pinned"][k]) for k in weights["one"])
     # the pin is needed: two threads give other bits (so this test could tell the difference)
     assert not all(torch.equal(weights["one"][k], weights["two"][k]) for k in weights["one"])
+
+
+def test_two_identical_dpo_stages_are_two_rounds_with_fresh_prompts(tmp_path):
+    # the round number comes from the stage's position: a lookup by value found the first of two equal stages
+    dpo = {
+        "name": "dpo",
+        "plan": "stage3-dpo",
+        "resolution": 16,
+        "steps": 1,
+        "batch_size": 2,
+        "tasks": ["generation"],
+        "dpo_pairs": 4,
+        "dpo_losers": "other_prompts",
+        "eval_rows": 1,
+    }
+    recipe = {**SMOKE, "tokenizer": {**SMOKE["tokenizer"], "steps": 1}, "stages": [dpo, dpo]}
+    path = tmp_path / "twice.json"
+    path.write_text(json.dumps(recipe))
+    run_recipe(load_recipe(path), tmp_path / "run", progress=False)
+
+    def prompts(stage: str) -> list[str]:
+        rows = (tmp_path / "run" / "stages" / stage / "pairs" / "pairs.jsonl").read_text().splitlines()
+        return [json.loads(r)["conversations"][0]["content"] for r in rows]
+
+    assert prompts("00-dpo") and prompts("00-dpo") != prompts("01-dpo")

@@ -253,7 +253,7 @@ def _stage_pipeline(spec: RecipeSpec, model, processor, stage: StageSpec):
     return VARGPTPipeline(model, processor, image_config=settings)
 
 
-def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor, folder: Path) -> Path:
+def _build_preference_pairs(spec: RecipeSpec, stage_index: int, model, processor, folder: Path) -> Path:
     """Winners: the renderer's ground truth for a prompt. Losers (`stage.dpo_losers`): "own_samples", the
     model's own wrong samples for it (the paper's construction); or "other_prompts", the ground truth of another
     prompt of the same category that this prompt rejects, which rewards following the prompt rather than drawing
@@ -263,7 +263,8 @@ def _build_preference_pairs(spec: RecipeSpec, stage: StageSpec, model, processor
 
     folder.mkdir(parents=True, exist_ok=True)
     # each DPO round (iterative DPO) draws fresh prompts: the world's seed moves on with every earlier DPO stage
-    rounds_before = sum(STAGES[s.plan].kind == "dpo" for s in spec.stages[: spec.stages.index(stage)])
+    stage = spec.stages[stage_index]
+    rounds_before = sum(STAGES[s.plan].kind == "dpo" for s in spec.stages[:stage_index])
     world = ShapesWorld(spec.seed * 1000 + 7 + 1000 * rounds_before, image_size=spec.data.image_size)
     pipe = _stage_pipeline(spec, model.eval(), processor, stage) if stage.dpo_losers == "own_samples" else None
     rows, skipped, index = [], 0, 0
@@ -326,7 +327,7 @@ def _save_loadable(spec: RecipeSpec, model, processor, target: Path) -> None:
 
 
 def run_stage(
-    spec: RecipeSpec, stage: StageSpec, model, processor, data: Path, folder: Path, progress: bool
+    spec: RecipeSpec, stage_index: int, model, processor, data: Path, folder: Path, progress: bool
 ) -> dict[str, Any]:
     from ..data.collator import PreferenceCollator, SFTCollator
     from ..data.formats import load_preference_dataset
@@ -334,6 +335,7 @@ def run_stage(
 
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    stage = spec.stages[stage_index]
     plan = STAGES[stage.plan]
     if stage.trainable:
         plan = plan.with_trainable(*stage.trainable)
@@ -359,7 +361,7 @@ def run_stage(
     }
     extra: dict[str, Any] = {}
     if plan.kind == "dpo":
-        pairs = _build_preference_pairs(spec, stage, model, processor, folder / "pairs")
+        pairs = _build_preference_pairs(spec, stage_index, model, processor, folder / "pairs")
         dataset, report = load_preference_dataset(pairs)
         extra["data_report"] = report.to_dict()
         model.train()
@@ -446,7 +448,7 @@ def _run_recipe(spec: RecipeSpec, out_dir: str | Path, progress: bool) -> dict[s
             summary["stages"].append(json.loads((folder / "metrics.json").read_text()))
             continue
         set_seed(spec.seed + index)
-        summary["stages"].append(run_stage(spec, stage, model, processor, data, folder, progress))
+        summary["stages"].append(run_stage(spec, index, model, processor, data, folder, progress))
     _save_loadable(spec, model, processor, out / "final")
     summary["wall_seconds_this_run"] = round(time.perf_counter() - started, 1)
     summary["total_stage_seconds"] = math.fsum(s.get("wall_seconds", 0) for s in summary["stages"]) + summary[
