@@ -226,6 +226,9 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
         (dict(SMOKE["stages"][3], prompt_dropout=0.1), "SFT stages, not DPO"),
         (dict(SMOKE["stages"][3], image_generation={"cfg": 2}), "unknown image generation settings"),
         (dict(SMOKE["stages"][3], dpo_losers="random"), "dpo_losers must be"),
+        (dict(SMOKE["stages"][0], categories=["colours"]), "unknown categories"),
+        (dict(SMOKE["stages"][3], categories=["colors"]), "generation rows of an SFT stage"),
+        (dict(SMOKE["stages"][1], tasks=["understanding"], categories=["colors"]), "generation rows of an SFT stage"),
     ):
         path.write_text(json.dumps(dict(SMOKE, stages=[stage])))
         with pytest.raises(ValueError, match=message):
@@ -282,3 +285,17 @@ def test_two_identical_dpo_stages_are_two_rounds_with_fresh_prompts(tmp_path):
         return [json.loads(r)["conversations"][0]["content"] for r in rows]
 
     assert prompts("00-dpo") and prompts("00-dpo") != prompts("01-dpo")
+
+
+def test_a_curriculum_stage_trains_on_the_categories_it_names(tmp_path):
+    first = dict(SMOKE["stages"][0], categories=["colors", "counting"])
+    recipe = {**SMOKE, "tokenizer": {**SMOKE["tokenizer"], "steps": 1}, "stages": [first]}
+    path = tmp_path / "curriculum.json"
+    path.write_text(json.dumps(recipe))
+    run_recipe(load_recipe(path), tmp_path / "run", progress=False)
+    every = (tmp_path / "run" / "data" / "train-generation.jsonl").read_text().splitlines()
+    kept = (tmp_path / "run" / "data" / "train-generation-colors-counting.jsonl").read_text()
+    expected = [row for row in every if json.loads(row)["meta"]["category"] in ("colors", "counting")]
+    assert 0 < len(expected) < len(every) and kept.splitlines() == expected
+    metrics = json.loads((tmp_path / "run" / "stages" / "00-projectors-16" / "metrics.json").read_text())
+    assert metrics["data_report"]["generation"]["kept_rows"] == len(expected)

@@ -60,6 +60,9 @@ class StageSpec:
     prompt_dropout: float = 0.0
     # image settings this stage samples with (DPO losers, its validation), over the recipe's `image_generation`
     image_generation: dict[str, Any] = field(default_factory=dict)
+    # text-to-image rows of these GenEval categories only (empty: all); a curriculum stage can concentrate the
+    # training signal on one attribute at a time, which a small model from scratch needs to follow prompts
+    categories: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
                 **raw,
                 "tasks": tuple(raw["tasks"]),
                 "trainable": tuple(raw["trainable"]) if raw.get("trainable") else None,
+                "categories": tuple(raw.get("categories", ())),
             }
         )
     except (TypeError, KeyError) as err:
@@ -120,6 +124,14 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
         raise ValueError(f"stage {spec.name!r}: prompt_dropout must lie in [0, 1), got {spec.prompt_dropout}")
     if STAGES[spec.plan].kind == "dpo" and spec.prompt_dropout:
         raise ValueError(f"stage {spec.name!r}: prompt_dropout applies to SFT stages, not DPO")
+    if spec.categories:
+        from ..evaluation.shapes_scoring import GENEVAL_CATEGORIES
+
+        unknown = sorted(set(spec.categories) - set(GENEVAL_CATEGORIES))
+        if unknown:
+            raise ValueError(f"stage {spec.name!r}: unknown categories {unknown}; choose from {GENEVAL_CATEGORIES}")
+        if "generation" not in spec.tasks or STAGES[spec.plan].kind == "dpo":
+            raise ValueError(f"stage {spec.name!r}: categories select the generation rows of an SFT stage")
     if spec.steps <= 0 or spec.batch_size <= 0:
         raise ValueError(f"stage {spec.name!r}: steps and batch_size must be positive")
     return spec

@@ -225,14 +225,28 @@ def _pad_tokens(model, resolution: int) -> int:
     return model.num_image_gen_pad_tokens(model.generation_schedule(resolution))
 
 
-def _sft_dataset(data: Path, tasks: tuple[str, ...]):
+def _rows_of_categories(rows: Path, categories: tuple[str, ...]) -> Path:
+    """A file beside `rows` (image paths are relative to it) with its lines whose text-to-image category is one
+    of `categories`, in their order."""
+    target = rows.with_name(f"{rows.stem}-{'-'.join(sorted(categories))}.jsonl")
+    kept = [line for line in rows.read_text().splitlines() if json.loads(line)["meta"]["category"] in categories]
+    if not kept:
+        raise ValueError(f"{rows} holds no rows of the categories {list(categories)}")
+    target.write_text("".join(line + "\n" for line in kept))
+    return target
+
+
+def _sft_dataset(data: Path, tasks: tuple[str, ...], categories: tuple[str, ...] = ()):
     import datasets
 
     from ..data.formats import load_sft_dataset
 
     parts, reports = [], {}
     for task in tasks:
-        dataset, report = load_sft_dataset(data / f"train-{task}.jsonl")
+        path = data / f"train-{task}.jsonl"
+        if task == "generation" and categories:
+            path = _rows_of_categories(path, categories)
+        dataset, report = load_sft_dataset(path)
         parts.append(dataset)
         reports[task] = report.to_dict()
     return datasets.concatenate_datasets(parts), reports
@@ -374,7 +388,7 @@ def run_stage(
             beta=stage.dpo_beta,
         )
     else:
-        dataset, reports = _sft_dataset(data, stage.tasks)
+        dataset, reports = _sft_dataset(data, stage.tasks, stage.categories)
         extra["data_report"] = reports
         trainer = VARGPTTrainer(
             model=model,
