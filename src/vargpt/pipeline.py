@@ -241,7 +241,7 @@ class VARGPTPipeline:
         """What `model.generate(null_prompt_ids=...)` needs for `config` (None unless null-prompt guidance)."""
         if config.uncond_mode != "null_prompt":
             return None
-        return self.processor.null_prompt_ids().to(self.device)
+        return self.processor.null_prompt_ids()  # `model.generate` moves inputs to the model's device
 
     def _encode(self, conversations, images, editing: bool = False):
         texts = [
@@ -257,7 +257,7 @@ class VARGPTPipeline:
             **kwargs,
         )
         keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-        return {k: v.to(self.device) for k, v in enc.items() if k in keep and v is not None}
+        return {k: v for k, v in enc.items() if k in keep and v is not None}  # generate() moves them
 
     def _segments(self, out, prompt_len: int, row: int) -> ChatTurn:
         cfg = self.model.config

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from .checkpointing import CompleteCheckpointCallback, last_complete_checkpoint
 from .plots import image_rows, loss_curve
 from .recipe import TASKS, RecipeSpec, StageSpec
 from .stages import STAGES, apply_stage
-from .tokenizer import TokenizerTrainingModel, reconstruction_psnr
+from .tokenizer import TokenizerTrainingModel, psnr_db, reconstruct
 from .trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments
 
 DONE = "DONE"
@@ -196,18 +197,13 @@ def train_tokenizer(spec: RecipeSpec, model: VARGPTForConditionalGeneration, fol
     )
     _train(trainer, folder / "trainer")
     vae.eval()
-    val_tensor = val_tensor.to(next(vae.parameters()).device)  # the trainer may have moved the VAE to a GPU
-    with torch.no_grad():
-        from ..image_tokenizer import encode_to_bits, scale_schedule
-
-        schedule = scale_schedule(spec.data.image_size, stride=vae.stride)
-        _, coded = encode_to_bits(vae.encode(val_tensor), schedule)
-        recon = postprocess_generated(vae.decode(coded))
+    recon_B3HW = reconstruct(vae, val_tensor)
+    recon = postprocess_generated(recon_B3HW)
     exact = sum(matches_scene(read_scene(img), scene) for img, scene in zip(recon, val_scenes, strict=True))
     metrics = {
         "steps": t.steps,
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "validation_psnr_db": round(reconstruction_psnr(vae, val_tensor), 2),
+        "validation_psnr_db": round(psnr_db(recon_B3HW, val_tensor), 2),
         "validation_detector_exact_match": exact / len(val_scenes),
         "final_loss": trainer.state.log_history[-1].get("train_loss"),
     }
@@ -232,7 +228,10 @@ def _rows_of_categories(rows: Path, categories: tuple[str, ...]) -> Path:
     kept = [line for line in rows.read_text().splitlines() if json.loads(line)["meta"]["category"] in categories]
     if not kept:
         raise ValueError(f"{rows} holds no rows of the categories {list(categories)}")
-    target.write_text("".join(line + "\n" for line in kept))
+    # written whole, then renamed: a stage of another run sharing the data folder never reads half a file
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.write_text("".join(line + "\n" for line in kept))
+    os.replace(partial, target)
     return target
 
 

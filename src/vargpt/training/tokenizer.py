@@ -50,11 +50,20 @@ class TokenizerTrainingModel(nn.Module):
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae: BSQVAE, images_B3HW: torch.Tensor) -> float:
-    """PSNR (dB, images in [-1, 1] mapped to [0, 1]) of images coded to bits and decoded back."""
+def reconstruct(vae: BSQVAE, images_B3HW: torch.Tensor) -> torch.Tensor:
+    """Images coded to bits and decoded back, on the VAE's device (a trainer may have moved it to a GPU)."""
     images_B3HW = images_B3HW.to(next(vae.parameters()).device)
     schedule = scale_schedule(images_B3HW.shape[-1], stride=vae.stride)
     _, coded = encode_to_bits(vae.encode(images_B3HW), schedule)
-    recon = vae.decode(coded.to(images_B3HW.dtype))
-    mse = float(((recon - images_B3HW) / 2).pow(2).mean())
+    return vae.decode(coded.to(images_B3HW.dtype))
+
+
+def psnr_db(recon_B3HW: torch.Tensor, images_B3HW: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (mapped to [0, 1])."""
+    mse = float(((recon_B3HW - images_B3HW.to(recon_B3HW.device)) / 2).pow(2).mean())
     return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def reconstruction_psnr(vae: BSQVAE, images_B3HW: torch.Tensor) -> float:
+    """PSNR (dB) of images coded to bits and decoded back."""
+    return psnr_db(reconstruct(vae, images_B3HW), images_B3HW)
