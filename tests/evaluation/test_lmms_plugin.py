@@ -106,8 +106,11 @@ def _finish_lmms_eval(process: subprocess.Popen, out: Path) -> tuple[float, list
     """(accuracy lmms-eval reports, its logged samples in document order)."""
     log, _ = process.communicate(timeout=600)
     assert process.returncode == 0, log[-5000:]
-    (results_file,) = (out / "results").rglob("*_results.json")
-    (samples_file,) = (out / "results").rglob("*_samples_shapes_vqa.jsonl")
+    # lmms-eval logs some failures (an incompatible dependency, say) and still exits 0: show its log then
+    results_files = list((out / "results").rglob("*_results.json"))
+    samples_files = list((out / "results").rglob("*_samples_shapes_vqa.jsonl"))
+    assert len(results_files) == len(samples_files) == 1, f"lmms-eval wrote no single result; its log:\n{log[-5000:]}"
+    (results_file,), (samples_file,) = results_files, samples_files
     accuracy = json.loads(results_file.read_text())["results"]["shapes_vqa"]["accuracy,none"]
     samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
     return accuracy, sorted(samples, key=lambda s: s["doc_id"])
