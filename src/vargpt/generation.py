@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 
 from .generation_config import ImageGenerationConfig
 from .image_tokenizer import accumulate_scale, next_scale_input
+from .llm_cache import cache_kwargs
 from .rope_index import mrope_positions
 from .visual_decoder import DecoderKVCache, sample_bits
 
@@ -95,7 +96,7 @@ class _DecodingState:
             inputs_embeds=embeds,
             attention_mask=self.mask_BT,
             position_ids=positions,
-            past_key_values=self.cache,
+            **cache_kwargs(self.cache),
             use_cache=True,
         )
         # hidden states are kept as chunks and joined only when an image needs its context, so a long
@@ -141,7 +142,7 @@ class _DecodingState:
             inputs_embeds=embeds_BlH,
             attention_mask=call_mask,
             position_ids=positions_3Bl,
-            past_key_values=self.cache,
+            **cache_kwargs(self.cache),
             use_cache=True,
         )
         self.mask_BT = torch.cat([self.mask_BT, real_B.view(B, 1).long().expand(B, n_new)], dim=1)
@@ -239,7 +240,7 @@ def _image_events(
                 inputs_embeds=x_RlH,
                 attention_mask=torch.cat([cond_mask, uncond_mask]),
                 position_ids=torch.cat([cond_pos, uncond_pos]).unsqueeze(0).expand(3, rows, n),
-                past_key_values=state.cache,
+                **cache_kwargs(state.cache),
                 use_cache=True,
             ).last_hidden_state
         else:
@@ -323,7 +324,7 @@ def _scale_call(model, x_BlH, cache, prefix_mask_BT, positions_Bl, block_len: in
         inputs_embeds=x_BlH,
         attention_mask=mask,
         position_ids=positions_Bl.unsqueeze(0).expand(3, B, n),
-        past_key_values=cache,
+        **cache_kwargs(cache),
         use_cache=True,
     )
     return out.last_hidden_state

@@ -42,6 +42,7 @@ from .image_tokenizer import (
     scale_schedule,
     teacher_forcing,
 )
+from .llm_cache import cache_kwargs, returned_cache
 from .rope_index import mrope_positions
 from .visual_decoder import InfinityDecoder, bit_cross_entropy
 
@@ -297,7 +298,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **cache_kwargs(past_key_values),
             use_cache=use_cache,
             cache_position=cache_position,
             **kwargs,
@@ -337,7 +338,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             logits=logits,
             image_logits=image_logits,
             image_labels=image_labels,
-            past_key_values=outputs.past_key_values,
+            past_key_values=returned_cache(outputs),
             hidden_states=hidden,
             rope_deltas=rope_deltas,
         )
