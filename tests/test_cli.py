@@ -32,3 +32,19 @@ def test_inspect_full_size_preset_counts(capsys):
 def test_errors_exit_non_zero(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_quiet_commands_draw_no_progress_bars(tmp_path, capfd):
+    """--quiet hides our bars and transformers' own (loading the checkpoint)."""
+    from transformers.utils import logging as hf_logging
+
+    from vargpt.data.shapes_dataset import write_sharegpt_dataset
+
+    data = write_sharegpt_dataset(tmp_path / "data", "validation", 2, 2, 1, seed=3)
+    try:
+        code = main(["eval", "shapes", "--data", str(data), "--split", "validation", "--quiet"])
+    finally:
+        hf_logging.enable_progress_bar()
+    assert code == 0
+    err = capfd.readouterr().err
+    assert "it/s]" not in err and "s/it]" not in err, err[-500:]

@@ -299,3 +299,13 @@ def test_a_curriculum_stage_trains_on_the_categories_it_names(tmp_path):
     assert 0 < len(expected) < len(every) and kept.splitlines() == expected
     metrics = json.loads((tmp_path / "run" / "stages" / "00-projectors-16" / "metrics.json").read_text())
     assert metrics["data_report"]["generation"]["kept_rows"] == len(expected)
+
+
+def test_a_quiet_run_draws_no_progress_bars(tmp_path, capfd):
+    """`vargpt train --quiet` (progress=False) silences every step's bar, the image tokenizer's too."""
+    recipe = {**SMOKE, "stages": SMOKE["stages"][:1]}
+    path = tmp_path / "quiet.json"
+    path.write_text(json.dumps(recipe))
+    run_recipe(load_recipe(path), tmp_path / "run", progress=False)
+    err = capfd.readouterr().err
+    assert "it/s]" not in err and "s/it]" not in err, err[-500:]

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments, set_seed
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.utils import logging as hf_logging
 
 from ..checkpoint import atomic_directory_write
 from ..configuration import VARGPTConfig
@@ -171,7 +172,9 @@ def _render_scenes(spec: RecipeSpec, split: str, count: int, seed_offset: int):
     return scenes, images, tensor
 
 
-def train_tokenizer(spec: RecipeSpec, model: VARGPTForConditionalGeneration, folder: Path) -> dict[str, Any]:
+def train_tokenizer(
+    spec: RecipeSpec, model: VARGPTForConditionalGeneration, folder: Path, progress: bool = True
+) -> dict[str, Any]:
     """Train `model.vae_local` on rendered scenes (or load it if this step is done)."""
     from ..evaluation.shapes_detector import matches_scene, read_scene
     from ..processing import postprocess_generated
@@ -187,7 +190,9 @@ def train_tokenizer(spec: RecipeSpec, model: VARGPTForConditionalGeneration, fol
     vae = model.vae_local
     wrapper = TokenizerTrainingModel(vae)
     t = spec.tokenizer
-    args = _training_args(spec, folder / "trainer", t.steps, t.batch_size, t.learning_rate, logging_steps=20)
+    args = _training_args(
+        spec, folder / "trainer", t.steps, t.batch_size, t.learning_rate, logging_steps=20, disable_tqdm=not progress
+    )
     trainer = VARGPTTrainer(
         model=wrapper,
         args=args,
@@ -432,14 +437,21 @@ def run_stage(
 
 
 def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a whole recipe; returns the summary that is also written to summary.json."""
+    """Run (or resume) a whole recipe; returns the summary that is also written to summary.json.
+
+    `progress=False` also hides transformers' own bars (loading and writing checkpoints) for the run."""
     previous = torch.get_num_threads()
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         return _run_recipe(spec, out_dir, progress)
     finally:
         torch.set_num_threads(previous)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _run_recipe(spec: RecipeSpec, out_dir: str | Path, progress: bool) -> dict[str, Any]:
@@ -452,7 +464,8 @@ def _run_recipe(spec: RecipeSpec, out_dir: str | Path, progress: bool) -> dict[s
     processor = build_processor(spec, data)
     config = VARGPTConfig.from_preset(spec.model_preset, **spec.model_overrides)
     model = VARGPTForConditionalGeneration(config)
-    summary: dict[str, Any] = {"recipe": spec.name, "tokenizer": train_tokenizer(spec, model, out / "tokenizer")}
+    tokenizer_metrics = train_tokenizer(spec, model, out / "tokenizer", progress)
+    summary: dict[str, Any] = {"recipe": spec.name, "tokenizer": tokenizer_metrics}
     summary["stages"] = []
     for index, stage in enumerate(spec.stages):
         folder = out / "stages" / f"{index:02d}-{stage.name}"
