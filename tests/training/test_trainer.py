@@ -71,9 +71,12 @@ def test_sft_trainer_lowers_the_loss_and_logs_both_parts(tmp_path):
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
     assert "image_loss" in history[0] and "text_loss" in history[0]
+    # 30 steps take the total to about 0.90 of its start (0.896 here, 0.902 with a GPU machine's 16 threads); a
+    # model that does not learn (lr 0) ends at 0.998 of its start, so 0.95 separates the two
     first = sum(h["loss"] for h in history[:3]) / 3
     last = sum(h["loss"] for h in history[-3:]) / 3
-    assert last < first * 0.9
+    assert last < first * 0.95
+    assert sum(h["image_loss"] for h in history[-3:]) < sum(h["image_loss"] for h in history[:3])
 
 
 def test_dpo_loss_is_log2_when_policy_equals_reference_and_shared_noise_is_exact():
