@@ -319,3 +319,36 @@ def test_sharegpt_validator_rejects_a_placeholder_mismatch(tmp_path):
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError, match="placeholders"):
         validate_sharegpt_dataset(path)
+
+
+def test_canonical_targets_follow_their_prompt_in_one_layout_per_count_or_relation():
+    from vargpt.evaluation.shapes_scoring import evaluate_generated_image
+
+    canonical = ShapesWorldConfig(generation_layout="canonical")
+    layouts = {
+        1: {((1, 1),)},
+        2: {((1, 0), (1, 2)), ((0, 1), (2, 1))},  # side by side, or one above the other for "above" / "below"
+        3: {((1, 0), (1, 1), (1, 2))},
+        4: {((0, 0), (0, 2), (2, 0), (2, 2))},
+    }
+    for split in SPLITS:
+        world, again = ShapesWorld(3, config=canonical), ShapesWorld(3, config=canonical)
+        for index in range(60):
+            item = world.t2i_prompt(GENEVAL_CATEGORIES[index % len(GENEVAL_CATEGORIES)], split)
+            assert item.scene == again.t2i_prompt(GENEVAL_CATEGORIES[index % len(GENEVAL_CATEGORIES)], split).scene
+            scene = item.scene
+            assert scene.background == "white" and {o.size for o in scene.objects} == {"large"}
+            assert tuple(sorted(o.cell for o in scene.objects)) in layouts[len(scene.objects)], item.prompt
+            passed, reason = evaluate_generated_image(world.render(scene), item.metadata)
+            assert passed, (item.prompt, reason)
+    # the default world keeps drawing targets anywhere
+    default = ShapesWorld(3)
+    random_cells = {default.t2i_prompt("single_object", "train").scene.objects[0].cell for _ in range(60)}
+    assert len(random_cells) > 1
+
+
+def test_an_unknown_generation_layout_is_a_clear_error():
+    with pytest.raises(ValueError, match="generation_layout must be one of"):
+        ShapesWorldConfig(generation_layout="centred")
+    with pytest.raises(ValueError, match="canonical layout places at most 4 objects"):
+        ShapesWorldConfig(generation_layout="canonical", max_objects=5)

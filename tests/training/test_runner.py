@@ -236,6 +236,9 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
     path.write_text(json.dumps(dict(SMOKE, threads=0)))
     with pytest.raises(ValueError, match="threads must be a positive count"):
         load_recipe(path)
+    path.write_text(json.dumps(dict(SMOKE, data=dict(SMOKE["data"], generation_layout="centred"))))
+    with pytest.raises(ValueError, match="generation_layout must be one of"):
+        load_recipe(path)
     with pytest.raises(FileNotFoundError, match="no recipe"):
         load_recipe("no-such-recipe")
 
@@ -309,3 +312,19 @@ def test_a_quiet_run_draws_no_progress_bars(tmp_path, capfd):
     run_recipe(load_recipe(path), tmp_path / "run", progress=False)
     err = capfd.readouterr().err
     assert "it/s]" not in err and "s/it]" not in err, err[-500:]
+
+
+def test_a_recipe_can_draw_its_text_to_image_targets_in_the_canonical_layout(tmp_path):
+    from vargpt.training.runner import prepare_data
+
+    path = tmp_path / "canonical.json"
+    path.write_text(json.dumps(dict(SMOKE, data=dict(SMOKE["data"], generation_layout="canonical"))))
+    data = prepare_data(load_recipe(path), tmp_path / "data")
+    for split in ("train", "validation", "test"):
+        rows = [json.loads(line) for line in (data / f"{split}-generation.jsonl").read_text().splitlines()]
+        assert rows
+        for row in rows:
+            scene = row["meta"]["scene"]
+            assert scene["background"] == "white" and {o["size"] for o in scene["objects"]} == {"large"}
+    understanding = [json.loads(line) for line in (data / "train-understanding.jsonl").read_text().splitlines()]
+    assert any(row["meta"]["scene"]["background"] != "white" for row in understanding)  # other rows: as before

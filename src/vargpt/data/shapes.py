@@ -10,6 +10,11 @@ pair, otherwise train / validation / test by a salted hash of its canonical key.
 one split by its text (held-out pairs again force test); its target scene is drawn until it belongs to the
 same split, so pictures and prompt texts are both disjoint across splits. Different phrasings of the same
 content can land in different splits: prompt texts are disjoint, prompt contents need not be.
+
+Text-to-image targets are laid out like any scene by default; `ShapesWorldConfig(generation_layout="canonical")`
+draws them in one fixed layout per object count or asked relation (large shapes on white), which concentrates a
+generator's training signal on what the prompt says. Such a target takes its prompt's split (see
+`scene_for_prompt`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,22 @@ from .shapes_scene import (
 
 EDIT_KINDS = ("recolour", "move", "add", "remove", "restyle")
 _MAX_ATTEMPTS = 10_000
+
+# The canonical layout of text-to-image targets: cells by object count, or (subject, anchor) cells by relation.
+# The prompt then decides the picture up to the colours it leaves open, so a model's image loss is about the
+# prompt and not about where shapes happen to lie.
+_CANONICAL_CELLS: dict[int, tuple[tuple[int, int], ...]] = {
+    1: ((1, 1),),
+    2: ((1, 0), (1, 2)),
+    3: ((1, 0), (1, 1), (1, 2)),
+    4: ((0, 0), (0, 2), (2, 0), (2, 2)),
+}
+_CANONICAL_RELATION_CELLS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "left of": ((1, 0), (1, 2)),
+    "right of": ((1, 2), (1, 0)),
+    "above": ((0, 1), (2, 1)),
+    "below": ((2, 1), (0, 1)),
+}
 
 __all__ = [
     "EDIT_KINDS",
@@ -213,10 +234,16 @@ class ShapesWorld:
         return T2IItem(metadata["prompt"], metadata, scene, split, mentions_held_out_pair(metadata, self.config))
 
     def scene_for_prompt(self, metadata: dict[str, Any], split: str) -> Scene:
-        """A scene that satisfies the metadata with nothing else in it, drawn until it belongs to `split`."""
+        """A scene that satisfies the metadata with nothing else in it, drawn until it belongs to `split`.
+
+        In the canonical layout the prompt fixes the picture up to the colours it leaves open (a fully named
+        prompt has one picture), so the target takes its prompt's split instead: prompt texts stay disjoint
+        across splits, but two phrasings of the same content in two splits can share their target picture."""
         self.config.validate_split(split)
         if mentions_held_out_pair(metadata, self.config) and split != "test":
             raise ValueError(f"prompt {metadata.get('prompt')!r} names a held-out pair; it belongs to test")
+        if self.config.generation_layout == "canonical":
+            return self._draw_scene_for(metadata)
         for _ in range(_MAX_ATTEMPTS):
             scene = self._draw_scene_for(metadata)
             if self.split_of(scene) == split:
@@ -232,6 +259,8 @@ class ShapesWorld:
         total = sum(clause["count"] for clause in include)
         if not include or total > self.config.max_objects:
             raise ValueError(f"metadata needs 1 to {self.config.max_objects} objects, got {total}")
+        if self.config.generation_layout == "canonical":
+            return self._canonical_scene_for(include)
         free = list(all_cells())
         self.rng.shuffle(free)
         placed: dict[int, list[tuple[int, int]]] = {}
@@ -251,6 +280,27 @@ class ShapesWorld:
                 size = self.rng.choice(self.config.size_names)
                 objects.append(ShapeInstance(cell, clause["class"], shared, size))
         return Scene(tuple(objects), self.rng.choice(self.config.backgrounds))
+
+    def _canonical_scene_for(self, include: list[dict[str, Any]]) -> Scene:
+        """The include clauses in the canonical layout: large shapes on the first background (white)."""
+        cells = list(_CANONICAL_CELLS[sum(clause["count"] for clause in include)])
+        placed: dict[int, list[tuple[int, int]]] = {}
+        for index, clause in enumerate(include):
+            if "position" in clause:
+                relation, anchor = clause["position"]
+                if clause["count"] != 1 or include[anchor]["count"] != 1:
+                    raise ValueError("position clauses are drawn for single objects only")
+                if relation not in _CANONICAL_RELATION_CELLS:
+                    raise ValueError(f"unknown relation {relation!r}")
+                placed[index], placed[anchor] = ([c] for c in _CANONICAL_RELATION_CELLS[relation])
+        free = [c for c in cells if all(c not in taken for taken in placed.values())]
+        largest = max(self.config.sizes, key=lambda item: item[1])[0]
+        objects = []
+        for index, clause in enumerate(include):
+            shared = clause.get("color") or self.rng.choice(self._colours_for(clause["class"]))
+            for cell in placed.get(index) or [free.pop(0) for _ in range(clause["count"])]:
+                objects.append(ShapeInstance(cell, clause["class"], shared, largest))
+        return Scene(tuple(objects), self.config.backgrounds[0])
 
     def _cells_in_relation(self, relation: str) -> tuple[tuple[int, int], tuple[int, int]]:
         """(subject, anchor) cells on one row or column, so the relation holds with a whole cell to spare."""

@@ -18,6 +18,9 @@ GRID_SIZE = 3
 SUPPORTED_SHAPES = ("circle", "square", "triangle")
 SUPPORTED_BACKGROUNDS = ("white", "grey", "stripes")
 SPLITS = ("train", "validation", "test")
+# How text-to-image targets are laid out: "random" (cells, sizes and background drawn like any scene) or
+# "canonical" (one fixed layout per object count or asked relation, large shapes on white)
+GENERATION_LAYOUTS = ("random", "canonical")
 
 # Background pixel colours. Both are far (> 150 in RGB distance) from every palette colour, so that a pixel's
 # nearest reference colour tells shape from background even under noise.
@@ -78,6 +81,7 @@ class ShapesWorldConfig:
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     test_unseen_fraction: float = 0.3
     split_salt: str = "shapes-v1"
+    generation_layout: str = "random"
 
     def __post_init__(self) -> None:
         if not 24 <= self.image_size <= 1024:
@@ -110,6 +114,10 @@ class ShapesWorldConfig:
             raise ValueError(f"every split needs a positive fraction, got {self.split_fractions}")
         if not 0 <= self.test_unseen_fraction <= 1:
             raise ValueError(f"test_unseen_fraction must be in [0, 1], got {self.test_unseen_fraction}")
+        if self.generation_layout not in GENERATION_LAYOUTS:
+            raise ValueError(f"generation_layout must be one of {GENERATION_LAYOUTS}, got {self.generation_layout!r}")
+        if self.generation_layout == "canonical" and self.max_objects > 4:
+            raise ValueError(f"the canonical layout places at most 4 objects, max_objects is {self.max_objects}")
 
     @property
     def colours(self) -> tuple[str, ...]:

@@ -25,6 +25,9 @@ class DataSpec:
     validation: dict[str, int]
     test: dict[str, int]
     image_size: int = 32
+    # text-to-image targets: "random" (laid out like every other scene) or "canonical" (one layout per object
+    # count or relation, large shapes on white: the image loss is then about the prompt; see `vargpt.data.shapes`)
+    generation_layout: str = "random"
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,13 @@ def load_recipe(name_or_path: str | Path) -> RecipeSpec:
         raise ValueError(f"recipe {name_or_path!s} is malformed: {err}") from err
     if spec.threads is not None and spec.threads < 1:
         raise ValueError(f"recipe {name_or_path!s}: threads must be a positive count, got {spec.threads}")
+    from ..data.shapes_scene import GENERATION_LAYOUTS
+
+    if spec.data.generation_layout not in GENERATION_LAYOUTS:
+        raise ValueError(
+            f"recipe {name_or_path!s}: data.generation_layout must be one of {GENERATION_LAYOUTS}, "
+            f"got {spec.data.generation_layout!r}"
+        )
     from ..generation_config import ImageGenerationConfig
 
     ImageGenerationConfig().updated(**spec.image_generation)  # unknown or invalid settings: a clear error now

@@ -90,6 +90,12 @@ def learn_text_merges(spec: RecipeSpec, data: Path) -> list[tuple[str, str]]:
     return merges
 
 
+def _world_config(spec: RecipeSpec):
+    from ..data.shapes_scene import ShapesWorldConfig
+
+    return ShapesWorldConfig(image_size=spec.data.image_size, generation_layout=spec.data.generation_layout)
+
+
 def prepare_data(spec: RecipeSpec, folder: Path) -> Path:
     """Write the shapes-world splits once, plus one JSONL per task so stages can pick their mixture."""
     from ..data.shapes_dataset import write_sharegpt_dataset
@@ -108,6 +114,7 @@ def prepare_data(spec: RecipeSpec, folder: Path) -> Path:
             sizes.get("editing", 0),
             seed=spec.seed,
             image_size=spec.data.image_size,
+            config=_world_config(spec),
         )
         by_task: dict[str, list[str]] = {t: [] for t in TASKS}
         for line in path.read_text().splitlines():
@@ -283,7 +290,9 @@ def _build_preference_pairs(spec: RecipeSpec, stage_index: int, model, processor
     # each DPO round (iterative DPO) draws fresh prompts: the world's seed moves on with every earlier DPO stage
     stage = spec.stages[stage_index]
     rounds_before = sum(STAGES[s.plan].kind == "dpo" for s in spec.stages[:stage_index])
-    world = ShapesWorld(spec.seed * 1000 + 7 + 1000 * rounds_before, image_size=spec.data.image_size)
+    world = ShapesWorld(
+        spec.seed * 1000 + 7 + 1000 * rounds_before, image_size=spec.data.image_size, config=_world_config(spec)
+    )
     pipe = _stage_pipeline(spec, model.eval(), processor, stage) if stage.dpo_losers == "own_samples" else None
     rows, skipped, index = [], 0, 0
     attempts = 0
