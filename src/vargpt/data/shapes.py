@@ -259,48 +259,39 @@ class ShapesWorld:
         total = sum(clause["count"] for clause in include)
         if not include or total > self.config.max_objects:
             raise ValueError(f"metadata needs 1 to {self.config.max_objects} objects, got {total}")
-        if self.config.generation_layout == "canonical":
-            return self._canonical_scene_for(include)
-        free = list(all_cells())
-        self.rng.shuffle(free)
+        canonical = self.config.generation_layout == "canonical"
+        if canonical:
+            free = list(_CANONICAL_CELLS[total])
+        else:
+            free = list(all_cells())
+            self.rng.shuffle(free)
         placed: dict[int, list[tuple[int, int]]] = {}
         for index, clause in enumerate(include):
             if "position" in clause:
                 relation, anchor = clause["position"]
                 if clause["count"] != 1 or include[anchor]["count"] != 1:
                     raise ValueError("position clauses are drawn for single objects only")
-                subject_cell, anchor_cell = self._cells_in_relation(relation)
+                subject_cell, anchor_cell = (
+                    self._canonical_cells_in_relation(relation) if canonical else self._cells_in_relation(relation)
+                )
                 placed[index], placed[anchor] = [subject_cell], [anchor_cell]
                 free = [c for c in free if c not in (subject_cell, anchor_cell)]
-        objects = []
-        for index, clause in enumerate(include):
-            cells = placed.get(index) or [free.pop() for _ in range(clause["count"])]
-            shared = clause.get("color") or self.rng.choice(self._colours_for(clause["class"]))
-            for cell in cells:
-                size = self.rng.choice(self.config.size_names)
-                objects.append(ShapeInstance(cell, clause["class"], shared, size))
-        return Scene(tuple(objects), self.rng.choice(self.config.backgrounds))
-
-    def _canonical_scene_for(self, include: list[dict[str, Any]]) -> Scene:
-        """The include clauses in the canonical layout: large shapes on the first background (white)."""
-        cells = list(_CANONICAL_CELLS[sum(clause["count"] for clause in include)])
-        placed: dict[int, list[tuple[int, int]]] = {}
-        for index, clause in enumerate(include):
-            if "position" in clause:
-                relation, anchor = clause["position"]
-                if clause["count"] != 1 or include[anchor]["count"] != 1:
-                    raise ValueError("position clauses are drawn for single objects only")
-                if relation not in _CANONICAL_RELATION_CELLS:
-                    raise ValueError(f"unknown relation {relation!r}")
-                placed[index], placed[anchor] = ([c] for c in _CANONICAL_RELATION_CELLS[relation])
-        free = [c for c in cells if all(c not in taken for taken in placed.values())]
         largest = max(self.config.sizes, key=lambda item: item[1])[0]
         objects = []
         for index, clause in enumerate(include):
+            cells = placed.get(index) or [free.pop(0 if canonical else -1) for _ in range(clause["count"])]
             shared = clause.get("color") or self.rng.choice(self._colours_for(clause["class"]))
-            for cell in placed.get(index) or [free.pop(0) for _ in range(clause["count"])]:
-                objects.append(ShapeInstance(cell, clause["class"], shared, largest))
-        return Scene(tuple(objects), self.config.backgrounds[0])
+            for cell in cells:
+                size = largest if canonical else self.rng.choice(self.config.size_names)
+                objects.append(ShapeInstance(cell, clause["class"], shared, size))
+        background = self.config.backgrounds[0] if canonical else self.rng.choice(self.config.backgrounds)
+        return Scene(tuple(objects), background)
+
+    @staticmethod
+    def _canonical_cells_in_relation(relation: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        if relation not in _CANONICAL_RELATION_CELLS:
+            raise ValueError(f"unknown relation {relation!r}")
+        return _CANONICAL_RELATION_CELLS[relation]
 
     def _cells_in_relation(self, relation: str) -> tuple[tuple[int, int], tuple[int, int]]:
         """(subject, anchor) cells on one row or column, so the relation holds with a whole cell to spare."""
