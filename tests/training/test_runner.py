@@ -197,7 +197,12 @@ def test_a_finished_run_is_skipped_on_rerun(finished_run):
 def test_a_run_resumed_between_stages_ends_bit_identical_to_a_run_straight_through(tmp_path):
     # bf16 on: the trainer's mixed-precision wrapper once stayed on the in-memory model, so the stage after a
     # DPO stage trained differently from the same stage resumed from the saved checkpoint
-    stages = [SMOKE["stages"][0], SMOKE["stages"][3], dict(SMOKE["stages"][3], name="dpo-again")]
+    # the second DPO round adds the winners' NLL (the shipped recipe's DPO loss), so that path resumes too
+    stages = [
+        SMOKE["stages"][0],
+        SMOKE["stages"][3],
+        dict(SMOKE["stages"][3], name="dpo-again", dpo_chosen_nll_weight=1.0),
+    ]
     recipe = dict(SMOKE, bf16=True, stages=stages)
 
     def spec(count: int):
@@ -226,6 +231,8 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
         (dict(SMOKE["stages"][3], prompt_dropout=0.1), "SFT stages, not DPO"),
         (dict(SMOKE["stages"][3], image_generation={"cfg": 2}), "unknown image generation settings"),
         (dict(SMOKE["stages"][3], dpo_losers="random"), "dpo_losers must be"),
+        (dict(SMOKE["stages"][3], dpo_chosen_nll_weight=-1.0), "dpo_chosen_nll_weight not negative"),
+        (dict(SMOKE["stages"][3], dpo_beta=0.0), "dpo_beta must be positive"),
         (dict(SMOKE["stages"][0], categories=["colours"]), "unknown categories"),
         (dict(SMOKE["stages"][3], categories=["colors"]), "generation rows of an SFT stage"),
         (dict(SMOKE["stages"][1], tasks=["understanding"], categories=["colors"]), "generation rows of an SFT stage"),

@@ -117,6 +117,54 @@ def test_dpo_trainer_prefers_the_chosen_images(tmp_path):
     assert history[-1]["rewards/margin"] > 0
 
 
+def test_dpo_loss_adds_the_winners_per_bit_nll_when_weighted():
+    model = make_tiny_model(4).train()
+    ids, _ = generation_sample(model)
+    chosen = {"input_ids": ids, "pixel_gen_values": targets(1, 1)}
+    a, bits = image_log_probs(model, chosen, seed=7, noise=True, return_bit_count=True)
+    assert torch.equal(a, image_log_probs(model, chosen, seed=7, noise=True))
+    # one bit per latent channel per token of every scale: the [L, d] of the model's image labels
+    tokens, channels = model(**chosen).image_labels.shape[1:]
+    assert bits == tokens * channels and bits > 100
+    plain, _ = dpo_loss(a, a, a, a, beta=0.1)
+    weighted, stats = dpo_loss(a, a, a, a, beta=0.1, chosen_nll_weight=0.5, bits_per_image=bits)
+    nll_per_bit = float(-a.mean()) / bits
+    assert stats["chosen_nll_per_bit"] == pytest.approx(nll_per_bit)
+    assert float(weighted) == pytest.approx(float(plain) + 0.5 * nll_per_bit, rel=1e-6)
+
+
+def test_dpo_with_the_nll_term_keeps_the_winners_likelier_than_plain_dpo(tmp_path):
+    finals = {}
+    for weight in (0.0, 1.0):
+        model = make_tiny_model(5).train()
+        apply_stage(model, get_stage("stage3-dpo"))
+        ids, _ = generation_sample(model)
+        rows = [
+            {
+                "chosen": {"input_ids": ids[0], "pixel_gen_values": g},
+                "rejected": {"input_ids": ids[0], "pixel_gen_values": b},
+            }
+            for g, b in zip(targets(4, 2), targets(4, 3), strict=True)
+        ]
+
+        def collate(batch):
+            return {side: stack([r[side] for r in batch]) for side in ("chosen", "rejected")}
+
+        trainer = ImageDPOTrainer(
+            model=model,
+            args=args(tmp_path / str(weight), 15, 1e-3),
+            train_dataset=ListDataset(rows),
+            data_collator=collate,
+            chosen_nll_weight=weight,
+        )
+        trainer.train()
+        finals[weight] = [h for h in trainer.state.log_history if "loss" in h][-3:]
+    chosen = {w: sum(h["rewards/chosen"] for h in rows) / 3 for w, rows in finals.items()}
+    assert chosen[1.0] > chosen[0.0]
+    with pytest.raises(ValueError, match="chosen_nll_weight"):
+        ImageDPOTrainer(model=model, args=args(tmp_path, 1, 1e-3), chosen_nll_weight=-1.0)
+
+
 def test_dpo_reference_runs_in_the_policys_precision_and_training_releases_the_model(tmp_path):
     model = make_tiny_model(6).train()
     apply_stage(model, get_stage("stage3-dpo"))

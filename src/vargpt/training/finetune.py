@@ -36,6 +36,7 @@ class FinetuneArgs:
     seed: int = 0
     bf16: bool = False
     beta: float = 0.1
+    chosen_nll_weight: float = 0.0
     strict_data: bool = False
     no_image_noise: bool = False
     cpu: bool = False
@@ -57,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (dpo stages)")
+    parser.add_argument(
+        "--chosen-nll-weight",
+        type=float,
+        default=0.0,
+        help="add this multiple of the winners' per-bit NLL to the DPO loss (RPO; 0: plain DPO)",
+    )
     parser.add_argument("--strict-data", action="store_true", help="fail on the first bad row instead of skipping")
     parser.add_argument(
         "--no-image-noise",
@@ -128,7 +135,10 @@ def run_finetune(args: FinetuneArgs) -> dict:
     }
     if plan.kind == "dpo":
         trainer = ImageDPOTrainer(
-            **common, data_collator=PreferenceCollator(processor, **collator_args), beta=args.beta
+            **common,
+            data_collator=PreferenceCollator(processor, **collator_args),
+            beta=args.beta,
+            chosen_nll_weight=args.chosen_nll_weight,
         )
     else:
         trainer = VARGPTTrainer(**common, data_collator=SFTCollator(processor, **collator_args))

@@ -55,6 +55,8 @@ class StageSpec:
     save_steps: int = 200
     dpo_pairs: int = 0
     dpo_beta: float = 0.1
+    # weight of the winners' per-bit NLL added to the DPO loss (0: plain DPO); see `trainer.dpo_loss`
+    dpo_chosen_nll_weight: float = 0.0
     # DPO losers: "own_samples" (the model's wrong samples, the paper's way) or "other_prompts" (ground truth of
     # another prompt of the same category that fails this one)
     dpo_losers: str = "own_samples"
@@ -121,6 +123,8 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
         ImageGenerationConfig().updated(**spec.image_generation)
     except (TypeError, ValueError) as err:
         raise ValueError(f"stage {spec.name!r}: image_generation: {err}") from None
+    if spec.dpo_beta <= 0 or spec.dpo_chosen_nll_weight < 0:
+        raise ValueError(f"stage {spec.name!r}: dpo_beta must be positive and dpo_chosen_nll_weight not negative")
     if spec.dpo_losers not in ("own_samples", "other_prompts"):
         raise ValueError(f"stage {spec.name!r}: dpo_losers must be 'own_samples' or 'other_prompts'")
     if not 0.0 <= spec.prompt_dropout < 1.0:

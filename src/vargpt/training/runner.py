@@ -399,6 +399,7 @@ def run_stage(
             data_collator=PreferenceCollator(processor, **collator_args),
             callbacks=[CompleteCheckpointCallback()],
             beta=stage.dpo_beta,
+            chosen_nll_weight=stage.dpo_chosen_nll_weight,
         )
     else:
         dataset, reports = _sft_dataset(data, stage.tasks, stage.categories)
