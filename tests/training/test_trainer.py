@@ -159,7 +159,8 @@ def test_dpo_with_the_nll_term_keeps_the_winners_likelier_than_plain_dpo(tmp_pat
         )
         trainer.train()
         finals[weight] = [h for h in trainer.state.log_history if "loss" in h][-3:]
-    chosen = {w: sum(h["rewards/chosen"] for h in rows) / 3 for w, rows in finals.items()}
+    chosen = {w: sum(h["rewards/chosen"] for h in last) / 3 for w, last in finals.items()}
+    # both lower the winners against the reference here (-2.34 plain, -1.85 with the term); the term lowers them less
     assert chosen[1.0] > chosen[0.0]
     with pytest.raises(ValueError, match="chosen_nll_weight"):
         ImageDPOTrainer(model=model, args=args(tmp_path, 1, 1e-3), chosen_nll_weight=-1.0)
