@@ -48,3 +48,11 @@ def test_quiet_commands_draw_no_progress_bars(tmp_path, capfd):
     assert code == 0
     err = capfd.readouterr().err
     assert "it/s]" not in err and "s/it]" not in err, err[-500:]
+    try:  # training too: the Trainer's bar and the checkpoint writer's
+        args = ["finetune", "--model", "tiny", "--data", str(data), "--stage", "edit", "--steps", "2"]
+        code = main([*args, "--batch-size", "1", "--out", str(tmp_path / "ft"), "--quiet"])
+    finally:
+        hf_logging.enable_progress_bar()
+    assert code == 0
+    err = capfd.readouterr().err
+    assert "it/s]" not in err and "s/it]" not in err, err[-500:]

@@ -40,6 +40,7 @@ class FinetuneArgs:
     strict_data: bool = False
     no_image_noise: bool = False
     cpu: bool = False
+    quiet: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="add this multiple of the winners' per-bit NLL to the DPO loss (RPO; 0: plain DPO)",
     )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--strict-data", action="store_true", help="fail on the first bad row instead of skipping")
     parser.add_argument(
         "--no-image-noise",
@@ -126,6 +128,7 @@ def run_finetune(args: FinetuneArgs) -> dict:
         **device_arguments(force_cpu=args.cpu),
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        disable_tqdm=args.quiet,
     )
     common = {
         "model": model,
