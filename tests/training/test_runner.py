@@ -231,7 +231,7 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
         (dict(SMOKE["stages"][3], prompt_dropout=0.1), "SFT stages, not DPO"),
         (dict(SMOKE["stages"][3], image_generation={"cfg": 2}), "unknown image generation settings"),
         (dict(SMOKE["stages"][3], dpo_losers="random"), "dpo_losers must be"),
-        (dict(SMOKE["stages"][3], dpo_chosen_nll_weight=-1.0), "dpo_chosen_nll_weight not negative"),
+        (dict(SMOKE["stages"][3], dpo_chosen_nll_weight=-1.0), "dpo_chosen_nll_weight must not be negative"),
         (dict(SMOKE["stages"][3], dpo_beta=0.0), "dpo_beta must be positive"),
         (dict(SMOKE["stages"][0], categories=["colours"]), "unknown categories"),
         (dict(SMOKE["stages"][3], categories=["colors"]), "generation rows of an SFT stage"),

@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from tests.test_modeling import generation_sample, make_tiny_model
 from vargpt.image_tokenizer import BSQVAE
+from vargpt.image_tokenizer.schedules import schedule_token_count
 from vargpt.training.stages import apply_stage, get_stage
 from vargpt.training.tokenizer import TokenizerTrainingModel, reconstruction_psnr
 from vargpt.training.trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments, dpo_loss, image_log_probs
@@ -44,6 +45,25 @@ def sft_items(model, n=4):
 
 def stack(rows):
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def stack_pairs(batch):
+    return {side: stack([r[side] for r in batch]) for side in ("chosen", "rejected")}
+
+
+def dpo_model_and_pairs(seed: int, n: int):
+    """A tiny model set up for DPO and `n` preference pairs on one prompt (distinct squares as winners/losers)."""
+    model = make_tiny_model(seed).train()
+    apply_stage(model, get_stage("stage3-dpo"))
+    ids, _ = generation_sample(model)
+    rows = [
+        {
+            "chosen": {"input_ids": ids[0], "pixel_gen_values": g},
+            "rejected": {"input_ids": ids[0], "pixel_gen_values": b},
+        }
+        for g, b in zip(targets(n, 2), targets(n, 3), strict=True)
+    ]
+    return model, ListDataset(rows)
 
 
 def args(tmp_path, steps, lr, **kw):
@@ -92,23 +112,9 @@ def test_dpo_loss_is_log2_when_policy_equals_reference_and_shared_noise_is_exact
 
 
 def test_dpo_trainer_prefers_the_chosen_images(tmp_path):
-    model = make_tiny_model(5).train()
-    apply_stage(model, get_stage("stage3-dpo"))
-    ids, _ = generation_sample(model)
-    good, bad = targets(4, 2), targets(4, 3)
-    rows = [
-        {
-            "chosen": {"input_ids": ids[0], "pixel_gen_values": g},
-            "rejected": {"input_ids": ids[0], "pixel_gen_values": b},
-        }
-        for g, b in zip(good, bad, strict=True)
-    ]
-
-    def collate(batch):
-        return {side: stack([r[side] for r in batch]) for side in ("chosen", "rejected")}
-
+    model, pairs = dpo_model_and_pairs(5, 4)
     trainer = ImageDPOTrainer(
-        model=model, args=args(tmp_path, 15, 1e-3), train_dataset=ListDataset(rows), data_collator=collate, beta=0.1
+        model=model, args=args(tmp_path, 15, 1e-3), train_dataset=pairs, data_collator=stack_pairs, beta=0.1
     )
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -123,9 +129,9 @@ def test_dpo_loss_adds_the_winners_per_bit_nll_when_weighted():
     chosen = {"input_ids": ids, "pixel_gen_values": targets(1, 1)}
     a, bits = image_log_probs(model, chosen, seed=7, noise=True, return_bit_count=True)
     assert torch.equal(a, image_log_probs(model, chosen, seed=7, noise=True))
-    # one bit per latent channel per token of every scale: the [L, d] of the model's image labels
-    tokens, channels = model(**chosen).image_labels.shape[1:]
-    assert bits == tokens * channels and bits > 100
+    # one bit per latent channel for every token of every scale of the 32 px schedule
+    schedule = model.generation_schedule(32)
+    assert bits == schedule_token_count(schedule) * model.config.visual_decoder_config.bits
     plain, _ = dpo_loss(a, a, a, a, beta=0.1)
     weighted, stats = dpo_loss(a, a, a, a, beta=0.1, chosen_nll_weight=0.5, bits_per_image=bits)
     nll_per_bit = float(-a.mean()) / bits
@@ -136,25 +142,12 @@ def test_dpo_loss_adds_the_winners_per_bit_nll_when_weighted():
 def test_dpo_with_the_nll_term_keeps_the_winners_likelier_than_plain_dpo(tmp_path):
     finals = {}
     for weight in (0.0, 1.0):
-        model = make_tiny_model(5).train()
-        apply_stage(model, get_stage("stage3-dpo"))
-        ids, _ = generation_sample(model)
-        rows = [
-            {
-                "chosen": {"input_ids": ids[0], "pixel_gen_values": g},
-                "rejected": {"input_ids": ids[0], "pixel_gen_values": b},
-            }
-            for g, b in zip(targets(4, 2), targets(4, 3), strict=True)
-        ]
-
-        def collate(batch):
-            return {side: stack([r[side] for r in batch]) for side in ("chosen", "rejected")}
-
+        model, pairs = dpo_model_and_pairs(5, 4)
         trainer = ImageDPOTrainer(
             model=model,
             args=args(tmp_path / str(weight), 15, 1e-3),
-            train_dataset=ListDataset(rows),
-            data_collator=collate,
+            train_dataset=pairs,
+            data_collator=stack_pairs,
             chosen_nll_weight=weight,
         )
         trainer.train()
@@ -167,22 +160,9 @@ def test_dpo_with_the_nll_term_keeps_the_winners_likelier_than_plain_dpo(tmp_pat
 
 
 def test_dpo_reference_runs_in_the_policys_precision_and_training_releases_the_model(tmp_path):
-    model = make_tiny_model(6).train()
-    apply_stage(model, get_stage("stage3-dpo"))
-    ids, _ = generation_sample(model)
-    rows = [
-        {
-            "chosen": {"input_ids": ids[0], "pixel_gen_values": g},
-            "rejected": {"input_ids": ids[0], "pixel_gen_values": b},
-        }
-        for g, b in zip(targets(2, 2), targets(2, 3), strict=True)
-    ]
-
-    def collate(batch):
-        return {side: stack([r[side] for r in batch]) for side in ("chosen", "rejected")}
-
+    model, pairs = dpo_model_and_pairs(6, 2)
     trainer = ImageDPOTrainer(
-        model=model, args=args(tmp_path, 1, 1e-3, bf16=True), train_dataset=ListDataset(rows), data_collator=collate
+        model=model, args=args(tmp_path, 1, 1e-3, bf16=True), train_dataset=pairs, data_collator=stack_pairs
     )
     trainer.train()
     first = trainer.state.log_history[0]
@@ -192,7 +172,7 @@ def test_dpo_reference_runs_in_the_policys_precision_and_training_releases_the_m
     # from disk, so the next stage's Trainer prepares it afresh
     assert "forward" not in vars(model) and not getattr(model, "_is_accelerate_prepared", False)
     again = ImageDPOTrainer(
-        model=model, args=args(tmp_path, 1, 1e-3, bf16=True), train_dataset=ListDataset(rows), data_collator=collate
+        model=model, args=args(tmp_path, 1, 1e-3, bf16=True), train_dataset=pairs, data_collator=stack_pairs
     )
     again.train()
     assert again.state.log_history[0]["rewards/chosen"] == 0.0

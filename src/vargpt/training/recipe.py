@@ -123,8 +123,10 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
         ImageGenerationConfig().updated(**spec.image_generation)
     except (TypeError, ValueError) as err:
         raise ValueError(f"stage {spec.name!r}: image_generation: {err}") from None
-    if spec.dpo_beta <= 0 or spec.dpo_chosen_nll_weight < 0:
-        raise ValueError(f"stage {spec.name!r}: dpo_beta must be positive and dpo_chosen_nll_weight not negative")
+    if spec.dpo_beta <= 0:
+        raise ValueError(f"stage {spec.name!r}: dpo_beta must be positive, got {spec.dpo_beta}")
+    if spec.dpo_chosen_nll_weight < 0:
+        raise ValueError(f"stage {spec.name!r}: dpo_chosen_nll_weight must not be negative")
     if spec.dpo_losers not in ("own_samples", "other_prompts"):
         raise ValueError(f"stage {spec.name!r}: dpo_losers must be 'own_samples' or 'other_prompts'")
     if not 0.0 <= spec.prompt_dropout < 1.0:

@@ -114,9 +114,9 @@ def dpo_loss(
 
     `chosen_nll_weight` > 0 adds that multiple of the chosen images' per-bit negative log-likelihood (Pang et
     al.'s iterative RPO). Plain DPO widens the margin partly by lowering the winners' likelihood: at the end of
-    the shapes recipe's third round the winners' log-ratio to that round's reference was -25 nats (reward -2.5)
-    and their NLL 0.25 nats/bit (0.20 in round 1); weight 1 held them to -10 nats and 0.23, weight 10 to -1.3
-    nats and 0.20.
+    the shapes recipe's third round (losers sampled at tau 1) the winners' log-ratio to that round's reference was
+    -25 nats (reward -2.5) and their NLL 0.25 nats/bit (0.20 in round 1); weight 1 held them to -10 nats and
+    0.23, weight 10 to -1.3 nats and 0.20.
     """
     chosen_ratio = policy_chosen - reference_chosen
     rejected_ratio = policy_rejected - reference_rejected
