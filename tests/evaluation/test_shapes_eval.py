@@ -72,3 +72,42 @@ def test_repeated_prompts_are_drawn_from_different_seeds_whatever_the_batch_size
         evaluate_split(pipe, split, batch_size=batch_size, seed=100, progress=False)
         seen.append(pipe.seeds)
     assert seen[0] == seen[1] == list(range(100, 107))
+
+
+class _FixedEditor:
+    """Stands in for a pipeline's editing: returns each row's target (an oracle) or its source (no edit)."""
+
+    def __init__(self, split, answer: str) -> None:
+        import json
+
+        from vargpt.generation_config import ImageGenerationConfig
+
+        self.image_config = ImageGenerationConfig()
+        rows = [json.loads(line) for line in split.read_text().splitlines()]
+        index = 0 if answer == "source" else 1
+        self.answers = {str(split.parent / r["images"][0]): split.parent / r["images"][index] for r in rows}
+
+    def edit_batch(self, sources, instructions, seed):
+        from PIL import Image
+
+        return [Image.open(self.answers[str(s)]).convert("RGB") for s in sources]
+
+
+def test_editing_reports_exact_and_partial_scores_beside_the_no_model_baselines(tmp_path):
+    from vargpt.data.shapes_dataset import write_sharegpt_dataset
+    from vargpt.evaluation.shapes_eval import evaluate_split
+
+    split = write_sharegpt_dataset(tmp_path, "validation", 0, 0, 12, seed=3)
+    oracle = evaluate_split(_FixedEditor(split, "target"), split, progress=False, grid_path=tmp_path / "g.png")
+    assert oracle["editing"]["accuracy"] == 1.0 and oracle["editing"]["unchanged"] == 0.0
+    assert {oracle["editing"][k] for k in ("object_recall", "object_precision", "background")} == {1.0}
+    assert (tmp_path / "g-editing.png").is_file() and oracle["editing_grid"] == str(tmp_path / "g-editing.png")
+
+    copier = evaluate_split(_FixedEditor(split, "source"), split, progress=False)
+    assert copier["editing"]["accuracy"] == 0.0 and copier["editing"]["unchanged"] == 1.0
+    baselines = copier["editing_baselines"]
+    assert set(baselines) == {"source_copied", "other_row_target"}
+    for key in ("object_recall", "object_precision", "background"):
+        assert copier["editing"][key] == baselines["source_copied"][key]  # the baseline is what copying scores
+    assert baselines["source_copied"]["object_recall"] > baselines["other_row_target"]["object_recall"]
+    assert baselines["source_copied"]["object_recall"] < 1.0  # every edit changes something

@@ -6,7 +6,7 @@ from PIL import Image, ImageFilter
 
 from vargpt.data.shapes import EDIT_KINDS, GENEVAL_CATEGORIES, ShapesWorld
 from vargpt.data.shapes_language import VQAItem
-from vargpt.evaluation.shapes_detector import Detection
+from vargpt.evaluation.shapes_detector import Detection, read_scene
 from vargpt.evaluation.shapes_scoring import (
     edit_check,
     edit_correct,
@@ -15,6 +15,7 @@ from vargpt.evaluation.shapes_scoring import (
     geneval_summary,
     normalize_answer,
     relative_position,
+    scene_overlap,
     vqa_accuracy,
 )
 
@@ -189,3 +190,22 @@ def test_edit_checker_rejects_a_noisy_image_with_an_extra_object():
     image = Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
     ok, reason = edit_check(image, triple.target, triple.source)
     assert not ok and reason.startswith("unchanged")
+
+
+def test_scene_overlap_counts_objects_as_a_multiset_and_the_background_apart():
+    world = ShapesWorld(5)
+    triple = world.edit_triple("validation", "add")  # target = source + one object
+    target = triple.target
+    assert scene_overlap(read_scene(world.render(target)), target) == {
+        "object_recall": 1.0,
+        "object_precision": 1.0,
+        "background": 1.0,
+    }
+    n = len(target.objects)
+    partial = scene_overlap(read_scene(world.render(triple.source)), target)
+    assert partial == {"object_recall": (n - 1) / n, "object_precision": 1.0, "background": 1.0}
+    other_background = next(b for b in world.config.backgrounds if b != target.background)
+    moved = dataclasses.replace(target, background=other_background)
+    assert scene_overlap(read_scene(world.render(moved)), target)["background"] == 0.0
+    blank = Image.new("RGB", world.render(target).size, "white")
+    assert scene_overlap(read_scene(blank), target)["object_precision"] == 0.0  # nothing drawn, scene not empty

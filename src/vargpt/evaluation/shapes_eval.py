@@ -16,7 +16,10 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ..data.shapes_scene import Scene
-from .shapes_scoring import edit_check, evaluate_generated_image, geneval_summary, vqa_accuracy
+from .shapes_detector import read_scene
+from .shapes_scoring import edit_check, evaluate_generated_image, geneval_summary, scene_overlap, vqa_accuracy
+
+_OVERLAP_KEYS = ("object_recall", "object_precision", "background")
 
 
 def read_rows(jsonl: str | Path) -> list[dict[str, Any]]:
@@ -68,6 +71,30 @@ def prompt_shuffled_baseline(drawn: list[tuple[dict[str, Any], Image.Image]]) ->
             other = items[(i + 1) % len(items)][0]
             results.append({"tag": tag, "correct": evaluate_generated_image(image, other["meta"]["geneval"])[0]})
     return geneval_summary(results) if results else {}
+
+
+def editing_baselines(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Partial editing scores (`scene_overlap` against each row's target) of two images that need no model.
+
+    `source_copied`: the source image returned as is: every edit changes one thing, so it keeps most of the
+    scene and is what a model that ignores the instruction could reach. `other_row_target`: the next row's
+    target, a well-drawn scene that ignores this row's source. A model edits only as far as its partial scores
+    exceed both.
+    """
+    if not rows:
+        return {}
+    scored: dict[str, list[dict[str, float]]] = {"source_copied": [], "other_row_target": []}
+    for i, row in enumerate(rows):
+        target = Scene.from_dict(row["meta"]["target_scene"])
+        other = rows[(i + 1) % len(rows)]
+        with Image.open(_image_path(row, 0)) as source, Image.open(_image_path(other, 1)) as other_target:
+            scored["source_copied"].append(scene_overlap(read_scene(source.convert("RGB")), target))
+            scored["other_row_target"].append(scene_overlap(read_scene(other_target.convert("RGB")), target))
+    return {name: _mean_overlap(values) for name, values in scored.items()}
+
+
+def _mean_overlap(values: Sequence[dict[str, float]]) -> dict[str, float]:
+    return {key: sum(v[key] for v in values) / len(values) for key in _OVERLAP_KEYS}
 
 
 def evaluate_split(
@@ -140,21 +167,34 @@ def evaluate_split(
                 }
             )
 
-    edit_results = []
+    edit_results: list[dict[str, Any]] = []
+    edit_samples: list[tuple[Image.Image, Image.Image, Image.Image, str, bool]] = []
     for chunk in tqdm(list(_batches(by_task["editing"], batch_size)), desc="editing", disable=not progress):
         sources = [str(_image_path(r, 0)) for r in chunk]
         edited = [to_world(i) for i in pipe.edit_batch(sources, [r["meta"]["instruction"] for r in chunk], seed)]
         for row, image in zip(chunk, edited, strict=True):
-            ok, reason = edit_check(
-                image, Scene.from_dict(row["meta"]["target_scene"]), Scene.from_dict(row["meta"]["source_scene"])
-            )
+            target = Scene.from_dict(row["meta"]["target_scene"])
+            ok, reason = edit_check(image, target, Scene.from_dict(row["meta"]["source_scene"]))
             edit_results.append(
-                {"kind": row["meta"]["category"], "correct": ok, "unseen": bool(row["meta"].get("unseen_combination"))}
+                {
+                    "kind": row["meta"]["category"],
+                    "correct": ok,
+                    "unchanged": reason.startswith("unchanged"),
+                    "unseen": bool(row["meta"].get("unseen_combination")),
+                    **scene_overlap(read_scene(image), target),
+                }
             )
+            if len(edit_samples) < 8:
+                with Image.open(_image_path(row, 0)) as source, Image.open(_image_path(row, 1)) as wanted:
+                    edit_samples.append(
+                        (source.convert("RGB"), image, wanted.convert("RGB"), row["meta"]["instruction"], ok)
+                    )
 
     report.update(_summaries(gen_results, vqa_preds, vqa_items, edit_results))
     if drawn:
         report["generation_prompt_shuffled"] = prompt_shuffled_baseline(drawn)
+    if by_task["editing"]:
+        report["editing_baselines"] = editing_baselines(by_task["editing"])
     seen = _summaries(
         [r for r in gen_results if r["unseen"]],
         [p for p, i in zip(vqa_preds, vqa_items, strict=True) if i["unseen"]],
@@ -165,6 +205,10 @@ def evaluate_split(
     if grid_path is not None and samples:
         sample_grid(samples).save(grid_path)
         report["sample_grid"] = str(grid_path)
+    if grid_path is not None and edit_samples:
+        edit_path = Path(grid_path).with_name(f"{Path(grid_path).stem}-editing.png")
+        edit_grid(edit_samples).save(edit_path)
+        report["editing_grid"] = str(edit_path)
     return report
 
 
@@ -182,8 +226,22 @@ def _summaries(gen_results, vqa_preds, vqa_items, edit_results) -> dict[str, Any
             "accuracy": sum(r["correct"] for r in edit_results) / len(edit_results),
             **{k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
             "n": len(edit_results),
+            "unchanged": sum(r["unchanged"] for r in edit_results) / len(edit_results),
+            **_mean_overlap(edit_results),
         }
     return out
+
+
+def _wrapped(text: str, width: int, max_lines: int) -> str:
+    """Text broken at spaces into lines of about `width` characters, at most `max_lines` of them."""
+    line, lines = "", []
+    for word in text.split():
+        if line and len(line) + len(word) > width:
+            lines.append(line)
+            line = ""
+        line = f"{line} {word}".strip()
+    lines.append(line)
+    return "\n".join(lines[:max_lines])
 
 
 def sample_grid(samples: Sequence[tuple[Image.Image, str, bool]], scale: int = 3, columns: int = 8) -> Image.Image:
@@ -197,12 +255,27 @@ def sample_grid(samples: Sequence[tuple[Image.Image, str, bool]], scale: int = 3
         x, y = (i % columns) * (size + 8), (i // columns) * (size + 8 + label)
         draw.rectangle((x, y, x + size + 7, y + size + 7), fill=(40, 160, 60) if correct else (200, 40, 40))
         sheet.paste(image.resize((size, size), Image.NEAREST), (x + 4, y + 4))
-        words, line, lines = prompt.split(), "", []
-        for word in words:
-            if len(line) + len(word) > 18:
-                lines.append(line)
-                line = ""
-            line = f"{line} {word}".strip()
-        lines.append(line)
-        draw.multiline_text((x + 2, y + size + 9), "\n".join(lines[:3]), fill="black", spacing=0)
+        draw.multiline_text((x + 2, y + size + 9), _wrapped(prompt, 18, 3), fill="black", spacing=0)
+    return sheet
+
+
+def edit_grid(
+    samples: Sequence[tuple[Image.Image, Image.Image, Image.Image, str, bool]], scale: int = 3
+) -> Image.Image:
+    """One row per edit: source, the model's image (green frame when exactly right, red otherwise), target, and
+    the instruction beside them."""
+    size = samples[0][0].size[0] * scale
+    text_width, gap = 200, 8
+    sheet = Image.new("RGB", (3 * (size + gap) + text_width, len(samples) * (size + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (source, edited, target, instruction, correct) in enumerate(samples):
+        y = i * (size + gap)
+        for j, image in enumerate((source, edited, target)):
+            x = j * (size + gap)
+            if j == 1:
+                draw.rectangle(
+                    (x, y, x + size + gap - 1, y + size + gap - 1), fill=(40, 160, 60) if correct else (200, 40, 40)
+                )
+            sheet.paste(image.resize((size, size), Image.NEAREST), (x + gap // 2, y + gap // 2))
+        draw.multiline_text((3 * (size + gap) + 4, y + 4), _wrapped(instruction, 30, 4), fill="black", spacing=2)
     return sheet

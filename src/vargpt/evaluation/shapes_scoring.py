@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from PIL import Image
 
 from ..data.shapes_scene import Scene, ShapesWorldConfig
-from .shapes_detector import Detection, matches_scene, object_key, read_scene
+from .shapes_detector import Detection, SceneReading, matches_scene, object_key, read_scene
 
 POSITION_THRESHOLD = 0.1
 GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -217,6 +218,25 @@ def edit_check(
     if reading.background != target_scene.background:
         reasons.append(f"background {reading.background}, expected {target_scene.background}")
     return False, "; ".join(reasons) or "duplicated objects"
+
+
+def scene_overlap(reading: SceneReading, scene: Scene) -> dict[str, float]:
+    """How much of a scene an image shows, for edits that are not exactly right.
+
+    Exact editing accuracy stays at 0 until a model redraws whole scenes; these say how far it is. Objects are
+    compared as a multiset of (cell, shape, colour, size): `object_recall` is the share of the scene's objects
+    drawn, `object_precision` the share of drawn objects that belong to the scene (0 when nothing is drawn but
+    the scene has objects; 1 for an empty reading of an empty scene), `background` 1.0 when it matches.
+    """
+    expected = Counter(object_key(o) for o in scene.objects)
+    detected = Counter(d.key() for d in reading.detections)
+    shared = sum((expected & detected).values())
+    n_expected, n_detected = sum(expected.values()), sum(detected.values())
+    return {
+        "object_recall": shared / n_expected if n_expected else 1.0,
+        "object_precision": shared / n_detected if n_detected else float(n_expected == 0),
+        "background": float(reading.background == scene.background),
+    }
 
 
 def edit_correct(
