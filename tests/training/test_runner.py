@@ -27,6 +27,7 @@ SMOKE = {
         "image_size": 32,
     },
     "tokenizer": {"steps": 4, "batch_size": 4, "learning_rate": 0.001, "scenes": 16},
+    "vision": {"steps": 3, "batch_size": 4, "learning_rate": 0.001, "scenes": 12},
     "text_tokenizer_merges": 60,
     "image_generation": {"cfg_scale": 1.0, "uncond_mode": "null_prompt"},
     "stages": [
@@ -121,6 +122,14 @@ def test_every_stage_writes_metrics_plots_and_a_checkpoint(finished_run):
         assert (folder / "model" / "image_generation_config.json").is_file()
     tokenizer = json.loads((run / "tokenizer" / "metrics.json").read_text())
     assert tokenizer["validation_psnr_db"] > 0 and (run / "tokenizer" / "samples.png").is_file()
+    vision = json.loads((run / "vision" / "metrics.json").read_text())
+    assert vision == summary["vision"] and vision["steps"] == SMOKE["vision"]["steps"]
+    assert set(vision["validation_reading"]) == {"occupant", "colour", "size", "background", "scene"}
+    assert (run / "vision" / "loss.png").stat().st_size > 0
+    pretrained = load_file(run / "vision" / "visual.safetensors")
+    first_stage = load_file(run / "stages" / "00-projectors-16" / "model" / "model.safetensors")
+    # the stages start from the pretrained ViT (stage 1 does not train it)
+    assert all(torch.equal(first_stage[f"visual.{k}"], t) for k, t in pretrained.items())
     pairs = json.loads((run / "stages" / "03-dpo-32" / "pairs" / "pairs_stats.json").read_text())
     written = (run / "stages" / "03-dpo-32" / "pairs" / "pairs.jsonl").read_text().splitlines()
     assert 1 <= pairs["pairs"] == len(written) <= 4  # the stats count what the file holds (dpo_pairs: 4)
@@ -240,6 +249,12 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
         path.write_text(json.dumps(dict(SMOKE, stages=[stage])))
         with pytest.raises(ValueError, match=message):
             load_recipe(path)
+    path.write_text(json.dumps(dict(SMOKE, vision=dict(SMOKE["vision"], steps=0))))
+    with pytest.raises(ValueError, match="vision steps, batch_size and scenes must be positive"):
+        load_recipe(path)
+    path.write_text(json.dumps(dict(SMOKE, vision=dict(SMOKE["vision"], learning_rate=0))))
+    with pytest.raises(ValueError, match="vision learning_rate must be positive"):
+        load_recipe(path)
     path.write_text(json.dumps(dict(SMOKE, threads=0)))
     with pytest.raises(ValueError, match="threads must be a positive count"):
         load_recipe(path)

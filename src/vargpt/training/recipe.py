@@ -39,6 +39,17 @@ class TokenizerSpec:
 
 
 @dataclass(frozen=True)
+class VisionSpec:
+    """Scene-reading pretraining of the ViT before the stages (`training.vision_pretraining`): the stand-in for
+    the pretrained vision encoder the full model starts from."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    scenes: int = 4096
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """One stage run. `plan` names a freeze plan in `stages.STAGES`; `trainable` overrides its prefixes."""
 
@@ -93,6 +104,8 @@ class RecipeSpec:
     # torch threads for the whole run (None: torch's default). Float sums depend on the thread count, so a run
     # reproduces another bit for bit only with the same count; the shapes recipe pins it to 1.
     threads: int | None = None
+    # scene-reading pretraining of the ViT after the tokenizer (None: the stages start from a random ViT)
+    vision: VisionSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,9 +188,15 @@ def load_recipe(name_or_path: str | Path) -> RecipeSpec:
             text_tokenizer_merges=int(raw.get("text_tokenizer_merges", 0)),
             image_generation=dict(raw.get("image_generation", {})),
             threads=None if raw.get("threads") is None else int(raw["threads"]),
+            vision=None if raw.get("vision") is None else VisionSpec(**raw["vision"]),
         )
     except (KeyError, TypeError) as err:
         raise ValueError(f"recipe {name_or_path!s} is malformed: {err}") from err
+    for part, values in (("tokenizer", spec.tokenizer), ("vision", spec.vision)):
+        if values is not None and min(values.steps, values.batch_size, values.scenes) < 1:
+            raise ValueError(f"recipe {name_or_path!s}: {part} steps, batch_size and scenes must be positive")
+        if values is not None and not values.learning_rate > 0:
+            raise ValueError(f"recipe {name_or_path!s}: {part} learning_rate must be positive")
     if spec.threads is not None and spec.threads < 1:
         raise ValueError(f"recipe {name_or_path!s}: threads must be a positive count, got {spec.threads}")
     from ..data.shapes_scene import GENERATION_LAYOUTS

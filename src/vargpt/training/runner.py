@@ -3,6 +3,7 @@
 Layout of a run folder:
     data/                 shapes-world splits (sharegpt JSONL + PNGs), one JSONL per task as well
     tokenizer/            vae.safetensors, metrics.json, loss.png, samples.png (originals over reconstructions)
+    vision/               visual.safetensors (the scene-reading pretrained ViT), metrics.json, loss.png
     stages/NN-name/       model/ (checkpoint in the original layout), metrics.json, loss.png, samples.png,
                           trainer/checkpoint-N (resumable; only complete ones are resumed)
     final/                model + processor: loadable with VARGPTPipeline.from_pretrained
@@ -222,6 +223,72 @@ def train_tokenizer(
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(weights))
     loss_curve(trainer.state.log_history, folder / "loss.png", "image tokenizer")
     image_rows([val_images[:12], recon[:12]]).save(folder / "samples.png")
+    _mark_done(folder, metrics)
+    return metrics
+
+
+# -- vision encoder -------------------------------------------------------------------------------------
+
+
+def pretrain_vision(
+    spec: RecipeSpec, model: VARGPTForConditionalGeneration, processor: VARGPTProcessor, folder: Path, progress: bool
+) -> dict[str, Any]:
+    """Scene-reading pretraining of `model.visual` (or load it if this step is done); see `vision_pretraining`."""
+    from ..data.shapes import ShapesWorld
+    from .vision_pretraining import (
+        RenderedScenes,
+        SceneLabels,
+        SceneReadingCollator,
+        VisionPretrainingModel,
+        reading_accuracy,
+    )
+
+    weights = folder / "visual.safetensors"
+    if _done(folder):
+        model.visual.load_state_dict(load_file(str(weights)))
+        return json.loads((folder / "metrics.json").read_text())
+    assert spec.vision is not None
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def rendered(split: str, count: int, seed_offset: int) -> RenderedScenes:
+        world = ShapesWorld(spec.seed * 1000 + seed_offset, image_size=spec.data.image_size)
+        scenes = [world.sample_scene(split) for _ in range(count)]  # understanding scenes; held-out pairs stay out
+        return RenderedScenes(scenes, [world.render(s) for s in scenes])
+
+    world_config = ShapesWorld(0, image_size=spec.data.image_size).config
+    labels = SceneLabels(world_config)
+    collator = SceneReadingCollator(processor.image_processor, labels)
+    validation = rendered("validation", 256, 4)
+    validation_batch = collator([validation[i] for i in range(len(validation))])
+    merge = model.config.vision_config.spatial_merge_size
+    tokens_per_image = int(validation_batch["image_grid_thw"][0].prod()) // merge**2
+    wrapper = VisionPretrainingModel(model.visual, tokens_per_image, model.config.vision_config.hidden_size, labels)
+    wrapper.eval()
+    before = reading_accuracy(wrapper, validation_batch)
+    wrapper.train()
+    v = spec.vision
+    args = _training_args(
+        spec, folder / "trainer", v.steps, v.batch_size, v.learning_rate, logging_steps=20, disable_tqdm=not progress
+    )
+    trainer = VARGPTTrainer(
+        model=wrapper,
+        args=args,
+        train_dataset=rendered("train", v.scenes, 3),
+        data_collator=collator,
+        callbacks=[CompleteCheckpointCallback()],
+    )
+    _train(trainer, folder / "trainer")
+    wrapper.eval()
+    metrics = {
+        "steps": v.steps,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "validation_reading_before": before,
+        "validation_reading": reading_accuracy(wrapper, validation_batch),
+        "final_loss": trainer.state.log_history[-1].get("train_loss"),
+    }
+    save_file({k: t.contiguous() for k, t in model.visual.state_dict().items()}, str(weights))
+    loss_curve(trainer.state.log_history, folder / "loss.png", "ViT scene reading")
     _mark_done(folder, metrics)
     return metrics
 
@@ -476,6 +543,8 @@ def _run_recipe(spec: RecipeSpec, out_dir: str | Path, progress: bool) -> dict[s
     model = VARGPTForConditionalGeneration(config)
     tokenizer_metrics = train_tokenizer(spec, model, out / "tokenizer", progress)
     summary: dict[str, Any] = {"recipe": spec.name, "tokenizer": tokenizer_metrics}
+    if spec.vision is not None:
+        summary["vision"] = pretrain_vision(spec, model, processor, out / "vision", progress)
     summary["stages"] = []
     for index, stage in enumerate(spec.stages):
         folder = out / "stages" / f"{index:02d}-{stage.name}"
@@ -487,8 +556,8 @@ def _run_recipe(spec: RecipeSpec, out_dir: str | Path, progress: bool) -> dict[s
         summary["stages"].append(run_stage(spec, index, model, processor, data, folder, progress))
     _save_loadable(spec, model, processor, out / "final")
     summary["wall_seconds_this_run"] = round(time.perf_counter() - started, 1)
-    summary["total_stage_seconds"] = math.fsum(s.get("wall_seconds", 0) for s in summary["stages"]) + summary[
-        "tokenizer"
-    ].get("wall_seconds", 0)
+    summary["total_stage_seconds"] = math.fsum(s.get("wall_seconds", 0) for s in summary["stages"]) + math.fsum(
+        summary[step].get("wall_seconds", 0) for step in ("tokenizer", "vision") if step in summary
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
