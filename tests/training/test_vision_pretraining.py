@@ -19,9 +19,10 @@ from vargpt.training.vision_pretraining import (
     SceneReadingCollator,
     VisionPretrainingModel,
     reading_accuracy,
+    token_cells,
 )
 
-PIXELS = 112 * 112  # 8 x 8 patches, 16 merged tokens: few enough for seconds, enough to tell the cells apart
+PIXELS = 168 * 168  # 12 x 12 patches, 6 x 6 merged tokens (2 per cell a side): enough to tell the cells apart
 
 
 def test_labels_name_each_cells_occupant_colour_size_and_the_background():
@@ -54,7 +55,7 @@ def test_a_tiny_vit_learns_to_read_held_out_scenes(tmp_path):
     labels = SceneLabels(world.config)
     collator = SceneReadingCollator(Qwen2VLImageProcessorPil(min_pixels=PIXELS, max_pixels=PIXELS), labels)
     held_out = collator(list(_scenes(world, "validation", 128)))
-    wrapper = VisionPretrainingModel(model.visual, 16, model.config.vision_config.hidden_size, labels)
+    wrapper = VisionPretrainingModel(model.visual, model.config.vision_config.hidden_size, labels)
     before = reading_accuracy(wrapper, held_out)
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -77,11 +78,20 @@ def test_a_tiny_vit_learns_to_read_held_out_scenes(tmp_path):
     assert after["colour"] > 0.6 and after["background"] > 0.9, (before, after)
 
 
-def test_the_head_refuses_images_of_another_size():
+def test_each_token_is_labelled_with_the_cell_its_centre_lies_in():
+    assert token_cells(3, 3).tolist() == list(range(9))
+    cells = token_cells(8, 8).reshape(8, 8)
+    # token centres at (i + 0.5) / 8 of the side: rows 0-2 fall in the top cell, 3-4 in the middle, 5-7 below
+    assert cells[:, 0].tolist() == [0, 0, 0, 3, 3, 6, 6, 6] and cells[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+
+
+def test_a_batch_of_mixed_image_sizes_is_refused():
     model = VARGPTForConditionalGeneration(VARGPTConfig.from_preset("tiny"))
     world = ShapesWorld(2, image_size=32)
     labels = SceneLabels(world.config)
-    collator = SceneReadingCollator(Qwen2VLImageProcessorPil(min_pixels=PIXELS, max_pixels=PIXELS), labels)
-    wrapper = VisionPretrainingModel(model.visual, 64, model.config.vision_config.hidden_size, labels)
-    with pytest.raises(ValueError, match="64 merged tokens per image"):
-        wrapper(**collator(list(_scenes(world, "train", 2))))
+    wrapper = VisionPretrainingModel(model.visual, model.config.vision_config.hidden_size, labels)
+    processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=224 * 224)
+    rows = list(_scenes(world, "train", 2))
+    rows[1]["image"] = rows[1]["image"].resize((128, 128))
+    with pytest.raises(ValueError, match="one image size per batch"):
+        wrapper(**SceneReadingCollator(processor, labels)(rows))

@@ -261,9 +261,7 @@ def pretrain_vision(
     collator = SceneReadingCollator(processor.image_processor, labels)
     validation = rendered("validation", 256, 4)
     validation_batch = collator([validation[i] for i in range(len(validation))])
-    merge = model.config.vision_config.spatial_merge_size
-    tokens_per_image = int(validation_batch["image_grid_thw"][0].prod()) // merge**2
-    wrapper = VisionPretrainingModel(model.visual, tokens_per_image, model.config.vision_config.hidden_size, labels)
+    wrapper = VisionPretrainingModel(model.visual, model.config.vision_config.hidden_size, labels)
     wrapper.eval()
     before = reading_accuracy(wrapper, validation_batch)
     wrapper.train()

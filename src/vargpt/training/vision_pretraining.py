@@ -3,10 +3,11 @@
 VARGPT-v1.1 starts from Qwen2-VL, whose ViT has already learned to see; a model trained from scratch on the
 shapes world has to learn seeing and language grounding at once from a few thousand question answers, and its
 ViT stays close to blind to shape and position. This step gives the tiny model what the full one inherits: the
-ViT (blocks and merger, the same weights the LLM reads) is trained to read every cell of rendered scenes, with a
-small head that is thrown away afterwards. The renderer knows each scene exactly, so the labels are exact:
-for each of the 3 x 3 cells what stands there (nothing or one of the shapes), its colour and size, and the
-background.
+ViT (blocks and merger, the same weights the LLM reads) is trained so that each merged token says what stands
+in its cell of the 3 x 3 grid (nothing or one of the shapes, colour, size) and what the background is, through a
+linear head that is thrown away afterwards. (Which cell a token lies in is not a target: the ViT's rotary
+positions are relative, so a token cannot know it on a plain background.) The renderer knows each scene exactly, so
+the labels are exact.
 """
 
 from __future__ import annotations
@@ -49,47 +50,61 @@ class SceneLabels:
         return {"occupant": occupant, "colour": colour, "size": size, "background": background}
 
 
-class SceneReadingHead(nn.Module):
-    """Reads per-cell classes from the ViT's merged tokens of one image.
+def token_cells(grid_h: int, grid_w: int) -> torch.Tensor:
+    """`[grid_h * grid_w]` index of the scene cell each merged token's centre lies in (raster order)."""
+    rows = ((torch.arange(grid_h) + 0.5) * GRID_SIZE / grid_h).long()
+    cols = ((torch.arange(grid_w) + 0.5) * GRID_SIZE / grid_w).long()
+    return (rows[:, None] * GRID_SIZE + cols[None, :]).flatten()
 
-    The tokens of a fixed-size image sit at fixed places, so a linear map from all of them to every cell's
-    logits is enough and leaves the work of seeing to the ViT.
+
+class SceneReadingHead(nn.Module):
+    """A linear read-out of every merged token on its own: what stands in the cell the token lies in (occupant,
+    colour, size) and the background.
+
+    Per token, not per image: the LLM later finds "the square in the top left" by attending to tokens at that
+    place, so each token should say what it shows in directions a linear map can read.
     """
 
-    def __init__(self, tokens_per_image: int, width: int, labels: SceneLabels) -> None:
+    def __init__(self, width: int, labels: SceneLabels) -> None:
         super().__init__()
-        self.cells = GRID_SIZE * GRID_SIZE
-        self.splits = (len(labels.shapes), len(labels.colours), len(labels.sizes))
-        self.n_backgrounds = len(labels.backgrounds)
+        self.splits = (
+            len(labels.shapes),
+            len(labels.colours),
+            len(labels.sizes),
+            len(labels.backgrounds),
+        )
         self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(tokens_per_image * width, self.cells * sum(self.splits) + self.n_backgrounds)
+        self.out = nn.Linear(width, sum(self.splits))
 
     def forward(self, tokens_BTD: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.out(self.norm(tokens_BTD).flatten(1))
-        per_cell = logits[:, : -self.n_backgrounds].reshape(logits.shape[0], self.cells, sum(self.splits))
-        occupant, colour, size = per_cell.split(self.splits, dim=-1)
-        return {"occupant": occupant, "colour": colour, "size": size, "background": logits[:, -self.n_backgrounds :]}
+        names = ("occupant", "colour", "size", "background")
+        return dict(zip(names, self.out(self.norm(tokens_BTD)).split(self.splits, dim=-1), strict=True))
 
 
 class VisionPretrainingModel(nn.Module):
-    """`model.visual` plus a scene-reading head, in `Trainer`'s shape: `forward(**batch) -> {"loss", ...}`."""
+    """`model.visual` plus a scene-reading head, in `Trainer`'s shape: `forward(**batch) -> {"loss", ...}`.
 
-    def __init__(self, visual: nn.Module, tokens_per_image: int, width: int, labels: SceneLabels) -> None:
+    All images of a batch must have one size (the recipe's fixed ViT input), so every image has the same grid of
+    merged tokens.
+    """
+
+    def __init__(self, visual: nn.Module, width: int, labels: SceneLabels) -> None:
         super().__init__()
         self.visual = visual
-        self.tokens_per_image = tokens_per_image
-        self.head = SceneReadingHead(tokens_per_image, width, labels)
+        self.merge = visual.config.spatial_merge_size
+        self.head = SceneReadingHead(width, labels)
 
-    def read(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> dict[str, torch.Tensor]:
+    def read(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-token logits `[B, T, classes]` and the cell of each token `[T]`."""
+        if image_grid_thw.shape[0] > 1 and not (image_grid_thw == image_grid_thw[0]).all():
+            raise ValueError(f"vision pretraining needs one image size per batch, got grids {image_grid_thw.tolist()}")
+        _, h, w = (int(v) for v in image_grid_thw[0])
+        cells_T = token_cells(h // self.merge, w // self.merge).to(pixel_values.device)
         features = self.visual(pixel_values, grid_thw=image_grid_thw)
         tokens = getattr(features, "pooler_output", features)
-        n_images = image_grid_thw.shape[0]
-        if tokens.shape[0] != n_images * self.tokens_per_image:
-            raise ValueError(
-                f"vision pretraining needs {self.tokens_per_image} merged tokens per image (one image size), got "
-                f"{tokens.shape[0]} for {n_images} images"
-            )
-        return self.head(tokens.reshape(n_images, self.tokens_per_image, -1))
+        return self.head(tokens.reshape(image_grid_thw.shape[0], cells_T.shape[0], -1)), cells_T
 
     def forward(
         self,
@@ -101,12 +116,17 @@ class VisionPretrainingModel(nn.Module):
         background: torch.Tensor,
         **_: Any,
     ) -> dict[str, torch.Tensor]:
-        logits = self.read(pixel_values, image_grid_thw)
+        logits, cells_T = self.read(pixel_values, image_grid_thw)
+        B, T = logits["background"].shape[:2]
+        targets = {
+            "occupant": occupant[:, cells_T],
+            "colour": colour[:, cells_T],
+            "size": size[:, cells_T],
+            "background": background[:, None].expand(B, T),
+        }
         losses = {
-            "occupant": F.cross_entropy(logits["occupant"].flatten(0, 1).float(), occupant.flatten()),
-            "colour": F.cross_entropy(logits["colour"].flatten(0, 1).float(), colour.flatten(), ignore_index=IGNORE),
-            "size": F.cross_entropy(logits["size"].flatten(0, 1).float(), size.flatten(), ignore_index=IGNORE),
-            "background": F.cross_entropy(logits["background"].float(), background),
+            name: F.cross_entropy(logits[name].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE)
+            for name, target in targets.items()
         }
         loss = sum(losses.values())
         return {"loss": loss, **{f"{k}_loss": v.detach() for k, v in losses.items()}}
@@ -114,16 +134,22 @@ class VisionPretrainingModel(nn.Module):
 
 @torch.no_grad()
 def reading_accuracy(model: VisionPretrainingModel, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Shares read right on held-out scenes: occupant per cell, colour and size per occupied cell, background,
-    and `scene` (every cell and the background right: the scene read exactly)."""
+    """Shares read right on held-out scenes, each cell judged by the mean logits of its tokens: occupant per
+    cell, colour and size per occupied cell, background per image, `scene` (every cell and the background right:
+    the scene read exactly)."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model.read(batch["pixel_values"], batch["image_grid_thw"])
-    predicted = {k: v.argmax(-1) for k, v in logits.items()}
+    logits, cells_T = model.read(batch["pixel_values"], batch["image_grid_thw"])
+    to_cells_TK = F.one_hot(cells_T, GRID_SIZE * GRID_SIZE).float()
+    to_cells_TK = to_cells_TK / to_cells_TK.sum(0, keepdim=True).clamp(min=1)
+    predicted = {
+        k: torch.einsum("btc,tk->bkc", logits[k].float(), to_cells_TK).argmax(-1)
+        for k in ("occupant", "colour", "size")
+    }
     occupied = batch["colour"] != IGNORE
     right = {k: predicted[k] == batch[k] for k in ("occupant", "colour", "size")}
     cells_right = right["occupant"] & (~occupied | (right["colour"] & right["size"]))
-    background_right = predicted["background"] == batch["background"]
+    background_right = logits["background"].float().mean(1).argmax(-1) == batch["background"]
     return {
         "occupant": right["occupant"].float().mean().item(),
         "colour": right["colour"][occupied].float().mean().item(),
