@@ -150,6 +150,23 @@ def _training_args(spec: RecipeSpec, folder: Path, steps: int, batch: int, lr: f
     )
 
 
+def _pre_stage_trainer(spec: RecipeSpec, step, model, dataset, collator, folder: Path, progress: bool):
+    """The Trainer of a step before the stages (image tokenizer, vision pretraining): `step` gives its steps,
+    batch size and learning rate; checkpoints go to `folder/trainer`."""
+    args = _training_args(
+        spec,
+        folder / "trainer",
+        step.steps,
+        step.batch_size,
+        step.learning_rate,
+        logging_steps=20,
+        disable_tqdm=not progress,
+    )
+    return VARGPTTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[CompleteCheckpointCallback()]
+    )
+
+
 def _train(trainer, folder: Path) -> None:
     resume = last_complete_checkpoint(folder)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -197,16 +214,14 @@ def train_tokenizer(
     val_scenes, val_images, val_tensor = _render_scenes(spec, "validation", 256, 2)
     vae = model.vae_local
     wrapper = TokenizerTrainingModel(vae)
-    t = spec.tokenizer
-    args = _training_args(
-        spec, folder / "trainer", t.steps, t.batch_size, t.learning_rate, logging_steps=20, disable_tqdm=not progress
-    )
-    trainer = VARGPTTrainer(
-        model=wrapper,
-        args=args,
-        train_dataset=_Renders(train_images),
-        data_collator=lambda rows: {"pixel_values": torch.stack([r["pixel_values"] for r in rows])},
-        callbacks=[CompleteCheckpointCallback()],
+    trainer = _pre_stage_trainer(
+        spec,
+        spec.tokenizer,
+        wrapper,
+        _Renders(train_images),
+        lambda rows: {"pixel_values": torch.stack([r["pixel_values"] for r in rows])},
+        folder,
+        progress,
     )
     _train(trainer, folder / "trainer")
     vae.eval()
@@ -214,7 +229,7 @@ def train_tokenizer(
     recon = postprocess_generated(recon_B3HW)
     exact = sum(matches_scene(read_scene(img), scene) for img, scene in zip(recon, val_scenes, strict=True))
     metrics = {
-        "steps": t.steps,
+        "steps": spec.tokenizer.steps,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "validation_psnr_db": round(psnr_db(recon_B3HW, val_tensor), 2),
         "validation_detector_exact_match": exact / len(val_scenes),
@@ -247,7 +262,9 @@ def pretrain_vision(
     if _done(folder):
         model.visual.load_state_dict(load_file(str(weights)))
         return json.loads((folder / "metrics.json").read_text())
-    assert spec.vision is not None
+    vision = spec.vision
+    if vision is None:
+        raise ValueError(f"recipe {spec.name!r} has no vision step to run")
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -265,21 +282,11 @@ def pretrain_vision(
     wrapper.eval()
     before = reading_accuracy(wrapper, validation_batch)
     wrapper.train()
-    v = spec.vision
-    args = _training_args(
-        spec, folder / "trainer", v.steps, v.batch_size, v.learning_rate, logging_steps=20, disable_tqdm=not progress
-    )
-    trainer = VARGPTTrainer(
-        model=wrapper,
-        args=args,
-        train_dataset=rendered("train", v.scenes, 3),
-        data_collator=collator,
-        callbacks=[CompleteCheckpointCallback()],
-    )
+    trainer = _pre_stage_trainer(spec, vision, wrapper, rendered("train", vision.scenes, 3), collator, folder, progress)
     _train(trainer, folder / "trainer")
     wrapper.eval()
     metrics = {
-        "steps": v.steps,
+        "steps": vision.steps,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "validation_reading_before": before,
         "validation_reading": reading_accuracy(wrapper, validation_batch),
