@@ -108,7 +108,7 @@ def test_dpo_loss_is_log2_when_policy_equals_reference_and_shared_noise_is_exact
     c = image_log_probs(model, chosen, seed=8, noise=True)
     assert torch.equal(a, b) and not torch.equal(a, c)
     loss, stats = dpo_loss(a, a, a, a, beta=0.1)
-    assert math.isclose(float(loss), math.log(2), rel_tol=1e-6) and stats["rewards/margin"] == 0
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6) and stats["rewards/margin"] == 0
 
 
 def test_dpo_trainer_prefers_the_chosen_images(tmp_path):
