@@ -278,6 +278,9 @@ def pretrain_vision(
     collator = SceneReadingCollator(processor.image_processor, labels)
     validation = rendered("validation", 256, 4)
     validation_batch = collator([validation[i] for i in range(len(validation))])
+    # seeded here, not by the run: whether the tokenizer step trained in this process or was loaded from an
+    # earlier one changes the global random state, and the read-out head's initial weights must not depend on it
+    set_seed(spec.seed)
     wrapper = VisionPretrainingModel(model.visual, model.config.vision_config.hidden_size, labels)
     wrapper.eval()
     before = reading_accuracy(wrapper, validation_batch)
