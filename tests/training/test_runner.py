@@ -369,3 +369,45 @@ def test_a_recipe_can_draw_its_text_to_image_targets_in_the_canonical_layout(tmp
             assert scene["background"] == "white" and {o["size"] for o in scene["objects"]} == {"large"}
     understanding = [json.loads(line) for line in (data / "train-understanding.jsonl").read_text().splitlines()]
     assert any(row["meta"]["scene"]["background"] != "white" for row in understanding)  # other rows: as before
+
+
+class _PipelineDrawingMagenta:
+    """Stands in for the model: draws every prompt as a flat magenta square, which the test's scorer accepts."""
+
+    def generate(self, prompts, seed=None):
+        from PIL import Image
+
+        return [Image.new("RGB", (32, 32), (255, 0, 255)) for _ in prompts]
+
+
+@pytest.mark.parametrize("losers", ["own_samples", "own_samples_or_other_prompts"])
+def test_mixed_dpo_losers_take_another_prompts_scene_where_the_models_sample_is_right(tmp_path, monkeypatch, losers):
+    from PIL import Image
+
+    from vargpt.evaluation import shapes_scoring
+    from vargpt.training import runner
+
+    real_scorer = shapes_scoring.evaluate_generated_image
+
+    def scorer(image, metadata):  # the model's (magenta) samples satisfy every prompt; scenes are scored truly
+        if image.getpixel((0, 0)) == (255, 0, 255):
+            return True, {}
+        return real_scorer(image, metadata)
+
+    monkeypatch.setattr(shapes_scoring, "evaluate_generated_image", scorer)
+    monkeypatch.setattr(runner, "_stage_pipeline", lambda *args: _PipelineDrawingMagenta())
+    dpo = dict(SMOKE["stages"][3], dpo_pairs=6, dpo_losers=losers)
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(dict(SMOKE, stages=[dpo])))
+    pairs_file = runner._build_preference_pairs(load_recipe(path), 0, torch.nn.Linear(1, 1), None, tmp_path / "p")
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    stats = json.loads((tmp_path / "p" / "pairs_stats.json").read_text())
+    if losers == "own_samples":  # every sample is right: no pair has a loser
+        assert rows == [] and stats["skipped_loser_satisfies_prompt"] == stats["prompts_drawn"]
+        assert stats["losers_from_other_prompts"] is None
+        return
+    assert len(rows) == 6 and stats["losers_from_other_prompts"] >= 6
+    for row in rows:
+        chosen, rejected = (Image.open(tmp_path / "p" / name).convert("RGB") for name in row["images"])
+        assert rejected.getpixel((0, 0)) != (255, 0, 255)  # a rendered scene, not the model's sample
+        assert chosen.tobytes() != rejected.tobytes()

@@ -15,6 +15,7 @@ from typing import Any
 from .stages import STAGES
 
 TASKS = ("understanding", "generation", "editing")
+DPO_LOSERS = ("own_samples", "other_prompts", "own_samples_or_other_prompts")
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,9 @@ class StageSpec:
     dpo_beta: float = 0.1
     # weight of the winners' per-bit NLL added to the DPO loss (0: plain DPO); see `trainer.dpo_loss`
     dpo_chosen_nll_weight: float = 0.0
-    # DPO losers: "own_samples" (the model's wrong samples, the paper's way) or "other_prompts" (ground truth of
-    # another prompt of the same category that fails this one)
+    # DPO losers: "own_samples" (the model's wrong samples, the paper's way), "other_prompts" (ground truth of
+    # another prompt of the same category that fails this one) or "own_samples_or_other_prompts" (the first where
+    # the model's sample is wrong, the second where it is right)
     dpo_losers: str = "own_samples"
     eval_rows: int = 32
     # share of text-to-image rows whose prompt is emptied (trains null-prompt guidance; SFT stages only)
@@ -140,8 +142,8 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
         raise ValueError(f"stage {spec.name!r}: dpo_beta must be positive, got {spec.dpo_beta}")
     if spec.dpo_chosen_nll_weight < 0:
         raise ValueError(f"stage {spec.name!r}: dpo_chosen_nll_weight must not be negative")
-    if spec.dpo_losers not in ("own_samples", "other_prompts"):
-        raise ValueError(f"stage {spec.name!r}: dpo_losers must be 'own_samples' or 'other_prompts'")
+    if spec.dpo_losers not in DPO_LOSERS:
+        raise ValueError(f"stage {spec.name!r}: dpo_losers must be one of {list(DPO_LOSERS)}, got {spec.dpo_losers!r}")
     if not 0.0 <= spec.prompt_dropout < 1.0:
         raise ValueError(f"stage {spec.name!r}: prompt_dropout must lie in [0, 1), got {spec.prompt_dropout}")
     if STAGES[spec.plan].kind == "dpo" and spec.prompt_dropout:

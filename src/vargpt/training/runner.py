@@ -355,9 +355,11 @@ def _stage_pipeline(spec: RecipeSpec, model, processor, stage: StageSpec):
 
 def _build_preference_pairs(spec: RecipeSpec, stage_index: int, model, processor, folder: Path) -> Path:
     """Winners: the renderer's ground truth for a prompt. Losers (`stage.dpo_losers`): "own_samples", the
-    model's own wrong samples for it (the paper's construction); or "other_prompts", the ground truth of another
+    model's own wrong samples for it (the paper's construction); "other_prompts", the ground truth of another
     prompt of the same category that this prompt rejects, which rewards following the prompt rather than drawing
-    any clean scene."""
+    any clean scene; or "own_samples_or_other_prompts", the model's sample where it is wrong and another prompt's
+    ground truth where it is right, so that categories the model already draws right keep pairs (and the
+    winners' NLL term) instead of drifting while the round trains only on the others."""
     from ..data.shapes import ShapesWorld
     from ..evaluation.shapes_scoring import GENEVAL_CATEGORIES, evaluate_generated_image
 
@@ -368,28 +370,36 @@ def _build_preference_pairs(spec: RecipeSpec, stage_index: int, model, processor
     world = ShapesWorld(
         spec.seed * 1000 + 7 + 1000 * rounds_before, image_size=spec.data.image_size, config=_world_config(spec)
     )
-    pipe = _stage_pipeline(spec, model.eval(), processor, stage) if stage.dpo_losers == "own_samples" else None
+    samples = stage.dpo_losers in ("own_samples", "own_samples_or_other_prompts")
+    others = stage.dpo_losers in ("other_prompts", "own_samples_or_other_prompts")
+    pipe = _stage_pipeline(spec, model.eval(), processor, stage) if samples else None
     rows, skipped, index = [], 0, 0
     attempts = 0
+    from_other_prompts = 0
     previous: dict[str, Any] = {}  # category -> the last prompt item drawn for it
     while len(rows) < stage.dpo_pairs and attempts < stage.dpo_pairs * 4:
         items = [world.t2i_prompt(GENEVAL_CATEGORIES[(attempts + i) % 6], "train") for i in range(16)]
         attempts += len(items)
+        other_losers = []
+        for item in items:
+            other = previous.get(item.metadata["tag"])
+            previous[item.metadata["tag"]] = item
+            other_losers.append(None if other is None or not others else world.render(other.scene))
         if pipe is not None:
             losers = [
                 s.resize((spec.data.image_size,) * 2)
                 for s in pipe.generate([it.prompt for it in items], seed=spec.seed + attempts)
             ]
         else:
-            losers = []
-            for item in items:
-                other = previous.get(item.metadata["tag"])
-                previous[item.metadata["tag"]] = item
-                losers.append(None if other is None else world.render(other.scene))
-        for item, loser in zip(items, losers, strict=True):
+            losers = other_losers
+        for item, loser, other_loser in zip(items, losers, other_losers, strict=True):
             if loser is None:
                 continue
             correct, _ = evaluate_generated_image(loser, item.metadata)
+            if correct and pipe is not None and other_loser is not None:
+                loser = other_loser  # the model draws this prompt right: another prompt's scene is the loser
+                correct, _ = evaluate_generated_image(loser, item.metadata)
+                from_other_prompts += not correct
             if correct:
                 skipped += 1  # the loser satisfies this prompt too: no preference signal
                 continue
@@ -413,6 +423,7 @@ def _build_preference_pairs(spec: RecipeSpec, stage_index: int, model, processor
         "prompts_drawn": attempts,
         "losers": stage.dpo_losers,
         "skipped_loser_satisfies_prompt": skipped,
+        "losers_from_other_prompts": from_other_prompts if pipe is not None and others else None,
     }
     (folder / "pairs_stats.json").write_text(json.dumps(stats))
     return path
