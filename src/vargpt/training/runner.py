@@ -380,24 +380,23 @@ def _build_preference_pairs(spec: RecipeSpec, stage_index: int, model, processor
     while len(rows) < stage.dpo_pairs and attempts < stage.dpo_pairs * 4:
         items = [world.t2i_prompt(GENEVAL_CATEGORIES[(attempts + i) % 6], "train") for i in range(16)]
         attempts += len(items)
-        other_losers = []
+        other_items = []  # per item: the previous prompt of its category (its scene is rendered only when used)
         for item in items:
-            other = previous.get(item.metadata["tag"])
+            other_items.append(previous.get(item.metadata["tag"]) if others else None)
             previous[item.metadata["tag"]] = item
-            other_losers.append(None if other is None or not others else world.render(other.scene))
         if pipe is not None:
             losers = [
                 s.resize((spec.data.image_size,) * 2)
                 for s in pipe.generate([it.prompt for it in items], seed=spec.seed + attempts)
             ]
         else:
-            losers = other_losers
-        for item, loser, other_loser in zip(items, losers, other_losers, strict=True):
+            losers = [None if other is None else world.render(other.scene) for other in other_items]
+        for item, loser, other in zip(items, losers, other_items, strict=True):
             if loser is None:
                 continue
             correct, _ = evaluate_generated_image(loser, item.metadata)
-            if correct and pipe is not None and other_loser is not None:
-                loser = other_loser  # the model draws this prompt right: another prompt's scene is the loser
+            if correct and pipe is not None and other is not None:
+                loser = world.render(other.scene)  # the model draws this prompt right: another prompt's scene loses
                 correct, _ = evaluate_generated_image(loser, item.metadata)
                 from_other_prompts += not correct
             if correct:
