@@ -287,12 +287,17 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
 @CPU_BITS
 def test_a_recipe_that_pins_its_threads_trains_the_same_bits_whatever_the_process_uses(tmp_path):
     # float sums depend on the thread count: the shapes recipe pins one thread so that a fresh clone reproduces
-    # the shipped weights however many threads its machine would use
+    # the shipped weights however many threads its machine would use; a pin to two threads holds the same way
     recipe = dict(SMOKE, bf16=True, stages=[SMOKE["stages"][1]])
     original = torch.get_num_threads()
     weights = {}
     try:
-        for name, process_threads, pinned in (("one", 1, None), ("pinned", 2, 1), ("two", 2, None)):
+        for name, process_threads, pinned in (
+            ("one", 1, None),
+            ("pinned_one", 2, 1),
+            ("two", 2, None),
+            ("pinned_two", 1, 2),
+        ):
             path = tmp_path / f"{name}.json"
             path.write_text(json.dumps(dict(recipe, threads=pinned)))
             torch.set_num_threads(process_threads)
@@ -301,7 +306,8 @@ def test_a_recipe_that_pins_its_threads_trains_the_same_bits_whatever_the_proces
             weights[name] = load_file(tmp_path / name / "stages" / "00-llm" / "model" / "model.safetensors")
     finally:
         torch.set_num_threads(original)
-    assert all(torch.equal(weights["one"][k], weights["pinned"][k]) for k in weights["one"])
+    assert all(torch.equal(weights["one"][k], weights["pinned_one"][k]) for k in weights["one"])
+    assert all(torch.equal(weights["two"][k], weights["pinned_two"][k]) for k in weights["two"])
     # the pin is needed: two threads give other bits (so this test could tell the difference)
     assert not all(torch.equal(weights["one"][k], weights["two"][k]) for k in weights["one"])
 
