@@ -18,6 +18,7 @@ from vargpt.training.vision_pretraining import (
     SceneLabels,
     SceneReadingCollator,
     VisionPretrainingModel,
+    cells_aligned,
     reading_accuracy,
     token_cells,
 )
@@ -83,6 +84,13 @@ def test_each_token_is_labelled_with_the_cell_its_centre_lies_in():
     cells = token_cells(8, 8).reshape(8, 8)
     # token centres at (i + 0.5) / 8 of the side: rows 0-2 fall in the top cell, 3-4 in the middle, 5-7 below
     assert cells[:, 0].tolist() == [0, 0, 0, 3, 3, 6, 6, 6] and cells[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+
+
+def test_token_grids_tile_the_cells_only_in_multiples_of_three():
+    assert cells_aligned(3, 3) and cells_aligned(6, 6) and cells_aligned(6, 9)
+    assert not cells_aligned(8, 8) and not cells_aligned(2, 2) and not cells_aligned(6, 8)
+    # where they tile, every cell gets the same number of tokens
+    assert torch.bincount(token_cells(6, 6)).tolist() == [4] * 9
 
 
 def test_a_batch_of_mixed_image_sizes_is_refused():

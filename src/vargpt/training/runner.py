@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -250,11 +251,13 @@ def pretrain_vision(
 ) -> dict[str, Any]:
     """Scene-reading pretraining of `model.visual` (or load it if this step is done); see `vision_pretraining`."""
     from ..data.shapes import ShapesWorld
+    from ..data.shapes_scene import GRID_SIZE
     from .vision_pretraining import (
         RenderedScenes,
         SceneLabels,
         SceneReadingCollator,
         VisionPretrainingModel,
+        cells_aligned,
         reading_accuracy,
     )
 
@@ -278,6 +281,17 @@ def pretrain_vision(
     collator = SceneReadingCollator(processor.image_processor, labels)
     validation = rendered("validation", 256, 4)
     validation_batch = collator([validation[i] for i in range(len(validation))])
+    merge = model.config.vision_config.spatial_merge_size
+    _, patches_h, patches_w = (int(v) for v in validation_batch["image_grid_thw"][0])
+    grid_h, grid_w = patches_h // merge, patches_w // merge
+    aligned = cells_aligned(grid_h, grid_w)
+    if not aligned:
+        warnings.warn(
+            f"processor_pixels={spec.processor_pixels} gives {grid_h} x {grid_w} merged ViT tokens, which do not tile "
+            f"the scene's {GRID_SIZE} x {GRID_SIZE} cells: tokens on cell borders get labels they only half show "
+            f"(a multiple of {GRID_SIZE} tokens a side reads scenes far better, e.g. 168 x 168 = 28224 pixels)",
+            stacklevel=2,
+        )
     # seeded here, not by the run: whether the tokenizer step trained in this process or was loaded from an
     # earlier one changes the global random state, and the read-out head's initial weights must not depend on it
     set_seed(spec.seed)
@@ -291,6 +305,8 @@ def pretrain_vision(
     metrics = {
         "steps": vision.steps,
         "wall_seconds": round(time.perf_counter() - started, 1),
+        "token_grid": [grid_h, grid_w],
+        "cells_aligned": aligned,
         "validation_reading_before": before,
         "validation_reading": reading_accuracy(wrapper, validation_batch),
         "final_loss": trainer.state.log_history[-1].get("train_loss"),

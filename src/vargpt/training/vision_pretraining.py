@@ -50,6 +50,16 @@ class SceneLabels:
         return {"occupant": occupant, "colour": colour, "size": size, "background": background}
 
 
+def cells_aligned(grid_h: int, grid_w: int) -> bool:
+    """Whether a grid of merged tokens tiles the scene's cells exactly (each cell a whole block of tokens).
+
+    Where it does not, a token straddling two cells is labelled with the cell its centre lies in while it shows
+    part of the next one too, and the labels contradict what the token sees: at 224 px (8 x 8 tokens over 3 x 3
+    cells) the shapes recipe's ViT read 0.29 of held-out scenes exactly, at 168 px (6 x 6 tokens) all of them.
+    """
+    return grid_h % GRID_SIZE == 0 and grid_w % GRID_SIZE == 0
+
+
 def token_cells(grid_h: int, grid_w: int) -> torch.Tensor:
     """`[grid_h * grid_w]` index of the scene cell each merged token's centre lies in (raster order)."""
     rows = ((torch.arange(grid_h) + 0.5) * GRID_SIZE / grid_h).long()
