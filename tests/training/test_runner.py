@@ -289,8 +289,8 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
 
 @CPU_BITS
 def test_a_recipe_that_pins_its_threads_trains_the_same_bits_whatever_the_process_uses(tmp_path):
-    # float sums depend on the thread count: the shapes recipe pins one thread so that a fresh clone reproduces
-    # the shipped weights however many threads its machine would use; a pin to two threads holds the same way
+    # float sums depend on the thread count: the shapes recipe pins its threads (two) so that a fresh clone
+    # reproduces the shipped weights however many threads its machine would use
     recipe = dict(SMOKE, bf16=True, stages=[SMOKE["stages"][1]])
     original = torch.get_num_threads()
     weights = {}

@@ -281,9 +281,11 @@ def pretrain_vision(
     collator = SceneReadingCollator(processor.image_processor, labels)
     validation = rendered("validation", 256, 4)
     validation_batch = collator([validation[i] for i in range(len(validation))])
-    merge = model.config.vision_config.spatial_merge_size
-    _, patches_h, patches_w = (int(v) for v in validation_batch["image_grid_thw"][0])
-    grid_h, grid_w = patches_h // merge, patches_w // merge
+    # seeded here, not by the run: whether the tokenizer step trained in this process or was loaded from an
+    # earlier one changes the global random state, and the read-out head's initial weights must not depend on it
+    set_seed(spec.seed)
+    wrapper = VisionPretrainingModel(model.visual, model.config.vision_config.hidden_size, labels)
+    grid_h, grid_w = wrapper.token_grid(validation_batch["image_grid_thw"])
     aligned = cells_aligned(grid_h, grid_w)
     if not aligned:
         warnings.warn(
@@ -292,10 +294,6 @@ def pretrain_vision(
             f"(a multiple of {GRID_SIZE} tokens a side reads scenes far better, e.g. 168 x 168 = 28224 pixels)",
             stacklevel=2,
         )
-    # seeded here, not by the run: whether the tokenizer step trained in this process or was loaded from an
-    # earlier one changes the global random state, and the read-out head's initial weights must not depend on it
-    set_seed(spec.seed)
-    wrapper = VisionPretrainingModel(model.visual, model.config.vision_config.hidden_size, labels)
     wrapper.eval()
     before = reading_accuracy(wrapper, validation_batch)
     wrapper.train()

@@ -104,14 +104,18 @@ class VisionPretrainingModel(nn.Module):
         self.merge = visual.config.spatial_merge_size
         self.head = SceneReadingHead(width, labels)
 
+    def token_grid(self, image_grid_thw: torch.Tensor) -> tuple[int, int]:
+        """Rows and columns of merged tokens of a batch's images (all of one size)."""
+        if image_grid_thw.shape[0] > 1 and not (image_grid_thw == image_grid_thw[0]).all():
+            raise ValueError(f"vision pretraining needs one image size per batch, got grids {image_grid_thw.tolist()}")
+        _, h, w = (int(v) for v in image_grid_thw[0])
+        return h // self.merge, w // self.merge
+
     def read(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-token logits `[B, T, classes]` and the cell of each token `[T]`."""
-        if image_grid_thw.shape[0] > 1 and not (image_grid_thw == image_grid_thw[0]).all():
-            raise ValueError(f"vision pretraining needs one image size per batch, got grids {image_grid_thw.tolist()}")
-        _, h, w = (int(v) for v in image_grid_thw[0])
-        cells_T = token_cells(h // self.merge, w // self.merge).to(pixel_values.device)
+        cells_T = token_cells(*self.token_grid(image_grid_thw)).to(pixel_values.device)
         features = self.visual(pixel_values, grid_thw=image_grid_thw)
         tokens = getattr(features, "pooler_output", features)
         return self.head(tokens.reshape(image_grid_thw.shape[0], cells_T.shape[0], -1)), cells_T
