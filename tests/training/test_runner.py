@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from vargpt.training.recipe import load_recipe
-from vargpt.training.runner import run_recipe
+from vargpt.training.runner import _sft_dataset, run_recipe
 
 CPU_BITS = pytest.mark.skipif(
     torch.cuda.is_available(), reason="bit-exact training is a CPU guarantee; GPU kernels are not deterministic"
@@ -28,7 +28,7 @@ SMOKE = {
         "image_size": 32,
     },
     "tokenizer": {"steps": 4, "batch_size": 4, "learning_rate": 0.001, "scenes": 16},
-    "vision": {"steps": 3, "batch_size": 4, "learning_rate": 0.001, "scenes": 12},
+    "vision": {"steps": 3, "batch_size": 4, "learning_rate": 0.001, "scenes": 12, "position_target": True},
     "text_tokenizer_merges": 60,
     "image_generation": {"cfg_scale": 1.0, "uncond_mode": "null_prompt"},
     "stages": [
@@ -127,7 +127,7 @@ def test_every_stage_writes_metrics_plots_and_a_checkpoint(finished_run):
     assert tokenizer["validation_psnr_db"] > 0 and (run / "tokenizer" / "samples.png").is_file()
     vision = json.loads((run / "vision" / "metrics.json").read_text())
     assert vision == summary["vision"] and vision["steps"] == SMOKE["vision"]["steps"]
-    assert set(vision["validation_reading"]) == {"occupant", "colour", "size", "background", "scene"}
+    assert set(vision["validation_reading"]) == {"occupant", "colour", "size", "background", "scene", "cell"}
     assert vision["token_grid"] == [2, 2] and vision["cells_aligned"] is False
     assert (run / "vision" / "loss.png").stat().st_size > 0
     pretrained = load_file(run / "vision" / "visual.safetensors")
@@ -184,6 +184,16 @@ def test_final_model_loads_in_the_pipeline_and_eval_command_runs(finished_run, t
     assert report["image_settings"]["uncond_mode"] == "null_prompt"  # guided by the model's own null prompt
     assert "generation_prompt_shuffled" in report
     assert report_path.with_suffix(".png").is_file()
+
+
+def test_task_repeats_enter_a_tasks_rows_that_many_times_into_the_stages_mix(finished_run):
+    _, run, _ = finished_run
+    once, _ = _sft_dataset(run / "data", ("understanding", "editing"))
+    mixed, reports = _sft_dataset(run / "data", ("understanding", "editing"), repeats={"editing": 3})
+    understanding, editing = (reports[t]["kept_rows"] for t in ("understanding", "editing"))
+    assert len(once) == understanding + editing and len(mixed) == understanding + 3 * editing
+    from_editing = [name for name in mixed["source_file"] if name.endswith("train-editing.jsonl")]
+    assert len(from_editing) == 3 * editing
 
 
 def test_the_text_tokenizer_learns_merges_from_the_training_split(finished_run):
@@ -267,6 +277,10 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
         (dict(SMOKE["stages"][0], categories=["colours"]), "unknown categories"),
         (dict(SMOKE["stages"][3], categories=["colors"]), "generation rows of an SFT stage"),
         (dict(SMOKE["stages"][1], tasks=["understanding"], categories=["colors"]), "generation rows of an SFT stage"),
+        (dict(SMOKE["stages"][1], task_repeats={"editing": 2}), "not one of its tasks"),
+        (dict(SMOKE["stages"][1], task_repeats={"generation": 0}), "must be a positive integer"),
+        (dict(SMOKE["stages"][1], task_repeats={"generation": 1.5}), "must be a positive integer"),
+        (dict(SMOKE["stages"][3], task_repeats={"generation": 2}), "SFT stages, not DPO"),
     ):
         path.write_text(json.dumps(dict(SMOKE, stages=[stage])))
         with pytest.raises(ValueError, match=message):

@@ -48,6 +48,8 @@ class VisionSpec:
     batch_size: int
     learning_rate: float
     scenes: int = 4096
+    # also teach each merged token which cell of the scene grid it lies in (see `vision_pretraining`)
+    position_target: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class StageSpec:
     # text-to-image rows of these GenEval categories only (empty: all); a curriculum stage can concentrate the
     # training signal on one attribute at a time, which a small model from scratch needs to follow prompts
     categories: tuple[str, ...] = ()
+    # how many times each task's training rows enter this stage's mix (tasks not named: once). Rows are mixed in
+    # proportion to their counts, so a task with few rows (editing) gets few steps unless repeated
+    task_repeats: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,7 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
                 "tasks": tuple(raw["tasks"]),
                 "trainable": tuple(raw["trainable"]) if raw.get("trainable") else None,
                 "categories": tuple(raw.get("categories", ())),
+                "task_repeats": dict(raw.get("task_repeats", {})),
             }
         )
     except (TypeError, KeyError) as err:
@@ -158,6 +164,13 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
             raise ValueError(f"stage {spec.name!r}: categories select the generation rows of an SFT stage")
     if spec.steps <= 0 or spec.batch_size <= 0:
         raise ValueError(f"stage {spec.name!r}: steps and batch_size must be positive")
+    for task, repeats in spec.task_repeats.items():
+        if task not in spec.tasks:
+            raise ValueError(f"stage {spec.name!r}: task_repeats names {task!r}, which is not one of its tasks")
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+            raise ValueError(f"stage {spec.name!r}: task_repeats[{task!r}] must be a positive integer, got {repeats!r}")
+    if spec.task_repeats and STAGES[spec.plan].kind == "dpo":
+        raise ValueError(f"stage {spec.name!r}: task_repeats apply to SFT stages, not DPO")
     return spec
 
 

@@ -284,7 +284,9 @@ def pretrain_vision(
     # seeded here, not by the run: whether the tokenizer step trained in this process or was loaded from an
     # earlier one changes the global random state, and the read-out head's initial weights must not depend on it
     set_seed(spec.seed)
-    wrapper = VisionPretrainingModel(model.visual, model.config.vision_config.hidden_size, labels)
+    wrapper = VisionPretrainingModel(
+        model.visual, model.config.vision_config.hidden_size, labels, position_target=vision.position_target
+    )
     grid_h, grid_w = wrapper.token_grid(validation_batch["image_grid_thw"])
     aligned = cells_aligned(grid_h, grid_w)
     if not aligned:
@@ -336,7 +338,10 @@ def _rows_of_categories(rows: Path, categories: tuple[str, ...]) -> Path:
     return target
 
 
-def _sft_dataset(data: Path, tasks: tuple[str, ...], categories: tuple[str, ...] = ()):
+def _sft_dataset(
+    data: Path, tasks: tuple[str, ...], categories: tuple[str, ...] = (), repeats: dict[str, int] | None = None
+):
+    """The stage's training rows: each task's file (`repeats[task]` times, default once), concatenated."""
     import datasets
 
     from ..data.formats import load_sft_dataset
@@ -347,7 +352,7 @@ def _sft_dataset(data: Path, tasks: tuple[str, ...], categories: tuple[str, ...]
         if task == "generation" and categories:
             path = _rows_of_categories(path, categories)
         dataset, report = load_sft_dataset(path)
-        parts.append(dataset)
+        parts.extend([dataset] * (repeats or {}).get(task, 1))
         reports[task] = report.to_dict()
     return datasets.concatenate_datasets(parts), reports
 
@@ -501,7 +506,7 @@ def run_stage(
             chosen_nll_weight=stage.dpo_chosen_nll_weight,
         )
     else:
-        dataset, reports = _sft_dataset(data, stage.tasks, stage.categories)
+        dataset, reports = _sft_dataset(data, stage.tasks, stage.categories, stage.task_repeats)
         extra["data_report"] = reports
         trainer = VARGPTTrainer(
             model=model,
