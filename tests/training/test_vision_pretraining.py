@@ -49,18 +49,21 @@ def _scenes(world: ShapesWorld, split: str, count: int) -> RenderedScenes:
     return RenderedScenes(scenes, [world.render(s) for s in scenes])
 
 
-def test_a_tiny_vit_learns_to_read_held_out_scenes(tmp_path):
+def _pretrain(tmp_path, *, held_out: int, steps: int, scenes: int, position_target: bool = False):
+    """A fresh tiny model's ViT pretrained on scene reading: (wrapper, held-out batch, reading before, after)."""
     torch.manual_seed(0)
     model = VARGPTForConditionalGeneration(VARGPTConfig.from_preset("tiny"))
     world = ShapesWorld(1, image_size=32)
     labels = SceneLabels(world.config)
     collator = SceneReadingCollator(Qwen2VLImageProcessorPil(min_pixels=PIXELS, max_pixels=PIXELS), labels)
-    held_out = collator(list(_scenes(world, "validation", 128)))
-    wrapper = VisionPretrainingModel(model.visual, model.config.vision_config.hidden_size, labels)
-    before = reading_accuracy(wrapper, held_out)
+    held_out_batch = collator(list(_scenes(world, "validation", held_out)))
+    wrapper = VisionPretrainingModel(
+        model.visual, model.config.vision_config.hidden_size, labels, position_target=position_target
+    )
+    before = reading_accuracy(wrapper, held_out_batch)
     args = TrainingArguments(
         output_dir=str(tmp_path),
-        max_steps=300,
+        max_steps=steps,
         per_device_train_batch_size=16,
         learning_rate=2e-3,
         lr_scheduler_type="cosine",
@@ -71,45 +74,26 @@ def test_a_tiny_vit_learns_to_read_held_out_scenes(tmp_path):
         remove_unused_columns=False,
         disable_tqdm=True,
     )
-    VARGPTTrainer(model=wrapper, args=args, train_dataset=_scenes(world, "train", 4800), data_collator=collator).train()
-    after = reading_accuracy(wrapper, held_out)
+    train = _scenes(world, "train", scenes)
+    VARGPTTrainer(model=wrapper, args=args, train_dataset=train, data_collator=collator).train()
+    return wrapper, held_out_batch, before, reading_accuracy(wrapper, held_out_batch)
+
+
+def test_a_tiny_vit_learns_to_read_held_out_scenes(tmp_path):
+    _, held_out, before, after = _pretrain(tmp_path, held_out=128, steps=300, scenes=4800)
     # answering "empty" everywhere scores the share of empty cells (about 0.7); colour chance is 1/6
     empty_share = (held_out["occupant"] == 0).float().mean().item()
     assert after["occupant"] > empty_share + 0.15 and after["occupant"] > before["occupant"], (empty_share, after)
     assert after["colour"] > 0.6 and after["background"] > 0.9, (before, after)
+    assert "cell" not in after  # no position target, no cell read-out
 
 
 def test_with_a_position_target_the_vits_tokens_learn_which_cell_they_lie_in(tmp_path):
-    torch.manual_seed(0)
-    model = VARGPTForConditionalGeneration(VARGPTConfig.from_preset("tiny"))
-    world = ShapesWorld(1, image_size=32)
-    labels = SceneLabels(world.config)
-    collator = SceneReadingCollator(Qwen2VLImageProcessorPil(min_pixels=PIXELS, max_pixels=PIXELS), labels)
-    held_out = collator(list(_scenes(world, "validation", 64)))
-    wrapper = VisionPretrainingModel(model.visual, model.config.vision_config.hidden_size, labels, position_target=True)
-    before = reading_accuracy(wrapper, held_out)
-    assert "cell_loss" in wrapper(**collator(list(_scenes(world, "train", 2))))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=400,
-        per_device_train_batch_size=16,
-        learning_rate=2e-3,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
-    VARGPTTrainer(model=wrapper, args=args, train_dataset=_scenes(world, "train", 6400), data_collator=collator).train()
-    after = reading_accuracy(wrapper, held_out)
+    wrapper, held_out, before, after = _pretrain(tmp_path, held_out=64, steps=400, scenes=6400, position_target=True)
+    assert "cell_loss" in wrapper(**held_out)
     # rotary positions are relative: a token can only learn where it is, from the grid's edges, and slowly (here
     # 0.25 after 400 steps, from chance 1/9 on 2,304 held-out tokens; the shapes recipe's ViT reaches 1.0 in 600)
     assert before["cell"] < 0.15 and after["cell"] > 0.18, (before["cell"], after["cell"])
-    assert "cell" not in reading_accuracy(
-        VisionPretrainingModel(model.visual, model.config.vision_config.hidden_size, labels), held_out
-    )
 
 
 def test_each_token_is_labelled_with_the_cell_its_centre_lies_in():
