@@ -281,6 +281,7 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
         (dict(SMOKE["stages"][1], task_repeats={"generation": 0}), "must be a positive integer"),
         (dict(SMOKE["stages"][1], task_repeats={"generation": 1.5}), "must be a positive integer"),
         (dict(SMOKE["stages"][3], task_repeats={"generation": 2}), "SFT stages, not DPO"),
+        (dict(SMOKE["stages"][1], task_repeats=[["generation", 2]]), "must map task names to counts"),
     ):
         path.write_text(json.dumps(dict(SMOKE, stages=[stage])))
         with pytest.raises(ValueError, match=message):

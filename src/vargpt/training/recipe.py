@@ -119,6 +119,8 @@ class RecipeSpec:
 
 
 def _stage(raw: dict[str, Any], index: int) -> StageSpec:
+    if not isinstance(raw.get("task_repeats", {}), dict):
+        raise ValueError(f"stage {index} of the recipe: task_repeats must map task names to counts")
     try:
         spec = StageSpec(
             **{
