@@ -81,10 +81,15 @@ class SceneReadingHead(nn.Module):
 
     def __init__(self, width: int, labels: SceneLabels, position_target: bool = False) -> None:
         super().__init__()
-        self.names = ("occupant", "colour", "size", "background") + (("cell",) if position_target else ())
-        self.splits = (len(labels.shapes), len(labels.colours), len(labels.sizes), len(labels.backgrounds)) + (
-            (GRID_SIZE * GRID_SIZE,) if position_target else ()
-        )
+        classes = {
+            "occupant": len(labels.shapes),
+            "colour": len(labels.colours),
+            "size": len(labels.sizes),
+            "background": len(labels.backgrounds),
+        }
+        if position_target:
+            classes["cell"] = GRID_SIZE * GRID_SIZE
+        self.names, self.splits = tuple(classes), tuple(classes.values())
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, sum(self.splits))
 
