@@ -8,11 +8,15 @@ from vargpt.data.shapes import EDIT_KINDS, GENEVAL_CATEGORIES, SPLITS, VQA_TYPES
 from vargpt.data.shapes_dataset import validate_sharegpt_dataset, write_sharegpt_dataset
 from vargpt.data.shapes_language import enumerate_prompts
 from vargpt.data.shapes_scene import (
+    COLUMN_WORDS,
     GREY_RGB,
+    ROW_WORDS,
     WHITE_RGB,
     Scene,
     ShapeInstance,
     ShapesWorldConfig,
+    all_cells,
+    cell_name,
     has_held_out_pair,
     split_of_scene,
 )
@@ -190,6 +194,35 @@ def test_vqa_answers_are_short_and_exact():
             shape = colour_q.question.removeprefix("What colour is the ").rstrip("?")
             assert colour_q.answer == next(o.colour for o in scene.objects if o.shape == shape)
     assert seen_types == set(VQA_TYPES)
+
+
+def test_every_question_names_how_it_asks():
+    world = ShapesWorld(6)
+    forms = set()
+    for _ in range(300):
+        scene = world.sample_scene("train")
+        for item in world.vqa(scene):
+            forms.add((item.qtype, item.form))
+            cell_named = any(item.question.rstrip("?").endswith(f" in the {cell_name(c)}") for c in all_cells())
+            if item.qtype in ("colour", "shape"):
+                assert item.form == ("by-cell" if cell_named else "by-name"), item
+            if item.qtype == "existence":
+                named_colour = any(f" {c} " in item.question for c in CONFIG.colours)
+                assert item.form == ("pair" if named_colour else "shape"), item
+            if item.form == "column":
+                assert item.answer in COLUMN_WORDS
+            if item.form == "row":
+                assert item.answer in ROW_WORDS
+            if item.form in ("relation", "cell"):
+                assert item.answer in ("yes", "no")
+            if item.qtype == "count":
+                asked = item.question.split()[2]
+                counted = "all" if asked in ("shapes", "objects") else "colour" if asked in CONFIG.colours else "shape"
+                assert item.form == counted, item
+    expected = {("colour", "by-cell"), ("colour", "by-name"), ("shape", "by-cell"), ("shape", "by-name")}
+    expected |= {("count", f) for f in ("all", "shape", "colour")} | {("existence", "pair"), ("existence", "shape")}
+    expected |= {("position", f) for f in ("column", "row", "relation")}
+    assert expected <= forms
 
 
 def test_existence_answers_match_the_scene():

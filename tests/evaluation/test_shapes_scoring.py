@@ -16,6 +16,7 @@ from vargpt.evaluation.shapes_scoring import (
     normalize_answer,
     relative_position,
     scene_overlap,
+    understanding_by_form,
     vqa_accuracy,
 )
 
@@ -150,6 +151,25 @@ def test_vqa_accuracy_overall_and_per_type():
     assert scores == {"accuracy": 0.5, "colour": 1.0, "count": 0.5, "existence": 0.0}
     with pytest.raises(ValueError, match="predictions"):
         vqa_accuracy(["red"], items)
+
+
+def test_understanding_by_form_counts_each_type_and_form_apart_and_skips_formless_items():
+    items = [
+        {"answer": "yes", "qtype": "existence", "form": "pair"},
+        {"answer": "no", "qtype": "existence", "form": "pair"},
+        {"answer": "yes", "qtype": "existence", "form": "shape"},
+        {"answer": "left", "qtype": "position", "form": "column"},
+        {"answer": "red", "qtype": "colour"},  # an old row without a form
+    ]
+    scores = understanding_by_form(["yes", "yes", "Yes.", "right", "red"], items)
+    assert scores == {
+        "existence/pair": {"accuracy": 0.5, "n": 2},
+        "existence/shape": {"accuracy": 1.0, "n": 1},
+        "position/column": {"accuracy": 0.0, "n": 1},
+    }
+    assert understanding_by_form(["red"], items[-1:]) == {}
+    with pytest.raises(ValueError, match="predictions"):
+        understanding_by_form(["yes"], items)
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS)

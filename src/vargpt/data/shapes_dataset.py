@@ -4,7 +4,7 @@ One JSONL row per item: {"messages": [user, assistant], "images": [...], "meta":
 appear in the order of the "images" list: understanding rows put "<image>" in the user turn, generation rows
 put "<image_gen>" in the assistant turn, editing rows do both (source first, then target). "meta" carries what
 scoring needs later: task, category, split, the unseen-combination flag and the symbolic scene(s), plus the
-GenEval metadata of generation rows and the question type and answer of understanding rows.
+GenEval metadata of generation rows and the question type, form and answer of understanding rows.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _understanding_rows(world: ShapesWorld, split: str, n: int, caption_fraction
             wanted = VQA_TYPES[index % len(VQA_TYPES)]
             item = next(q for q in world.vqa(scene) if q.qtype == wanted)
             question, answer = item.question, item.answer
-            meta.update(category=item.qtype, unseen_combination=item.unseen_combination)
+            meta.update(category=item.qtype, form=item.form, unseen_combination=item.unseen_combination)
         meta["answer"] = answer
         rows.append(_row(IMAGE_TOKEN + question, answer, [save(world.render(scene))], meta))
     return rows

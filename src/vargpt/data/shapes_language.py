@@ -60,6 +60,9 @@ class VQAItem:
     answer: str
     qtype: str
     unseen_combination: bool = False
+    # how the question asks (e.g. existence "shape" or "pair", position "column", "row", "relation", "cell"):
+    # a model can master one form of a type and fail another, and the type's mean hides which
+    form: str = ""
 
 
 def with_article(phrase: str) -> str:
@@ -134,29 +137,36 @@ def caption(scene: Scene, rng: random.Random) -> str:
 # ---------------------------------------------------------------- visual question answering
 
 
-def _colour_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
+def _reference_form(ref: str, obj: ShapeInstance) -> str:
+    """ "by-cell" when a reference picks its object out by the cell it stands in, else "by-name"."""
+    return "by-cell" if ref.endswith(_in_cell(obj.cell)) else "by-name"
+
+
+def _colour_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
     obj = rng.choice(scene.objects)
     ref = reference(scene, obj, rng, mention="colour-free")
-    return rng.choice(("What colour is {}?", "What color is {}?", "Which colour is {}?")).format(ref), obj.colour
+    question = rng.choice(("What colour is {}?", "What color is {}?", "Which colour is {}?")).format(ref)
+    return question, obj.colour, _reference_form(ref, obj)
 
 
-def _shape_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
+def _shape_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
     obj = rng.choice(scene.objects)
     ref = reference(scene, obj, rng, mention="shape-free")
-    return rng.choice(("What shape is {}?", "Which shape is {}?")).format(ref), obj.shape
+    return rng.choice(("What shape is {}?", "Which shape is {}?")).format(ref), obj.shape, _reference_form(ref, obj)
 
 
-def _count_question(scene: Scene, config: ShapesWorldConfig, rng: random.Random) -> tuple[str, str]:
+def _count_question(scene: Scene, config: ShapesWorldConfig, rng: random.Random) -> tuple[str, str, str]:
     kind = rng.randrange(3)
     if kind == 0:
-        return rng.choice(("How many shapes are there?", "How many objects are in the image?")), str(len(scene.objects))
+        question = rng.choice(("How many shapes are there?", "How many objects are in the image?"))
+        return question, str(len(scene.objects)), "all"
     if kind == 1:
         shape = rng.choice(config.shapes)
         n = sum(o.shape == shape for o in scene.objects)
-        return f"How many {plural(shape)} are there?", str(n)
+        return f"How many {plural(shape)} are there?", str(n), "shape"
     colour = rng.choice(config.colours)
     n = sum(o.colour == colour for o in scene.objects)
-    return f"How many {colour} shapes are there?", str(n)
+    return f"How many {colour} shapes are there?", str(n), "colour"
 
 
 def cell_free_reference(scene: Scene, obj: ShapeInstance, rng: random.Random) -> str | None:
@@ -175,18 +185,18 @@ def object_words(obj: ShapeInstance) -> str:
     return f"{obj.size} {obj.colour} {obj.shape}"
 
 
-def _position_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
+def _position_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
     named = [(o, ref) for o in scene.objects if (ref := cell_free_reference(scene, o, rng)) is not None]
     if not named:
         cell = rng.choice(all_cells())
         answer = "yes" if scene.at(cell) is not None else "no"
-        return f"Is there a shape in the {cell_name(cell)}?", answer
+        return f"Is there a shape in the {cell_name(cell)}?", answer, "cell"
     obj, ref = rng.choice(named)
     kind = rng.randrange(3) if len(named) > 1 else rng.randrange(2)
     if kind == 0:
-        return f"Is {ref} on the left, in the middle or on the right?", COLUMN_WORDS[obj.cell[1]]
+        return f"Is {ref} on the left, in the middle or on the right?", COLUMN_WORDS[obj.cell[1]], "column"
     if kind == 1:
-        return f"Is {ref} at the top, in the middle or at the bottom?", ROW_WORDS[obj.cell[0]]
+        return f"Is {ref} at the top, in the middle or at the bottom?", ROW_WORDS[obj.cell[0]], "row"
     other, other_ref = rng.choice([(o, r) for o, r in named if o != obj])
     relation = rng.choice(RELATIONS)
     holds = {
@@ -195,12 +205,13 @@ def _position_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
         "above": obj.cell[0] < other.cell[0],
         "below": obj.cell[0] > other.cell[0],
     }[relation]
-    return f"Is {ref} {relation} {other_ref}?", "yes" if holds else "no"
+    return f"Is {ref} {relation} {other_ref}?", "yes" if holds else "no", "relation"
 
 
 def _existence_question(
     scene: Scene, config: ShapesWorldConfig, rng: random.Random, include_held_out: bool
 ) -> tuple[str, str, tuple[str, str] | None]:
+    """Question, answer and the (colour, shape) pair asked about (None when only a shape is asked about)."""
     templates = ("Is there {}?", "Is there {} in the image?", "Does the image contain {}?")
     present = sorted(scene.pairs())
     if rng.random() < 0.25:
@@ -222,15 +233,16 @@ def vqa_items(scene: Scene, config: ShapesWorldConfig, rng: random.Random, inclu
     items = []
     if scene.objects:
         for qtype, make in (("colour", _colour_question), ("shape", _shape_question)):
-            question, answer = make(scene, rng)
-            items.append(VQAItem(question, answer, qtype, scene_unseen))
-    question, answer = _count_question(scene, config, rng)
-    items.append(VQAItem(question, answer, "count", scene_unseen))
+            question, answer, form = make(scene, rng)
+            items.append(VQAItem(question, answer, qtype, scene_unseen, form))
+    question, answer, form = _count_question(scene, config, rng)
+    items.append(VQAItem(question, answer, "count", scene_unseen, form))
     if scene.objects:
-        question, answer = _position_question(scene, rng)
-        items.append(VQAItem(question, answer, "position", scene_unseen))
+        question, answer, form = _position_question(scene, rng)
+        items.append(VQAItem(question, answer, "position", scene_unseen, form))
     question, answer, pair = _existence_question(scene, config, rng, include_held_out)
-    items.append(VQAItem(question, answer, "existence", scene_unseen or pair in held))
+    form = "shape" if pair is None else "pair"
+    items.append(VQAItem(question, answer, "existence", scene_unseen or pair in held, form))
     return items
 
 

@@ -17,7 +17,14 @@ from tqdm.auto import tqdm
 
 from ..data.shapes_scene import Scene
 from .shapes_detector import read_scene
-from .shapes_scoring import edit_check, evaluate_generated_image, geneval_summary, scene_overlap, vqa_accuracy
+from .shapes_scoring import (
+    edit_check,
+    evaluate_generated_image,
+    geneval_summary,
+    scene_overlap,
+    understanding_by_form,
+    vqa_accuracy,
+)
 
 _OVERLAP_KEYS = ("object_recall", "object_precision", "background")
 
@@ -163,6 +170,7 @@ def evaluate_split(
                 {
                     "answer": row["meta"]["answer"],
                     "qtype": row["meta"]["category"],
+                    "form": row["meta"].get("form"),  # rows written before forms were recorded have none
                     "unseen": bool(row["meta"].get("unseen_combination")),
                 }
             )
@@ -218,6 +226,9 @@ def _summaries(gen_results, vqa_preds, vqa_items, edit_results) -> dict[str, Any
         out["generation"] = geneval_summary(gen_results) | {"n": len(gen_results)}
     if vqa_items:
         out["understanding"] = vqa_accuracy(vqa_preds, vqa_items) | {"n": len(vqa_items)}
+        forms = understanding_by_form(vqa_preds, vqa_items)
+        if forms:
+            out["understanding_forms"] = forms
     if edit_results:
         by_kind: dict[str, list[bool]] = {}
         for r in edit_results:

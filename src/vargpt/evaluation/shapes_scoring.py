@@ -193,6 +193,26 @@ def vqa_accuracy(predictions: Sequence[str], items: Sequence[Any]) -> dict[str, 
     return {"accuracy": hits / len(items), **{t: h / n for t, (h, n) in per_type.items()}}
 
 
+def understanding_by_form(predictions: Sequence[str], items: Sequence[Mapping[str, Any]]) -> dict[str, dict]:
+    """Accuracy and count per question type and form (`"existence/pair": {"accuracy": .., "n": ..}`), sorted.
+
+    A type's mean can hide a form the model cannot do at all (in the shapes recipe, colour-shape existence and
+    left-right position sat at chance while shape existence and top-bottom position did not). Items without a
+    form (rows written before forms were recorded) are left out; no item with a form gives an empty dict.
+    """
+    if len(predictions) != len(items):
+        raise ValueError(f"{len(predictions)} predictions for {len(items)} items")
+    tallies: dict[str, list[int]] = {}
+    for prediction, item in zip(predictions, items, strict=True):
+        if not item.get("form"):
+            continue
+        answer, qtype = _answer_and_type(item)
+        tally = tallies.setdefault(f"{qtype}/{item['form']}", [0, 0])
+        tally[0] += normalize_answer(prediction) == normalize_answer(answer)
+        tally[1] += 1
+    return {key: {"accuracy": hits / n, "n": n} for key, (hits, n) in sorted(tallies.items())}
+
+
 # ---------------------------------------------------------------- editing
 
 
