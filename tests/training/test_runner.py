@@ -302,6 +302,17 @@ def test_malformed_recipes_are_clear_errors(tmp_path):
         load_recipe("no-such-recipe")
 
 
+def test_the_understanding_variant_is_the_shipped_recipe_plus_its_three_documented_changes():
+    shipped, variant = load_recipe("shapes-tiny"), load_recipe("shapes-tiny-understanding")
+    assert variant.vision.position_target and not shipped.vision.position_target
+    extra = [s for s in variant.stages if s.name not in {t.name for t in shipped.stages}]
+    assert [(s.name, s.tasks, s.steps, s.plan) for s in extra] == [("und-32px", ("understanding",), 2500, "stage2-llm")]
+    assert variant.stages.index(extra[0]) == 1  # right after the projectors, before the mixed SFT
+    steps = {s.name: s.steps for s in variant.stages}
+    assert steps.pop("und-32px") == 2500 and steps.pop("edit-32px") == 500
+    assert steps == {s.name: s.steps for s in shipped.stages if s.name != "edit-32px"}
+
+
 @CPU_BITS
 def test_a_recipe_that_pins_its_threads_trains_the_same_bits_whatever_the_process_uses(tmp_path):
     # float sums depend on the thread count: the shapes recipe pins its threads (two) so that a fresh clone
