@@ -138,7 +138,7 @@ def caption(scene: Scene, rng: random.Random) -> str:
 
 
 def _reference_form(ref: str, obj: ShapeInstance) -> str:
-    """ "by-cell" when a reference picks its object out by the cell it stands in, else "by-name"."""
+    """Whether a reference picks its object out by the cell it stands in ("by-cell") or by name ("by-name")."""
     return "by-cell" if ref.endswith(_in_cell(obj.cell)) else "by-name"
 
 

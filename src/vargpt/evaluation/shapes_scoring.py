@@ -197,8 +197,8 @@ def understanding_by_form(predictions: Sequence[str], items: Sequence[Mapping[st
     """Accuracy and count per question type and form (`"existence/pair": {"accuracy": .., "n": ..}`), sorted.
 
     A type's mean can hide a form the model cannot do at all (in the shapes recipe, colour-shape existence and
-    left-right position sat at chance while shape existence and top-bottom position did not). Items without a
-    form (rows written before forms were recorded) are left out; no item with a form gives an empty dict.
+    left-right position stayed near chance while shape existence and top-bottom position did better). Items
+    without a form (rows written before forms were recorded) are left out; no item with a form gives an empty dict.
     """
     if len(predictions) != len(items):
         raise ValueError(f"{len(predictions)} predictions for {len(items)} items")
