@@ -168,6 +168,8 @@ def test_understanding_by_form_counts_each_type_and_form_apart_and_skips_formles
         "position/column": {"accuracy": 0.0, "n": 1},
     }
     assert understanding_by_form(["red"], items[-1:]) == {}
+    as_items = [VQAItem("Is there a red circle?", "yes", "existence", form="pair"), VQAItem("Is it red?", "no", "x")]
+    assert understanding_by_form(["yes", "no"], as_items) == {"existence/pair": {"accuracy": 1.0, "n": 1}}
     with pytest.raises(ValueError, match="predictions"):
         understanding_by_form(["yes"], items)
 

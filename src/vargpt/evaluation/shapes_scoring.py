@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from PIL import Image
@@ -172,44 +172,48 @@ def _answer_and_type(item: Any) -> tuple[str, str]:
     return item.answer, item.qtype
 
 
+def _type_and_form(item: Any) -> str | None:
+    """`"existence/pair"`, or None for an item without a form."""
+    form = item.get("form") if isinstance(item, Mapping) else item.form
+    return f"{_answer_and_type(item)[1]}/{form}" if form else None
+
+
+def _tallies(predictions: Sequence[str], items: Sequence[Any], key: Callable[[Any], str | None]) -> dict:
+    """`{key(item): [right, asked]}` under exact match after `normalize_answer`; items whose key is None skipped."""
+    if len(predictions) != len(items):
+        raise ValueError(f"{len(predictions)} predictions for {len(items)} items")
+    tallies: dict[str, list[int]] = {}
+    for prediction, item in zip(predictions, items, strict=True):
+        name = key(item)
+        if name is None:
+            continue
+        tally = tallies.setdefault(name, [0, 0])
+        tally[0] += normalize_answer(prediction) == normalize_answer(_answer_and_type(item)[0])
+        tally[1] += 1
+    return tallies
+
+
 def vqa_accuracy(predictions: Sequence[str], items: Sequence[Any]) -> dict[str, float]:
     """Exact-match accuracy after `normalize_answer`, overall ('accuracy') and per question type.
 
     Items are VQAItem objects or mappings with 'answer' and 'qtype' (or 'category').
     """
-    if len(predictions) != len(items):
-        raise ValueError(f"{len(predictions)} predictions for {len(items)} items")
+    per_type = _tallies(predictions, items, lambda item: _answer_and_type(item)[1])
     if not items:
         raise ValueError("vqa_accuracy needs at least one item")
-    per_type: dict[str, list[int]] = {}
-    hits = 0
-    for prediction, item in zip(predictions, items, strict=True):
-        answer, qtype = _answer_and_type(item)
-        hit = normalize_answer(prediction) == normalize_answer(answer)
-        hits += hit
-        tally = per_type.setdefault(qtype, [0, 0])
-        tally[0] += hit
-        tally[1] += 1
+    hits = sum(h for h, _ in per_type.values())
     return {"accuracy": hits / len(items), **{t: h / n for t, (h, n) in per_type.items()}}
 
 
-def understanding_by_form(predictions: Sequence[str], items: Sequence[Mapping[str, Any]]) -> dict[str, dict]:
+def understanding_by_form(predictions: Sequence[str], items: Sequence[Any]) -> dict[str, dict]:
     """Accuracy and count per question type and form (`"existence/pair": {"accuracy": .., "n": ..}`), sorted.
 
     A type's mean can hide a form the model cannot do at all (in the shapes recipe, colour-shape existence and
     left-right position stayed near chance while shape existence and top-bottom position did better). Items
-    without a form (rows written before forms were recorded) are left out; no item with a form gives an empty dict.
+    (VQAItem objects or mappings) without a form, such as rows written before forms were recorded, are left out;
+    no item with a form gives an empty dict.
     """
-    if len(predictions) != len(items):
-        raise ValueError(f"{len(predictions)} predictions for {len(items)} items")
-    tallies: dict[str, list[int]] = {}
-    for prediction, item in zip(predictions, items, strict=True):
-        if not item.get("form"):
-            continue
-        answer, qtype = _answer_and_type(item)
-        tally = tallies.setdefault(f"{qtype}/{item['form']}", [0, 0])
-        tally[0] += normalize_answer(prediction) == normalize_answer(answer)
-        tally[1] += 1
+    tallies = _tallies(predictions, items, _type_and_form)
     return {key: {"accuracy": hits / n, "n": n} for key, (hits, n) in sorted(tallies.items())}
 
 
