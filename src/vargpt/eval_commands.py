@@ -1,7 +1,7 @@
 """Command-line entries of the benchmark samplers, scorers and `vargpt bench` (wired into `vargpt.cli`).
 
-`register_eval_commands(eval_subparsers)` adds `geneval-sample`, `dpg-sample`, `geneval-score` and
-`dpg-score` under `vargpt eval`; `register_bench_command(subparsers)` adds `vargpt bench`. Each sets
+`register_eval_commands(eval_subparsers)` adds `geneval-sample`, `dpg-sample`, `geneval-score`,
+`dpg-score` and `fit` under `vargpt eval`; `register_bench_command(subparsers)` adds `vargpt bench`. Each sets
 `func(args) -> int` like the other commands.
 """
 
@@ -142,8 +142,37 @@ def _dpg_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(args: argparse.Namespace) -> int:
+    from .data.formats import load_sft_dataset
+    from .evaluation.teacher_forced import format_fit, teacher_forced_fit
+
+    rows, report = load_sft_dataset(args.data, strict=args.strict_data)
+    if report.skipped_rows:
+        print(f"data: {report}")
+    if len(rows) == 0:
+        raise ValueError(f"no usable rows in {args.data}: {report}")
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        rows = rows.select(range(min(args.limit, len(rows))))
+    pipe, _ = _pipeline(args)
+    fit = teacher_forced_fit(
+        pipe.model,
+        pipe.processor,
+        [rows[i] for i in range(len(rows))],
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        swap=args.swap,
+        progress=not args.quiet,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(fit, indent=2), encoding="utf-8")
+    print(format_fit(fit))
+    return 0
+
+
 def register_eval_commands(eval_subparsers) -> None:
-    """Add the GenEval and DPG-Bench samplers and scorers under `vargpt eval`."""
+    """Add the GenEval and DPG-Bench samplers and scorers, and the teacher-forced fit, under `vargpt eval`."""
     p = eval_subparsers.add_parser("geneval-sample", help="draw GenEval prompts in its official folder layout")
     _add_generation_arguments(p)
     p.add_argument("--metadata", default=None, help="GenEval-format JSONL (default: the packaged 553 prompts)")
@@ -176,6 +205,26 @@ def register_eval_commands(eval_subparsers) -> None:
     p.add_argument("--results", default=None, help="results JSONL (default: beside IMAGES)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_dpg_score)
+
+    p = eval_subparsers.add_parser("fit", help="teacher-forced bit cross-entropy and bit error per scale")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset (default: %(default)s)")
+    p.add_argument("--data", nargs="+", required=True, help="sharegpt JSON/JSONL rows with <image_gen> targets")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--resolution", type=int, default=None, help="generation-target pixels (default: the model's)")
+    p.add_argument(
+        "--swap",
+        default="none",
+        choices=("none", "images", "prompts"),
+        help="give each row the next row's understanding images or prompt (how much the fit depends on them)",
+    )
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--strict-data", action="store_true", help="fail on the first bad row instead of skipping")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seeds a preset's random weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_fit)
 
 
 def _bench(args: argparse.Namespace) -> int:
