@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .evaluation.teacher_forced import SWAPS
 from .generation_config import UNCOND_MODES
 from .pipeline import default_model_name
 
@@ -215,7 +216,7 @@ def register_eval_commands(eval_subparsers) -> None:
     p.add_argument(
         "--swap",
         default="none",
-        choices=("none", "images", "prompts"),
+        choices=SWAPS,
         help="give each row the next row's understanding images or prompt (how much the fit depends on them)",
     )
     p.add_argument("--json", default=None, help="write the report here")
