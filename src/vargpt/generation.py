@@ -276,7 +276,10 @@ def _image_events(
             torch.zeros(B, num_pads - num_tokens, decoder.word_embed.weight.shape[0], dtype=dtype, device=device)
         )
         state.step(filler.to(state.dtype), rows_B)
-    images = model.vae_local.decode(latent.to(model.vae_local.decoder.conv_in.conv.weight.dtype))
+    # one image at a time: convolution kernels may sum in another order for another batch size, and an
+    # image must not depend on the rest of its batch (one pixel byte differed on some CPUs)
+    vae_dtype = model.vae_local.decoder.conv_in.conv.weight.dtype
+    images = torch.cat([model.vae_local.decode(latent[b : b + 1].to(vae_dtype)) for b in range(B)])
     return images.float(), bits_per_scale, torch.cat(cond_logits, dim=1), num_pads
 
 
