@@ -183,3 +183,43 @@ def test_lazily_opened_pil_image_is_decoded_and_checked(tmp_path: Path):
         assert load_image(lazy).size == (64, 48)
     with Image.open(path) as lazy, pytest.raises(ImageInputError, match="over the limit"):
         load_image(lazy, max_pixels=100)
+
+
+def _jpeg_with_orientation(size: tuple[int, int], orientation: int) -> bytes:
+    """A JPEG whose pixels are stored `size` wide and high, with an EXIF Orientation tag."""
+    image = Image.new("RGB", size, (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, size[0] // 2, size[1]))  # left half blue, as stored
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encoded(image, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def test_exif_orientation_is_applied_to_files_and_bytes(tmp_path: Path):
+    rotated = _jpeg_with_orientation((64, 32), orientation=6)  # stored sideways: shown rotated 90 degrees clockwise
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(rotated)
+    for source in (path, rotated):
+        upright = np.asarray(load_image(source))
+        assert upright.shape == (64, 32, 3)  # 32 wide, 64 high, as a viewer shows it
+        assert upright[4, 16, 2] > 200 and upright[60, 16, 0] > 200  # the stored left (blue) half is now on top
+    assert load_image(_jpeg_with_orientation((64, 32), orientation=1)).size == (64, 32)
+
+
+def _float_tiff(tmp_path: Path, values: np.ndarray) -> Path:
+    path = tmp_path / "float.tif"
+    Image.fromarray(values.astype(np.float32), mode="F").save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == "F"
+    return path
+
+
+def test_float_tiff_in_unit_range_is_scaled_to_8_bit(tmp_path: Path):
+    path = _float_tiff(tmp_path, np.array([[0.0, 0.25, 0.5, 1.0]]))
+    out = np.asarray(load_image(path))
+    assert out[0, :, 0].tolist() == [0, 64, 128, 255]  # PIL's own convert gives [0, 0, 0, 1]: black
+    assert np.array_equal(out[..., 0], out[..., 1])
+
+
+def test_float_tiff_outside_unit_range_is_read_as_8_bit_values_and_clipped(tmp_path: Path):
+    path = _float_tiff(tmp_path, np.array([[-5.0, 0.0, 127.6, 255.0, 300.0, np.nan]]))
+    assert np.asarray(load_image(path))[0, :, 0].tolist() == [0, 0, 128, 255, 255, 0]

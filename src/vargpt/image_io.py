@@ -3,7 +3,9 @@
 Images reach the model from users and crawled datasets, so loading must fail loudly and cheaply: the pixel count
 is checked from the file header before any pixel is decoded (a small file can declare a huge canvas), the image is
 fully decoded so truncated or corrupt files fail here rather than deep inside preprocessing, and every mode is
-turned into 8-bit RGB in a defined way (transparency composited on white, 16-bit data scaled rather than clipped).
+turned into 8-bit RGB in a defined way (transparency composited on white, 16-bit and float data scaled rather than
+clipped). Files are turned upright by their EXIF orientation, as every viewer shows them (phone photos are stored
+sideways with an Orientation tag).
 The limit is our own argument: PIL's process-wide `Image.MAX_IMAGE_PIXELS` is never changed.
 """
 
@@ -15,7 +17,7 @@ import warnings
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # 64 megapixels (8192 x 8192): far above what the models use (Qwen2-VL caps understanding images at about one
 # megapixel, generation targets are at most 1024 x 1024) and below PIL's own default warning threshold
@@ -92,6 +94,22 @@ def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey_8bit).convert("RGB")
 
 
+def _float_to_rgb(image: Image.Image) -> Image.Image:
+    """Map 32-bit float grey (mode F, e.g. float TIFFs) onto 0..255, rounding to nearest.
+
+    Float images usually hold intensities in [0, 1]; PIL's own conversion clips them to 0 or 1 of 255, i.e. black.
+    So an image whose finite values all lie in [0, 1] is scaled by 255. Any other image is read as already on the
+    0..255 scale (floats written from 8-bit data) and clipped to it; we do not stretch min..max, which would change
+    how bright the picture is. NaN and -inf become 0, +inf 255.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+        values = values * 255.0
+    grey_8bit = np.rint(np.clip(np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0), 0, 255)).astype(np.uint8)
+    return Image.fromarray(grey_8bit).convert("RGB")
+
+
 def _composite_on_white(image: Image.Image) -> Image.Image:
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
@@ -103,7 +121,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     RGBA/LA/PA and palette images with a transparent colour are composited on white (the usual look of a
     transparent background; dropping alpha would expose arbitrary hidden colours). I;16 and I are treated as
-    16-bit grey and scaled by 255/65535 (PIL's own conversion would clip everything above 255 to white).
+    16-bit grey and scaled by 255/65535 (PIL's own conversion would clip everything above 255 to white); F (float)
+    as in `_float_to_rgb`.
     L, 1, CMYK, YCbCr, RGBX and the rest use PIL's conversion.
     """
     mode = image.mode
@@ -111,6 +130,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode in _SIXTEEN_BIT_MODES:
         return _sixteen_bit_to_rgb(image)
+    if mode == "F":
+        return _float_to_rgb(image)
     if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
         return _composite_on_white(image)
     try:
@@ -119,11 +140,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ImageInputError(f"cannot convert an image of mode {mode!r} to RGB: {error}") from error
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF Orientation tag (in place, and drop the tag) so the pixels face the way viewers show them."""
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
+
+
 def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Load an image from a path, encoded bytes or a PIL image as a fully decoded RGB PIL image.
 
     Raises `ImageInputError` (a `ValueError`) for a missing file, a non-image, a corrupt or truncated file, a
     zero-size image, or one with more than `max_pixels` pixels (checked from the header, before decoding).
+    Files and bytes are turned upright by their EXIF orientation; a PIL image is taken as the caller holds it (it
+    may have been rotated already).
     Truncation detection relies on PIL: if some library has set `PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`
     process-wide, PIL fills missing data silently instead of failing.
     """
@@ -138,4 +167,4 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         return to_rgb(source)
     if not isinstance(source, (str, os.PathLike, bytes)):
         raise ImageInputError(f"expected a path, bytes or a PIL image, got {type(source).__name__}")
-    return to_rgb(_open(source, max_pixels))
+    return to_rgb(_upright(_open(source, max_pixels)))
