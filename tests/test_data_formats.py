@@ -271,3 +271,43 @@ def test_empty_file_gives_an_empty_dataset_with_the_schema(data_dir):
     dataset, report = load_sft_dataset(path)
     assert len(dataset) == 0 and report.total_rows == 0
     assert set(dataset.column_names) == {"messages", "images", "gen_images", "source_file", "source_row"}
+
+
+def test_a_row_with_bytes_that_are_not_utf8_is_one_bad_row(data_dir):
+    path = data_dir / "latin1.jsonl"
+    good = json.dumps({"messages": [user("a"), assistant("b")]}).encode()
+    bad = b'{"messages": [{"role": "user", "content": "a\xff"}, {"role": "assistant", "content": "b"}]}'
+    path.write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
+    dataset, report = load_sft_dataset(path)
+    assert len(dataset) == 2 and report.skipped == {"not_utf8": 1}
+    assert "byte 0xff" in report.examples["not_utf8"][0].detail
+    with pytest.raises(DataValidationError, match=r"latin1\.jsonl row 1: not_utf8"):
+        load_sft_dataset(path, strict=True)
+
+
+def test_bytes_that_are_not_utf8_in_a_json_array_file_name_the_file_and_line(data_dir):
+    path = data_dir / "latin1.json"
+    path.write_bytes(b'[\n{"messages": [{"role": "user", "content": "a\xff"}]}\n]')
+    with pytest.raises(ValueError, match=r"latin1\.json line 2 is not UTF-8"):
+        load_sft_dataset(path)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(data_dir):
+    row = json.dumps({"messages": [user("a"), assistant("b")]})
+    lines, array = data_dir / "bom.jsonl", data_dir / "bom.json"
+    lines.write_bytes(b"\xef\xbb\xbf" + (row + "\n" + row + "\n").encode())
+    array.write_bytes(b"\xef\xbb\xbf" + f"[{row}]".encode())
+    for path, rows in ((lines, 2), (array, 1)):
+        dataset, report = load_sft_dataset(path, strict=True)
+        assert len(dataset) == rows and report.skipped == {}
+
+
+def test_an_image_that_exists_but_does_not_decode_is_one_bad_row(data_dir):
+    (data_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    bad = {"messages": [user("x"), assistant("<image_gen>")], "images": ["broken.png"]}
+    path = write_jsonl(data_dir / "rows.jsonl", [GOOD_SFT, bad, bad, GOOD_SFT])
+    dataset, report = load_sft_dataset(path)
+    assert len(dataset) == 2 and report.skipped == {"unreadable_image": 2}
+    assert "broken.png" in report.examples["unreadable_image"][0].detail
+    with pytest.raises(DataValidationError, match=r"row 1: unreadable_image"):
+        load_sft_dataset(path, strict=True)

@@ -15,9 +15,12 @@ then the rejected target(s). Relative paths are resolved against the data file's
 original's demo files instead rely on the working directory (LLaMA-Factory tries `image_dir` first, then the path
 as given), so pass `image_root` for such files.
 
-Validation happens once, at load time, and is cheap: structure, roles, placeholders, and that every image file
-exists. Decoding is left to the collator, which names the row when a file turns out to be unreadable. Bad rows are
-never dropped silently: they are counted per reason in a `ValidationReport` (or raise with `strict=True`).
+Validation happens once, at load time: structure, roles, placeholders, and that every image file exists and
+decodes (each distinct file once; `decode_images=False` checks existence only, for datasets too large to decode
+twice). One bad byte, row or image costs that row, never the file: a line that is not UTF-8 is a bad row, and a
+UTF-8 byte order mark at the start of a file is accepted. The collator still names the row if a file turns
+unreadable later. Bad rows are never dropped silently: they are counted per reason in a `ValidationReport` (or
+raise with `strict=True`).
 
 `datasets.load_dataset("json")` is not used to read the files: it aborts a whole file on one malformed JSONL line
 and infers one Arrow schema across rows, which breaks on the legitimate mixes above (dict vs string `chosen`,
@@ -27,6 +30,7 @@ handed to `datasets.Dataset.from_dict` with explicit features (in memory; no hub
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -37,6 +41,7 @@ from typing import Any
 
 import datasets
 
+from ..image_io import load_image
 from ..tokenization import (
     IMAGE_GEN_SPECIAL_TOKENS,
     QWEN2_VL_SPECIAL_TOKENS,
@@ -58,6 +63,7 @@ MAX_EXAMPLES_PER_REASON = 5
 
 # Reasons a row is skipped (stable identifiers for logs, reports and tests).
 MALFORMED_JSON = "malformed_json"
+NOT_UTF8 = "not_utf8"
 NOT_AN_OBJECT = "not_an_object"
 MISSING_KEY = "missing_key"
 BAD_TYPE = "bad_type"
@@ -70,6 +76,7 @@ IMAGE_OUTSIDE_USER_TURN = "image_outside_user_turn"
 IMAGE_GEN_IN_PREFERENCE_PROMPT = "image_gen_in_preference_prompt"
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 MISSING_IMAGE = "missing_image"
+UNREADABLE_IMAGE = "unreadable_image"
 UNSUPPORTED_MEDIA = "unsupported_media"
 
 _MESSAGE_FEATURE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
@@ -180,26 +187,43 @@ def _as_path_list(paths: PathInput) -> list[Path]:
 def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield (row index, parsed row or a `_RowError`) for a JSON array file or a JSON-lines file.
 
-    A file whose first non-blank character is `[` is one JSON array, rows indexed by position (a syntax error there
-    is fatal: no row can be recovered); anything else is JSON lines, where each non-blank line is a row indexed by
-    its 0-based line index and a malformed line is a bad row.
+    A file whose first non-blank character is `[` is one JSON array, rows indexed by position (a syntax or encoding
+    error there is fatal: no row can be recovered); anything else is JSON lines, where each non-blank line is a row
+    indexed by its 0-based line index and a malformed or non-UTF-8 line is a bad row. The file is split as bytes, so
+    one bad byte costs one line. A leading UTF-8 byte order mark (written by some Windows editors) is skipped.
     """
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            where = f"line {error.lineno}, column {error.colno}"
-            raise ValueError(f"{path} is not valid JSON ({where}): {error.msg}") from None
-        yield from enumerate(rows)
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    if data.lstrip().startswith(b"["):
+        yield from enumerate(_json_array(path, data))
         return
-    for index, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            yield index, json.loads(line)
-        except json.JSONDecodeError as error:
-            yield index, _RowError(MALFORMED_JSON, f"line {index + 1} is not valid JSON: {error.msg}")
+    for index, line in enumerate(data.splitlines()):
+        if line.strip():
+            yield index, _json_line(index, line)
+
+
+def _json_array(path: Path, data: bytes) -> list[Any]:
+    """A whole-file JSON array, or a `ValueError` naming the file and the line that stops it."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line} is not UTF-8 (byte 0x{data[error.start]:02x})") from None
+    except json.JSONDecodeError as error:
+        where = f"line {error.lineno}, column {error.colno}"
+        raise ValueError(f"{path} is not valid JSON ({where}): {error.msg}") from None
+
+
+def _json_line(index: int, line: bytes) -> Any:
+    """One JSON-lines row, or the `_RowError` that explains why it cannot be read."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        detail = f"line {index + 1} is not UTF-8: byte 0x{line[error.start]:02x} at byte {error.start + 1}"
+        return _RowError(NOT_UTF8, detail)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        return _RowError(MALFORMED_JSON, f"line {index + 1} is not valid JSON: {error.msg}")
 
 
 def _message(raw: Any, where: str) -> dict[str, str]:
@@ -276,10 +300,23 @@ def _placeholders(message: dict[str, str], where: str) -> list[str]:
 
 
 class _ImageResolver:
-    """Resolve image paths against a folder and check, once per distinct path, that the file exists."""
+    """Resolve image paths against a folder and check, once per distinct path, that the file exists and (with
+    `decode`) decodes, so a broken file costs its rows rather than stopping a training run halfway."""
 
-    def __init__(self) -> None:
-        self._exists: dict[str, bool] = {}
+    def __init__(self, decode: bool = True) -> None:
+        self.decode = decode
+        self._problems: dict[str, tuple[str, str] | None] = {}
+
+    def _problem(self, original: str, path: str) -> tuple[str, str] | None:
+        """(reason, detail) of what is wrong with one image file, or None."""
+        if not os.path.isfile(path):
+            return MISSING_IMAGE, f"image {original!r} not found (looked at {path})"
+        if self.decode:
+            try:
+                load_image(path)
+            except ValueError as error:
+                return UNREADABLE_IMAGE, f"image {original!r} cannot be read: {error}"
+        return None
 
     def paths(self, row: dict[str, Any], base_dir: Path, expected: int) -> list[str]:
         for key in UNSUPPORTED_MEDIA_KEYS:
@@ -296,10 +333,11 @@ class _ImageResolver:
             raise _RowError(IMAGE_COUNT_MISMATCH, f"{expected} image placeholder(s) but {len(raw)} image(s)")
         resolved = [os.path.abspath(p if os.path.isabs(p) else base_dir / p) for p in raw]
         for original, path in zip(raw, resolved, strict=True):
-            if path not in self._exists:
-                self._exists[path] = os.path.isfile(path)
-            if not self._exists[path]:
-                raise _RowError(MISSING_IMAGE, f"image {original!r} not found (looked at {path})")
+            if path not in self._problems:
+                self._problems[path] = self._problem(original, path)
+            problem = self._problems[path]
+            if problem is not None:
+                raise _RowError(*problem)
         return resolved
 
 
@@ -356,12 +394,17 @@ def _preference_row(row: Any, base_dir: Path, images: _ImageResolver) -> dict[st
 
 
 def _load(
-    paths: PathInput, strict: bool, image_root: str | os.PathLike | None, parse_row: Any, features: datasets.Features
+    paths: PathInput,
+    strict: bool,
+    image_root: str | os.PathLike | None,
+    parse_row: Any,
+    features: datasets.Features,
+    decode_images: bool = True,
 ) -> tuple[datasets.Dataset, ValidationReport]:
     files = _as_path_list(paths)
     report = ValidationReport(files=[str(f) for f in files])
     columns: dict[str, list[Any]] = {name: [] for name in features}
-    resolver = _ImageResolver()
+    resolver = _ImageResolver(decode=decode_images)
     for path in files:
         base_dir = Path(image_root) if image_root is not None else path.parent
         for index, row in _read_rows(path):
@@ -383,25 +426,26 @@ def _load(
 
 
 def load_sft_dataset(
-    paths: PathInput, strict: bool = False, image_root: str | os.PathLike | None = None
+    paths: PathInput, strict: bool = False, image_root: str | os.PathLike | None = None, decode_images: bool = True
 ) -> tuple[datasets.Dataset, ValidationReport]:
     """Load and validate SFT rows from JSON / JSONL files.
 
     Columns: `messages` (canonical role/content list), `images` (absolute paths of the `<image>` inputs, in order),
     `gen_images` (absolute paths of the `<image_gen>` targets, in order), `source_file`, `source_row`.
     `strict=True` raises `DataValidationError` at the first bad row; otherwise bad rows are skipped and counted.
+    `decode_images=False` only checks that image files exist (see the module docstring).
     """
-    return _load(paths, strict, image_root, _sft_row, SFT_FEATURES)
+    return _load(paths, strict, image_root, _sft_row, SFT_FEATURES, decode_images)
 
 
 def load_preference_dataset(
-    paths: PathInput, strict: bool = False, image_root: str | os.PathLike | None = None
+    paths: PathInput, strict: bool = False, image_root: str | os.PathLike | None = None, decode_images: bool = True
 ) -> tuple[datasets.Dataset, ValidationReport]:
     """Load and validate preference (DPO) rows from JSON / JSONL files.
 
     Columns: `prompt` (messages ending with a user turn), `chosen` and `rejected` (assistant contents), `images`
     (the prompt's `<image>` inputs), `chosen_gen_images` and `rejected_gen_images` (each side's `<image_gen>`
     targets), `source_file`, `source_row`. The row's `images` list is read in placeholder order: prompt, chosen,
-    rejected. `strict` as in `load_sft_dataset`.
+    rejected. `strict` and `decode_images` as in `load_sft_dataset`.
     """
-    return _load(paths, strict, image_root, _preference_row, PREFERENCE_FEATURES)
+    return _load(paths, strict, image_root, _preference_row, PREFERENCE_FEATURES, decode_images)
