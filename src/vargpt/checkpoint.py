@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from safetensors import safe_open
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# The temporary siblings `atomic_directory_write` makes: `tempfile.mkdtemp` appends 8 of [a-z0-9_].
+_STAGING_FOLDER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>writing|old)-[a-z0-9_]{8}$")
 
 
 class CheckpointMismatchError(ValueError):
@@ -127,3 +130,34 @@ def atomic_directory_write(target: str | os.PathLike, write: Callable[[Path], No
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def remove_staging_folders(directory: str | os.PathLike) -> list[Path]:
+    """Delete what `atomic_directory_write` leaves in `directory` when its process is killed mid-save.
+
+    A SIGKILL skips the cleanup, so `.NAME.writing-XXXXXXXX` (a partial new version) and `.NAME.old-XXXXXXXX` (the
+    retired previous version) would pile up forever. Only folders named exactly so are touched. If the kill fell
+    between the two renames, `NAME` itself is missing and the retired copy is its last complete version, so that
+    copy is moved back first. Call this when a run starts or resumes, never while a save into `directory` may be
+    running. Returns the removed folders.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    removed = []
+    for child in sorted(root.iterdir()):
+        match = _STAGING_FOLDER.match(child.name)
+        if match is None or child.is_symlink() or not child.is_dir():
+            continue
+        if match["kind"] == "old":
+            _restore_retired(child, root / match["target"])
+        shutil.rmtree(child, ignore_errors=True)
+        removed.append(child)
+    return removed
+
+
+def _restore_retired(retired: Path, target: Path) -> None:
+    """Move a retired version back to `target` when the swap that retired it never completed."""
+    previous = retired / target.name
+    if previous.is_dir() and not target.exists():
+        os.replace(previous, target)

@@ -2,7 +2,8 @@
 
 transformers' `Trainer` writes `checkpoint-N/` file by file; a process killed mid-save leaves a folder that
 `get_last_checkpoint` would happily pick. We mark a checkpoint complete (an empty `COMPLETE` file written
-after everything else, then fsync'd) and resume only from marked ones, deleting unmarked leftovers.
+after everything else, then fsync'd) and resume only from marked ones, deleting unmarked leftovers, and the
+staging folders that a save killed inside `save_pretrained` (an atomic directory write) leaves beside them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import shutil
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from ..checkpoint import remove_staging_folders
 
 COMPLETE_MARKER = "COMPLETE"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -41,10 +44,13 @@ def mark_complete(folder: Path) -> None:
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike, remove_incomplete: bool = True) -> Path | None:
-    """The newest `checkpoint-N` holding the marker; incomplete ones are removed (or ignored)."""
+    """The newest `checkpoint-N` holding the marker; incomplete ones and staging leftovers are removed (or
+    ignored). Removal belongs to the one process that starts or resumes the run, before it trains."""
     root = Path(output_dir)
     if not root.is_dir():
         return None
+    if remove_incomplete:
+        remove_staging_folders(root)
     found: list[tuple[int, Path]] = []
     for child in root.iterdir():
         match = _CHECKPOINT.match(child.name)

@@ -10,7 +10,8 @@ Layout of a run folder:
     summary.json
 
 A finished step is skipped on a re-run; an interrupted stage resumes from its last complete checkpoint
-with the same data order and random state (transformers' Trainer restores both).
+with the same data order and random state (transformers' Trainer restores both). Staging folders of saves
+killed midway (`.final.writing-*`, `.model.writing-*`, ...) are removed when the run starts or resumes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from transformers import TrainingArguments, set_seed
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import logging as hf_logging
 
-from ..checkpoint import atomic_directory_write
+from ..checkpoint import atomic_directory_write, remove_staging_folders
 from ..configuration import VARGPTConfig
 from ..modeling import VARGPTForConditionalGeneration
 from ..processing import VARGPTProcessor, preprocess_generation_target
@@ -571,6 +572,7 @@ def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True) 
 def _run_recipe(spec: RecipeSpec, out_dir: str | Path, progress: bool) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_staging_folders(out)
     started = time.perf_counter()
     set_seed(spec.seed)
     (out / "recipe.json").write_text(json.dumps(spec.to_dict(), indent=2))
@@ -585,6 +587,7 @@ def _run_recipe(spec: RecipeSpec, out_dir: str | Path, progress: bool) -> dict[s
     summary["stages"] = []
     for index, stage in enumerate(spec.stages):
         folder = out / "stages" / f"{index:02d}-{stage.name}"
+        remove_staging_folders(folder)
         if _done(folder):
             model = VARGPTForConditionalGeneration.from_pretrained(folder / "model", dtype=torch.float32)
             summary["stages"].append(json.loads((folder / "metrics.json").read_text()))

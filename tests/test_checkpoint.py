@@ -1,0 +1,43 @@
+"""Checkpoint helpers that need no model: leftovers of interrupted atomic saves."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from vargpt.checkpoint import atomic_directory_write, remove_staging_folders
+
+
+def _leftover(parent: Path, target: str, kind: str) -> Path:
+    """A staging folder named exactly as `atomic_directory_write` names them, as a SIGKILL mid-save leaves it."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{target}.{kind}-", dir=parent))
+    (folder / "model.safetensors").write_bytes(b"half written")
+    return folder
+
+
+def test_leftovers_of_killed_saves_are_removed_and_nothing_else(tmp_path):
+    stale = [_leftover(tmp_path, "checkpoint-4", "writing"), _leftover(tmp_path, "final", "old")]
+    kept = [tmp_path / "checkpoint-4", tmp_path / ".cache", tmp_path / ".final.writing-notes-by-hand"]
+    for folder in kept:
+        folder.mkdir()
+    (tmp_path / ".x.writing-abcd1234").write_text("a file, not a staging folder")
+    assert sorted(remove_staging_folders(tmp_path)) == sorted(stale)
+    assert all(not folder.exists() for folder in stale) and all(folder.is_dir() for folder in kept)
+    assert (tmp_path / ".x.writing-abcd1234").is_file()
+    assert remove_staging_folders(tmp_path / "absent") == []
+
+
+def test_a_save_killed_between_its_two_renames_gets_its_previous_version_back(tmp_path):
+    retired = _leftover(tmp_path, "model", "old")
+    (retired / "model").mkdir()
+    (retired / "model" / "weights").write_text("previous, complete")
+    remove_staging_folders(tmp_path)
+    assert (tmp_path / "model" / "weights").read_text() == "previous, complete"
+    assert not retired.exists()
+
+
+def test_atomic_write_leaves_no_staging_folder(tmp_path):
+    atomic_directory_write(tmp_path / "out", lambda staging: (staging / "a").write_text("1"))
+    atomic_directory_write(tmp_path / "out", lambda staging: (staging / "a").write_text("2"))
+    assert (tmp_path / "out" / "a").read_text() == "2"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
