@@ -77,6 +77,19 @@ def test_interactive_chat_keeps_history_saves_drawn_images_and_stops_at_exit(tmp
     assert stdin.readline() == "never read\n"  # nothing after /exit was consumed
 
 
+def test_a_second_chat_run_does_not_overwrite_the_first_runs_images(tmp_path, pipe):
+    args = _chat_args(["--temperature", "1", "--max-new-tokens", "64", "--out", str(tmp_path / "drawn")])
+    assert run_chat(args, stdin=io.StringIO("draw a cat\n"), stdout=io.StringIO()) == 0
+    first = {p.name: p.read_bytes() for p in (tmp_path / "drawn").glob("*.png")}
+    assert first and all(name.startswith("turn001-") for name in first)
+    out = io.StringIO()
+    assert run_chat(args, stdin=io.StringIO("draw a cat\n"), stdout=out) == 0
+    second = sorted(set(p.name for p in (tmp_path / "drawn").glob("*.png")) - set(first))
+    assert len(second) == len(first) and all(name.startswith("turn002-") for name in second)
+    assert all((tmp_path / "drawn" / name).read_bytes() == data for name, data in first.items())
+    assert f"[image saved: {tmp_path / 'drawn' / second[0]}]" in out.getvalue()
+
+
 def test_chat_errors_exit_2(tmp_path, capsys):
     assert vargpt(["chat", "   "]) == 2
     assert "empty" in capsys.readouterr().err

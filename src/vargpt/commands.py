@@ -109,7 +109,11 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
 
 
 class _ChatSession:
-    """History and output of one chat: streams each answer and saves the images the model draws."""
+    """History and output of one chat: streams each answer and saves the images the model draws.
+
+    Images are saved as `turnNNN-imageK.png`, NNN counting on from the highest turn already in the output folder, so
+    a second run into the same folder (the default one) keeps the first run's images.
+    """
 
     def __init__(self, pipe: Any, args: argparse.Namespace, stdout: TextIO) -> None:
         self.pipe = pipe
@@ -118,6 +122,7 @@ class _ChatSession:
         self.history: list[dict] = []
         self.images: list[Image.Image] = []
         self.turns = 0
+        self.turn_offset: int | None = None  # turns of earlier runs in the output folder, read at the first save
 
     def turn(self, text: str, new_images: Sequence[Image.Image]) -> None:
         from .serving.engine import StreamDecoder, assistant_message, converse_batch, user_message
@@ -150,10 +155,7 @@ class _ChatSession:
         self.stdout.write(decoder.flush() + "\n")
         self.turns += 1
         for k, image in enumerate(turn.images):
-            out = Path(self.args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / f"turn{self.turns:03d}-image{k + 1}.png"
-            image.save(path)
+            path = self._save(image, k + 1)
             self.stdout.write(f"[image saved: {path}]\n")
         self.stdout.flush()
         self.history += [message, assistant_message(turn.text)]
@@ -168,6 +170,32 @@ def _lines(stream: TextIO, prompt: str | None) -> Iterator[str]:
         if not line:
             return
         yield line
+
+    def _save(self, image: Image.Image, number: int) -> Path:
+        """Write image `number` of this turn to a file no other run wrote: created exclusively, and on a clash
+        (a run writing into the same folder right now) the turn numbers move past that run's."""
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.turn_offset is None:
+            self.turn_offset = self._last_saved_turn(out)
+        while True:
+            path = out / f"turn{self.turn_offset + self.turns:03d}-image{number}.png"
+            try:
+                with open(path, "xb") as handle:
+                    image.save(handle, format="PNG")
+                return path
+            except FileExistsError:
+                self.turn_offset = self._last_saved_turn(out)
+
+    @staticmethod
+    def _last_saved_turn(folder: Path) -> int:
+        """The highest NNN among the `turnNNN-imageK.png` files in `folder` (0 when there are none)."""
+        turns = [0]
+        for path in folder.glob("turn*-image*.png"):
+            head, _, image_number = path.stem.partition("-image")
+            if head[4:].isdigit() and image_number.isdigit():
+                turns.append(int(head[4:]))
+        return max(turns)
 
 
 # -- generate -----------------------------------------------------------------------------------------------------
