@@ -123,8 +123,11 @@ def test_adaln_chunk_order_gamma_first() -> None:
     context = torch.randn(1, 3, C)
     cos, sin = torch.ones(5, 8), torch.zeros(5, 8)
     kv = block.ca.project_context(context)
-    out, _ = block(x, shared, cos, sin, kv, None)
-    assert torch.allclose(out, x + block.ca(block.ca_norm(x), kv), atol=1e-5)
+    out, _, _ = block(x, shared, cos, sin, kv, None)
+    assert torch.allclose(out, x + block.ca(block.ca_norm(x), kv)[0], atol=1e-5)
+    from_raw_context, _, projected = block(x, shared, cos, sin, context, None)
+    assert torch.equal(from_raw_context, out)
+    assert all(torch.equal(a, b) for a, b in zip(projected, kv, strict=True))
 
 
 @torch.no_grad()

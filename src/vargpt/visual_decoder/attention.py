@@ -1,7 +1,9 @@
 """Attention layers of the decoder: cosine self-attention with 2D RoPE, cross-attention, attentive pooling.
 
 Parameter names follow the original checkpoint: `mat_qkv` / `mat_q` / `mat_kv` weights, separate
-`q_bias` / `v_bias` parameters and a persistent all-zero `zero_k_bias` buffer (keys carry no bias).
+`q_bias` / `v_bias` parameters and a persistent all-zero `zero_k_bias` buffer (keys carry no bias). The
+buffer is stored for the layout only: the key bias is built as zeros on the fly, so a block offloaded by
+accelerate (whose hook restores parameters, not buffers) still computes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import linear_with_bias
 from .rope import apply_rope
 
 KVPair = tuple[torch.Tensor, torch.Tensor]
@@ -46,8 +49,8 @@ class CosineSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, KVPair]:
         """Returns the output [B, L, C] and all keys/values seen (past + new), each [B, H, L_all, c]."""
         B, L, C = x_BLC.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = linear_with_bias(self.mat_qkv, x_BLC, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q_BHLc, k_BHLc, v_BHLc = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
         q_BHLc = F.normalize(q_BHLc, dim=-1, eps=1e-12) * scale_mul
@@ -86,15 +89,21 @@ class CrossAttention(nn.Module):
     def project_context(self, context_BNC: torch.Tensor) -> KVPair:
         """Keys and values of a context, each [B, H, N, c] (cacheable across scales)."""
         B, N, _ = context_BNC.shape
-        bias = torch.cat((self.zero_k_bias, self.v_bias))
-        kv = F.linear(context_BNC, self.mat_kv.weight, bias).view(B, N, 2, self.num_heads, self.head_dim)
+        bias = torch.cat((torch.zeros_like(self.v_bias), self.v_bias))
+        kv = linear_with_bias(self.mat_kv, context_BNC, bias).view(B, N, 2, self.num_heads, self.head_dim)
         k_BHNc, v_BHNc = kv.permute(2, 0, 3, 1, 4).unbind(0)
         return k_BHNc, v_BHNc
 
     def forward(
-        self, x_BLC: torch.Tensor | None, kv: KVPair, context_mask_BN: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Attend to projected context `kv`; `context_mask_BN` is True at real context tokens."""
+        self, x_BLC: torch.Tensor | None, context: KVPair | torch.Tensor, context_mask_BN: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, KVPair]:
+        """Attend to a context; returns the output and the context's keys/values (to cache across scales).
+
+        `context` is the raw context [B, N, kv_dim], projected here, or keys/values projected earlier;
+        `context_mask_BN` is True at real context tokens. Projecting inside `forward` keeps every use of this
+        layer's weights inside its call, which accelerate's offloading hooks need.
+        """
+        kv = self.project_context(context) if isinstance(context, torch.Tensor) else context
         k_BHNc, v_BHNc = kv
         B = k_BHNc.shape[0]
         if self.pooled:
@@ -105,7 +114,7 @@ class CrossAttention(nn.Module):
             q_BHLc = self.mat_q(x_BLC).view(B, x_BLC.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         mask = None if context_mask_BN is None else context_mask_BN[:, None, None, :]
         out = F.scaled_dot_product_attention(q_BHLc, k_BHNc, v_BHNc, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(B, q_BHLc.shape[2], self.dim))
+        return self.proj(out.transpose(1, 2).reshape(B, q_BHLc.shape[2], self.dim)), kv
 
 
 def attentive_pool_heads(context_dim: int, embed_dim: int) -> int:
@@ -126,4 +135,4 @@ class TextAttentivePool(nn.Module):
         self.ca = CrossAttention(embed_dim, context_dim, heads, pooled=True)
 
     def forward(self, x_BLC: torch.Tensor, mask_BL: torch.Tensor | None = None) -> torch.Tensor:
-        return self.ca(None, self.ca.project_context(x_BLC), mask_BL).squeeze(1)
+        return self.ca(None, x_BLC, mask_BL)[0].squeeze(1)

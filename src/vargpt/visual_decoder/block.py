@@ -36,21 +36,27 @@ class DecoderBlock(nn.Module):
         shared_gss_B16C: torch.Tensor,
         cos_Lp: torch.Tensor,
         sin_Lp: torch.Tensor,
-        context_kv: KVPair,
+        context: KVPair | torch.Tensor,
         context_mask_BN: torch.Tensor | None,
         attn_mask_LL: torch.Tensor | None = None,
         past_kv: KVPair | None = None,
-    ) -> tuple[torch.Tensor, KVPair]:
-        """Returns the new hidden states and the self-attention keys/values seen (for the KV cache)."""
+    ) -> tuple[torch.Tensor, KVPair, KVPair]:
+        """Returns the new hidden states, the self-attention keys/values seen and the context keys/values (both
+        for the KV cache).
+
+        `context` is the raw cross-attention context [B, N, C], projected by the cross-attention, or its
+        keys/values cached from an earlier scale.
+        """
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + shared_gss_B16C).unbind(2)
         sa_out, present_kv = self.sa(
             ada_layer_norm(x_BLC, scale1, shift1, self.norm_eps), cos_Lp, sin_Lp, attn_mask_LL, past_kv
         )
         x_BLC = x_BLC + self.drop_path(sa_out * gamma1)
-        x_BLC = x_BLC + self.ca(self.ca_norm(x_BLC), context_kv, context_mask_BN)
+        ca_out, context_kv = self.ca(self.ca_norm(x_BLC), context, context_mask_BN)
+        x_BLC = x_BLC + ca_out
         ffn_out = self.ffn(ada_layer_norm(x_BLC, scale2, shift2, self.norm_eps))
         x_BLC = x_BLC + self.drop_path(ffn_out * gamma2)
-        return x_BLC, present_kv
+        return x_BLC, present_kv, context_kv
 
 
 class BlockChunk(nn.Module):

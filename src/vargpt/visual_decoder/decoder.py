@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import CosineSelfAttention, CrossAttention, KVPair, TextAttentivePool
+from .attention import CosineSelfAttention, CrossAttention, TextAttentivePool
 from .block import BlockChunk, DecoderBlock
 from .cache import DecoderKVCache
 from .configuration import VisualDecoderConfig
@@ -192,12 +192,11 @@ class InfinityDecoder(nn.Module):
         attn_mask_LL = block_causal_mask(grids, device)
         shared_gss = self._shared_gss(cond_BD)
         for block in self.blocks:
-            context_kv = block.ca.project_context(context_BNC)
-            args = (x_BLC, shared_gss, cos_Lp, sin_Lp, context_kv, context_mask_BN, attn_mask_LL)
+            args = (x_BLC, shared_gss, cos_Lp, sin_Lp, context_BNC, context_mask_BN, attn_mask_LL)
             if self.gradient_checkpointing and self.training:
-                x_BLC, _ = checkpoint(block, *args, use_reentrant=False)
+                x_BLC, _, _ = checkpoint(block, *args, use_reentrant=False)
             else:
-                x_BLC, _ = block(*args)
+                x_BLC, _, _ = block(*args)
         return self._logits(x_BLC, cond_BD)
 
     def forward_scale(
@@ -235,11 +234,14 @@ class InfinityDecoder(nn.Module):
         if scale_index == 0:
             cache.context_mask_BN = context_mask_BN
         for layer, block in enumerate(self.blocks):
-            context_kv = self._cached_context_kv(cache, layer, block, context_BNC)
-            x_BlC, present_kv = block(
-                x_BlC, shared_gss, cos_lp, sin_lp, context_kv, cache.context_mask_BN, None, cache.self_kv(layer)
+            cached_kv = cache.context_kv(layer)
+            context = context_BNC if cached_kv is None else cached_kv
+            x_BlC, present_kv, context_kv = block(
+                x_BlC, shared_gss, cos_lp, sin_lp, context, cache.context_mask_BN, None, cache.self_kv(layer)
             )
             cache.set_self_kv(layer, present_kv)
+            if cached_kv is None:
+                cache.set_context_kv(layer, context_kv)
         cache.advance(grid[0] * grid[1])
         return self._logits(x_BlC, cond_BD)
 
@@ -257,14 +259,6 @@ class InfinityDecoder(nn.Module):
     def _logits(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.head_nm(x_BLC, cond_BD))
         return logits.view(*x_BLC.shape[:2], self.config.bits, 2)
-
-    @staticmethod
-    def _cached_context_kv(cache: DecoderKVCache, layer: int, block: DecoderBlock, context_BNC: torch.Tensor) -> KVPair:
-        context_kv = cache.context_kv(layer)
-        if context_kv is None:
-            context_kv = block.ca.project_context(context_BNC)
-            cache.set_context_kv(layer, context_kv)
-        return context_kv
 
     def _check_inputs(
         self,

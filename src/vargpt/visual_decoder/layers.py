@@ -85,3 +85,16 @@ class AdaLNBeforeHead(nn.Module):
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale_B1C, shift_B1C = self.ada_lin(cond_BD).view(-1, 1, 2, self.dim).unbind(2)
         return ada_layer_norm(x_BLC, scale_B1C, shift_B1C, self.eps)
+
+
+def linear_with_bias(linear: nn.Linear, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`x @ W.T + bias` for a bias-free linear layer whose bias lives elsewhere (the decoder's q/v biases).
+
+    A plain `nn.Linear` whose weight is here takes the fused `F.linear` path (its float results are what the
+    fidelity tests pin). Anything else is called as a module and the bias added after: a quantized layer (no
+    usable `.weight`), an adapter wrapping the layer, or a layer offloaded by accelerate (its weight is on the
+    meta device until its own hook loads it, which happens only when the module is called).
+    """
+    if type(linear) is nn.Linear and linear.weight.device.type != "meta":
+        return F.linear(x, linear.weight, bias)
+    return linear(x) + bias.to(x.dtype)
