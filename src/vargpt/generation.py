@@ -6,11 +6,17 @@ original CFG branch shares the batch, the null-prompt branch has its own LLM cac
 tokens enter the LLM cache in the training layout (`<|image_gen_start|>` + pad slots + `<|image_gen_end|>`),
 and text continues until EOS. Rows that did not ask for an image take part in the batched calls with their
 tokens masked out of their own history. Images come back as tensors; nothing is written anywhere.
+
+A caller that may lose interest (a server whose client timed out) wraps the call in `stop_when(check)`: the
+loop asks `check()` once per text token and once per scale step and raises `GenerationCancelled` when it says
+so, so abandoned work ends within one step instead of running to the end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +37,33 @@ from .rope_index import mrope_positions
 from .visual_decoder import DecoderKVCache, sample_bits
 
 GENERATION_MODES = ("text", "image", "interleaved")
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised inside the decoding loop when the `stop_when` check of the calling context says stop."""
+
+
+# A context variable rather than a parameter: the check reaches the loop through `VARGPTPipeline` and
+# `model.generate` without every layer in between forwarding one more argument, and it stays with the thread (or
+# task) that set it, so other threads' generations are unaffected.
+_stop_check: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("stop_check", default=None)
+
+
+@contextlib.contextmanager
+def stop_when(check: Callable[[], bool]) -> Iterator[None]:
+    """Within this block, generation raises `GenerationCancelled` at the first token or scale step for which
+    `check()` is true. `check` is called often: keep it a flag read."""
+    token = _stop_check.set(check)
+    try:
+        yield
+    finally:
+        _stop_check.reset(token)
+
+
+def _raise_if_stopped() -> None:
+    check = _stop_check.get()
+    if check is not None and check():
+        raise GenerationCancelled("generation stopped: its caller cancelled it")
 
 
 @dataclass
@@ -222,6 +255,7 @@ def _image_events(
     cond_logits: list[torch.Tensor] = []
     fed = 0
     for k, (h, w) in enumerate(schedule):
+        _raise_if_stopped()
         n = h * w
         cond_pos = _scale_positions(state, settings.position_mode, cache_len0, fed, n)
         x_RlH = x_RlH.to(state.dtype)
@@ -279,8 +313,11 @@ def _image_events(
     # one image at a time: convolution kernels may sum in another order for another batch size, and an
     # image must not depend on the rest of its batch (one pixel byte differed on some CPUs)
     vae_dtype = model.vae_local.decoder.conv_in.conv.weight.dtype
-    images = torch.cat([model.vae_local.decode(latent[b : b + 1].to(vae_dtype)) for b in range(B)])
-    return images.float(), bits_per_scale, torch.cat(cond_logits, dim=1), num_pads
+    images = []
+    for b in range(B):
+        _raise_if_stopped()
+        images.append(model.vae_local.decode(latent[b : b + 1].to(vae_dtype)))
+    return torch.cat(images).float(), bits_per_scale, torch.cat(cond_logits, dim=1), num_pads
 
 
 def _null_prompt_state(model, null_prompt_ids: torch.Tensor | None, B: int, device) -> _DecodingState:
@@ -384,6 +421,7 @@ def generate_interleaved(
 
     new_tokens = 0
     while new_tokens < text_config.max_new_tokens and not bool(finished.all()):
+        _raise_if_stopped()
         if generation_mode == "image" and not forced_done:
             next_B = torch.full((B,), cfg.image_gen_start_token_id, dtype=torch.long, device=device)
             forced_done = True
