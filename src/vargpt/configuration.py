@@ -10,12 +10,22 @@ settings and hard-codes them; our sub-configs default to exactly those values, s
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen2VLConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
 
+from .config_validation import (
+    CONFIG_ERRORS,
+    ConfigFileError,
+    check_config_values,
+    check_parameter_count,
+    config_source,
+    one_line,
+    read_config_json,
+)
 from .image_tokenizer.configuration import ImageTokenizerConfig
 from .visual_decoder.configuration import VisualDecoderConfig
 
@@ -207,6 +217,9 @@ _BENCH_100M: dict[str, Any] = {
     "image_resolution": 32,
     "image_gen_pad_multiple": 64,
 }
+# The keyword `get_config_dict` passes to `from_dict`: the config.json the settings were read from.
+_SOURCE_KWARG = "_vargpt_config_source"
+
 PRESETS: dict[str, dict[str, Any]] = {
     "vargpt-v1.1": _FULL_SIZE,
     "tiny": _TINY,
@@ -292,6 +305,7 @@ class VARGPTConfig(Qwen2VLConfig):
                 f"image_resolution {self.image_resolution} is not a multiple of the tokenizer stride "
                 f"{self.image_tokenizer_config.downsample_factor}"
             )
+        check_parameter_count(self)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> VARGPTConfig:
@@ -302,3 +316,29 @@ class VARGPTConfig(Qwen2VLConfig):
         values = copy.deepcopy(PRESETS[name])
         values.update(overrides)
         return cls(**values)
+
+    # -- a bad config.json fails in one line naming the file and the field (see `config_validation`) ------------
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        """transformers' reader, but a syntax error or a non-object names the file and the position."""
+        return cls._decode_special_floats(read_config_json(json_file))
+
+    @classmethod
+    def get_config_dict(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' `get_config_dict`, handing the config.json's path on to `from_dict` for its errors."""
+        source = config_source(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return config_dict, {**kwargs, _SOURCE_KWARG: source}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> VARGPTConfig:
+        """transformers' `from_dict` after `check_config_values`; every error becomes one `ConfigFileError` line
+        naming where the settings came from."""
+        source = kwargs.pop(_SOURCE_KWARG, "the configuration")
+        try:
+            check_config_values(config_dict)
+            return super().from_dict(config_dict, **kwargs)
+        except CONFIG_ERRORS as error:
+            raise ConfigFileError(f"{source}: {one_line(error)}") from error

@@ -23,11 +23,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="per input image (default: 16M)")
     parser.add_argument("--max-n", type=int, default=8, help="largest n of an image request (default: %(default)s)")
     parser.add_argument("--max-prompt-tokens", type=int, default=4096, help="default: %(default)s")
+    parser.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=None,
+        help="prompts longer than this are refused before tokenising (default: 8 x --max-prompt-tokens)",
+    )
     parser.add_argument("--max-tokens", type=int, default=256, help="answer length when a request gives none")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed of preset models (default: 0)")
-    parser.add_argument(
-        "--allow-remote-images", action="store_true", help="not implemented: the server only takes data: URLs"
-    )
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -50,8 +53,8 @@ def config_from_args(args: argparse.Namespace):
         max_image_pixels=args.max_image_pixels,
         max_n=args.max_n,
         max_prompt_tokens=args.max_prompt_tokens,
+        max_prompt_chars=args.max_prompt_chars,
         default_max_tokens=args.max_tokens,
-        allow_remote_images=args.allow_remote_images,
     )
 
 
