@@ -183,8 +183,11 @@ def test_edit_writes_the_edited_image(tmp_path, pipe):
 
 
 def test_serve_refuses_bad_options_before_loading_the_model(capsys):
-    assert vargpt(["serve", "--allow-remote-images"]) == 2
-    assert "not implemented" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # removed: images come as data URLs only
+        vargpt(["serve", "--allow-remote-images"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+    assert vargpt(["serve", "--max-prompt-chars", "0"]) == 2
+    assert "max_prompt_chars" in capsys.readouterr().err
     assert vargpt(["serve", "--queue-size", "0"]) == 2
     assert "--queue-size" in capsys.readouterr().err
     assert vargpt(["serve", "--timeout", "0"]) == 2

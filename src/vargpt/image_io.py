@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from typing import BinaryIO
 
 import numpy as np
@@ -53,27 +54,29 @@ def _describe(source: ImageSource) -> str:
     return f"image file {os.fspath(source)!r}"
 
 
-def _open(source: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
+def _open(source: str | os.PathLike | bytes, max_pixels: int, formats: Sequence[str] | None = None) -> Image.Image:
     """Open lazily (header only), enforce the pixel limit, then decode every pixel."""
     what = _describe(source)
     if isinstance(source, bytes):
-        return _decode(io.BytesIO(source), max_pixels, what)
+        return _decode(io.BytesIO(source), max_pixels, what, formats)
     path = os.fspath(source)
     if not os.path.exists(path):
         raise ImageInputError(f"{what} does not exist")
     if not os.path.isfile(path):
         raise ImageInputError(f"{what} is not a regular file")
     with open(path, "rb") as file:
-        return _decode(file, max_pixels, what)
+        return _decode(file, max_pixels, what, formats)
 
 
-def _decode(stream: BinaryIO, max_pixels: int, what: str) -> Image.Image:
+def _decode(stream: BinaryIO, max_pixels: int, what: str, formats: Sequence[str] | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # We enforce our own limit just below; PIL's warning about its global threshold is noise here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream)
+            image = Image.open(stream, formats=None if formats is None else list(formats))
     except UnidentifiedImageError as error:
+        if formats is not None:
+            raise ImageInputError(f"{what} is not an image in an accepted format ({', '.join(formats)})") from error
         raise ImageInputError(f"{what} is not an image PIL can read") from error
     except Image.DecompressionBombError as error:
         raise ImageInputError(f"{what} exceeds PIL's global Image.MAX_IMAGE_PIXELS limit: {error}") from error
@@ -146,8 +149,13 @@ def _upright(image: Image.Image) -> Image.Image:
     return image
 
 
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] | None = None
+) -> Image.Image:
     """Load an image from a path, encoded bytes or a PIL image as a fully decoded RGB PIL image.
+
+    `formats` (PIL format names such as "PNG") limits which decoders may run on untrusted files and bytes: without
+    it every format PIL knows is tried, EPS included, which hands the bytes to Ghostscript.
 
     Raises `ImageInputError` (a `ValueError`) for a missing file, a non-image, a corrupt or truncated file, a
     zero-size image, or one with more than `max_pixels` pixels (checked from the header, before decoding).
@@ -167,4 +175,4 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         return to_rgb(source)
     if not isinstance(source, (str, os.PathLike, bytes)):
         raise ImageInputError(f"expected a path, bytes or a PIL image, got {type(source).__name__}")
-    return to_rgb(_upright(_open(source, max_pixels)))
+    return to_rgb(_upright(_open(source, max_pixels, formats)))

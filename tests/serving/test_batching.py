@@ -97,3 +97,51 @@ def test_check_cancelled_stops_only_when_every_job_gave_up():
     jobs[1].cancelled = True
     with pytest.raises(RuntimeError, match="cancelled"):
         check_cancelled(jobs)
+
+
+def test_cancelling_a_queued_job_frees_its_place_at_once():
+    async def scenario():
+        gate = threading.Event()
+        worker = _worker([], gate, max_batch_size=1, queue_size=1)
+        worker.start()
+        running = worker.submit(Job("echo", "k", "running"))
+        await asyncio.sleep(0.05)
+        gone = Job("echo", "k", "gone")
+        worker.submit(gone)
+        worker.cancel(gone)
+        queued_after_cancel = worker.queued
+        kept = worker.submit(Job("echo", "k", "kept"))  # the cancelled job's place
+        gate.set()
+        out = await asyncio.gather(running, kept)
+        worker.stop()
+        return queued_after_cancel, out
+
+    queued_after_cancel, out = asyncio.run(scenario())
+    assert queued_after_cancel == 0 and out == ["RUNNING", "KEPT"]
+
+
+def test_every_kind_keeps_its_reserved_places_when_another_floods_the_queue():
+    async def scenario():
+        gate = threading.Event()
+        worker = _worker([], gate, max_batch_size=1, queue_size=8)  # two kinds: 2 places reserved for each
+        worker.start()
+        worker.submit(Job("echo", "k", "running"))
+        await asyncio.sleep(0.05)
+        admitted = {"echo": 0, "other": 0}
+        for kind in ("echo", "other"):
+            for _ in range(10):
+                try:
+                    worker.submit(Job(kind, "k", kind))
+                except QueueFullError:
+                    break
+                admitted[kind] += 1
+        worker.stop(timeout=0)
+        gate.set()
+        return admitted
+
+    assert asyncio.run(scenario()) == {"echo": 6, "other": 2}
+
+
+def test_reserve_must_fit_the_queue():
+    with pytest.raises(ValueError, match="reserve"):
+        BatchingWorker({"a": list, "b": list}, queue_size=4, reserve=3)

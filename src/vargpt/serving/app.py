@@ -16,7 +16,15 @@ Choices where OpenAI's API has no answer for this model:
   (same seed, same bytes). Images are already drawn from per-row seeds; chat text sampling still shares one
   random stream per batch, which is why seeded requests are kept apart. Requests without a seed are batched.
 * Earlier assistant turns are fed back as text; images they contained are dropped (no slot in the template).
-* Image URLs must be `data:` URLs. The server never fetches remote URLs or reads its own files.
+* Image URLs must be `data:` URLs. The server never fetches remote URLs or reads its own files. Input images
+  must be PNG, JPEG, WebP, GIF, BMP or TIFF (`SERVER_IMAGE_FORMATS`): other decoders never see untrusted bytes.
+* `images/generations` and `images/edits` answer `b64_json` whether or not `response_format` is given (as OpenAI's
+  gpt-image models do); `response_format: "url"` is refused with a 400, since the server keeps no files to link.
+
+One request cannot stall the others: prompts are refused by length before tokenising (`CHARS_PER_TOKEN_BOUND`)
+and tokenised off the event loop; a request whose client timed out or disconnected leaves the queue at once, or
+stops its batch at the next token or scale step when it was the batch's last live request; and each kind of
+request (chat, generation, edit) has queue places the others cannot take.
 """
 
 from __future__ import annotations
@@ -24,14 +32,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import copy
 import io
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -39,11 +50,26 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..generation import GenerationCancelled, stop_when
 from ..image_io import ImageInputError, load_image
 from ..pipeline import VARGPTPipeline
-from .batching import BatchingWorker, Job, QueueFullError, check_cancelled
+from .batching import BatchCancelledError, BatchingWorker, Job, QueueFullError
 from .engine import StreamDecoder, assistant_message, converse_batch, user_message
 from .schemas import APIError, ChatCompletionRequest, ChatMessage, ImageGenerationRequest, error_body
+from .validation import check_length, check_text, image_settings, square_size
+
+# Input image formats the server decodes; PIL knows ~40 more, some of which run external programs (EPS runs
+# Ghostscript) or rarely exercised parsers.
+SERVER_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+# A prompt with more characters than this many per allowed token is refused before tokenising: English averages
+# about 4 characters per Qwen2 token. (An exact bound would be the longest token, 128 characters, which would let
+# a 4096-token limit admit 0.5 MB prompts that take seconds to tokenise.)
+CHARS_PER_TOKEN_BOUND = 8
+# Paths served without the API key even when one is set. Everything else (the API and FastAPI's /docs, /redoc
+# and /openapi.json) needs it.
+OPEN_PATHS = frozenset({"/health"})
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,15 +86,21 @@ class ServerConfig:
     max_images_per_request: int = 4
     max_n: int = 8
     max_prompt_tokens: int = 4096
+    max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_BOUND * max_prompt_tokens
     default_max_tokens: int = 256
     retry_after_s: int = 1
-    allow_remote_images: bool = False
 
     def __post_init__(self) -> None:
-        if self.allow_remote_images:
-            raise ValueError("--allow-remote-images is not implemented: send images as data URLs")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
+
+    @property
+    def prompt_char_limit(self) -> int:
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        return CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens
 
 
 def create_app(pipe: VARGPTPipeline, config: ServerConfig | None = None) -> FastAPI:
@@ -83,6 +115,7 @@ def create_app(pipe: VARGPTPipeline, config: ServerConfig | None = None) -> Fast
             yield
         finally:
             service.worker.stop()
+            service.text_executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="vargpt", lifespan=lifespan)
     app.state.service = service
@@ -97,6 +130,7 @@ def create_app(pipe: VARGPTPipeline, config: ServerConfig | None = None) -> Fast
             "model": config.model_name,
             "queued": service.worker.queued,
             "batches_run": service.worker.batches_run,
+            "batches_stopped": service.worker.batches_stopped,
             "largest_batch": service.worker.largest_batch,
         }
         return JSONResponse(body, status_code=200 if alive else 503)
@@ -108,11 +142,11 @@ def create_app(pipe: VARGPTPipeline, config: ServerConfig | None = None) -> Fast
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await service.chat(await _parse_json(request, ChatCompletionRequest))
+        return await service.chat(await _parse_json(request, ChatCompletionRequest), request)
 
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> dict:
-        return await service.generate(await _parse_json(request, ImageGenerationRequest))
+        return await service.generate(await _parse_json(request, ImageGenerationRequest), request)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> dict:
@@ -130,7 +164,12 @@ class _Service:
         self.context = pipe.model.config.text_config.max_position_embeddings
         self.native_resolution = pipe.model.config.image_resolution
         runners = {"chat": self._run_chat, "generate": self._run_generate, "edit": self._run_edit}
+        runners = {kind: _stoppable(runner) for kind, runner in runners.items()}
         self.worker = BatchingWorker(runners, config.max_batch_size, config.queue_size)
+        # Prompts are templated and tokenised on this one thread, off the event loop, with a tokenizer of their
+        # own: the model thread's tokenizer is not shared across threads.
+        self.text_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vargpt-tokenizer")
+        self.tokenizer = copy.deepcopy(pipe.processor.tokenizer)
 
     # -- checks ---------------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -142,8 +181,19 @@ class _Service:
                 code="model_not_found",
             )
 
-    def check_tokens(self, text: str, max_new_tokens: int, param: str) -> int:
-        count = len(self.pipe.processor.tokenizer(text)["input_ids"])
+    async def off_loop(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`function(*args, **kwargs)` on the text thread, so the event loop keeps answering meanwhile."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.text_executor, lambda: function(*args, **kwargs))
+
+    def check_prompt(self, texts: Sequence[tuple[str, str]], param: str) -> None:
+        """Every (text, param) is valid Unicode and together they are within the character limit."""
+        for text, text_param in texts:
+            check_text(text, text_param)
+        check_length(sum(len(text) for text, _ in texts), self.config.prompt_char_limit, param)
+
+    async def check_tokens(self, text: str, max_new_tokens: int, param: str) -> int:
+        count = await self.off_loop(lambda: len(self.tokenizer(text)["input_ids"]))
         if count > self.config.max_prompt_tokens:
             raise APIError(
                 400,
@@ -163,12 +213,9 @@ class _Service:
 
     def resolution(self, size: str | None) -> int:
         """'RxR' (square only) to a resolution the model supports; None means the model's native size."""
-        if size is None or size == "auto":
+        resolution = square_size(size)
+        if resolution is None:
             return self.native_resolution
-        width, sep, height = size.lower().partition("x")
-        if not sep or not width.isdigit() or not height.isdigit() or width != height:
-            raise APIError(400, f"size must be a square 'NxN' such as '256x256', got {size!r}", param="size")
-        resolution = int(width)
         try:
             self.pipe.model.generation_schedule(resolution)
         except ValueError as error:
@@ -181,7 +228,7 @@ class _Service:
 
     async def decode_image(self, data: bytes, param: str) -> Image.Image:
         try:
-            return await asyncio.to_thread(load_image, data, self.config.max_image_pixels)
+            return await asyncio.to_thread(load_image, data, self.config.max_image_pixels, SERVER_IMAGE_FORMATS)
         except ImageInputError as error:
             code = "image_too_large" if "over the limit" in str(error) else "invalid_image"
             raise APIError(400, str(error), param=param, code=code) from None
@@ -219,31 +266,38 @@ class _Service:
                 headers={"Retry-After": str(self.config.retry_after_s)},
             ) from None
 
-    async def wait(self, job: Job, future: asyncio.Future, deadline: float) -> Any:
+    async def wait(self, job: Job, future: asyncio.Future, deadline: float, request: Request | None) -> Any:
+        """The job's result; a 504 past the deadline. A job nobody waits for any more (time limit, client gone,
+        handler cancelled) is cancelled so that it stops taking the model's time."""
         try:
-            return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
+            return await _unless_disconnected(asyncio.shield(future), request, deadline)
         except asyncio.TimeoutError:
-            job.cancelled = True
-            raise APIError(
-                504,
-                f"the request took longer than the server's limit of {self.config.timeout_s:g} s",
-                type="timeout_error",
-                code="timeout",
-            ) from None
-        except asyncio.CancelledError:
-            job.cancelled = True
+            self.worker.cancel(job)
+            raise self.timeout_error() from None
+        except (_Disconnected, asyncio.CancelledError):
+            self.worker.cancel(job)
             raise
         except (ValueError, TypeError) as error:
             raise APIError(400, str(error)) from None
 
+    def timeout_error(self) -> APIError:
+        return APIError(
+            504,
+            f"the request took longer than the server's limit of {self.config.timeout_s:g} s",
+            type="timeout_error",
+            code="timeout",
+        )
+
     # -- chat -----------------------------------------------------------------------------------------------
-    async def chat(self, body: ChatCompletionRequest):
+    async def chat(self, body: ChatCompletionRequest, request: Request | None = None):
         self.check_model(body.model)
         deadline = time.monotonic() + self.config.timeout_s
         conversation, images = await self.conversation(body.messages)
         max_new = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
-        text = self.pipe.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        prompt_tokens = self.check_tokens(text, max_new, "messages")
+        text = await self.off_loop(
+            self.pipe.processor.apply_chat_template, conversation, add_generation_prompt=True, tokenize=False
+        )
+        prompt_tokens = await self.check_tokens(text, max_new, "messages")
         sampling: dict[str, Any] = {"max_new_tokens": max_new}
         if body.temperature:
             sampling |= {"do_sample": True, "temperature": body.temperature, "top_p": body.top_p or 1.0}
@@ -255,7 +309,7 @@ class _Service:
         future = self.submit(job)
         reply_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if not body.stream:
-            turn, decoder_state = await self.wait(job, future, deadline)
+            turn, decoder_state = await self.wait(job, future, deadline, request)
             content = _message_content(turn.segments)
             usage = {
                 "prompt_tokens": prompt_tokens,
@@ -279,11 +333,14 @@ class _Service:
         # event is awaited before answering, so a request that never starts still gets a real 504.
         future.add_done_callback(lambda _: events.put_nowait(_END))
         try:
-            first = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+            first = await _unless_disconnected(events.get(), request, deadline)
         except asyncio.TimeoutError:
             first = None
+        except (_Disconnected, asyncio.CancelledError):
+            self.worker.cancel(job)
+            raise
         if first is None or first is _END:
-            await self.wait(job, future, deadline)  # raises the 504, or the job's error
+            await self.wait(job, future, deadline, request)  # raises the 504, or the job's error
         chunks = _ChunkWriter(reply_id, created, self.config.model_name)
         return StreamingResponse(
             self.stream(job, future, events, first, deadline, chunks),
@@ -301,9 +358,8 @@ class _Service:
                 try:
                     item = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
-                    job.cancelled = True
-                    message = f"the request took longer than the server's limit of {self.config.timeout_s:g} s"
-                    yield _sse(error_body(message, type="timeout_error", code="timeout"))
+                    self.worker.cancel(job)
+                    yield _sse(self.timeout_error().body())
                     break
             else:
                 try:
@@ -318,30 +374,39 @@ class _Service:
             yield "data: [DONE]\n\n"
         finally:
             if not future.done():
-                job.cancelled = True
+                self.worker.cancel(job)
 
     async def conversation(self, messages: Sequence[ChatMessage]) -> tuple[list[dict], list[Image.Image]]:
-        """OpenAI messages to the chat template's messages plus the images in placeholder order."""
+        """OpenAI messages to the chat template's messages plus the images in placeholder order.
+
+        All text is checked (Unicode, total length) before any image is decoded or anything is tokenised."""
+        parts_of = [_parts(message) for message in messages]
+        texts = [
+            (part["text"] or "", f"messages[{i}].content" + ("" if isinstance(m.content, str) else f"[{j}]"))
+            for i, (m, parts) in enumerate(zip(messages, parts_of, strict=True))
+            for j, part in enumerate(parts)
+            if part["type"] == "text"
+        ]
+        self.check_prompt(texts, "messages")
         conversation: list[dict] = []
         images: list[Image.Image] = []
-        for i, message in enumerate(messages):
-            parts = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else None
-            parts = parts if parts is not None else [p.model_dump() for p in message.content or []]
+        for i, (message, parts) in enumerate(zip(messages, parts_of, strict=True)):
             texts = [p["text"] or "" for p in parts if p["type"] == "text"]
-            urls = [p["image_url"] for p in parts if p["type"] == "image_url"]
             if message.role in ("system", "developer"):
                 conversation.append({"role": "system", "content": [{"type": "text", "text": "\n".join(texts)}]})
             elif message.role == "assistant":
                 conversation.append(assistant_message("".join(texts)))
             else:
-                for j, url in enumerate(urls):
+                urls = [(j, p["image_url"]) for j, p in enumerate(parts) if p["type"] == "image_url"]
+                for j, url in urls:
+                    param = f"messages[{i}].content[{j}]"
                     if url is None or not url.get("url"):
-                        raise APIError(400, "image_url parts need an image_url.url", param=f"messages[{i}].content")
-                    images.append(await self.image_from_url(url["url"], f"messages[{i}].content[{j}]"))
-                    if len(images) > self.config.max_images_per_request:
+                        raise APIError(400, "image_url parts need an image_url.url", param=param)
+                    if len(images) == self.config.max_images_per_request:
                         raise APIError(
                             400, f"at most {self.config.max_images_per_request} images per request", param="messages"
                         )
+                    images.append(await self.image_from_url(url["url"], param))
                 try:
                     conversation.append(user_message("\n".join(t for t in texts if t), len(urls)))
                 except ValueError as error:
@@ -356,7 +421,6 @@ class _Service:
         image_start = self.pipe.model.config.image_gen_start_token_id
 
         def on_token(ids_B) -> None:
-            check_cancelled(jobs)
             for b, (job, decoder) in enumerate(zip(jobs, decoders, strict=True)):
                 if decoder.finished:
                     continue
@@ -387,13 +451,8 @@ class _Service:
         return results
 
     # -- images ---------------------------------------------------------------------------------------------
-    def image_settings(self, body: Any, size: str | None) -> dict[str, Any]:
-        settings = {"resolution": self.resolution(size)}
-        for name in ("cfg_scale", "tau", "top_p"):
-            value = getattr(body, name, None)
-            if value is not None:
-                settings[name] = float(value)
-        return settings
+    def image_settings(self, values: dict[str, Any], size: str | None) -> dict[str, Any]:
+        return {"resolution": self.resolution(size)} | image_settings(values)
 
     @staticmethod
     def check_format(response_format: str | None) -> None:
@@ -406,15 +465,17 @@ class _Service:
                 code="unsupported_response_format",
             )
 
-    async def generate(self, body: ImageGenerationRequest) -> dict:
+    async def generate(self, body: ImageGenerationRequest, request: Request | None = None) -> dict:
         self.check_model(body.model)
         self.check_n(body.n)
         self.check_format(body.response_format)
+        self.check_prompt([(body.prompt, "prompt")], "prompt")
         if not body.prompt.strip():
             raise APIError(400, "the prompt is empty: give some text", param="prompt")
-        self.check_tokens(body.prompt, 1, "prompt")
-        settings = self.image_settings(body, body.size)
-        return await self.run_images("generate", {"prompt": body.prompt}, body.n, body.seed, settings)
+        settings = self.image_settings(body.model_dump(), body.size)
+        await self.check_tokens(body.prompt, 1, "prompt")
+        payload = {"prompt": body.prompt}
+        return await self.run_images("generate", payload, body.n, body.seed, settings, request)
 
     async def edit(self, request: Request) -> dict:
         try:
@@ -429,28 +490,27 @@ class _Service:
                 raise APIError(400, "masks are not supported: the model edits from the instruction", param="mask")
             fields = {k: v for k, v in form.items() if isinstance(v, str)}
             prompt = fields.get("prompt", "")
+            self.check_prompt([(prompt, "prompt")], "prompt")
             if not prompt.strip():
                 raise APIError(400, "the prompt is empty: give an edit instruction", param="prompt")
             self.check_model(fields.get("model"))
             n = _form_number(fields, "n", int, 1)
             self.check_n(n)
             self.check_format(fields.get("response_format"))
-            self.check_tokens(prompt, 1, "prompt")
+            numbers = {name: _form_number(fields, name, float, None) for name in ("cfg_scale", "tau", "top_p")}
+            settings = self.image_settings(numbers, fields.get("size"))
+            seed = _form_number(fields, "seed", int, None)
+            await self.check_tokens(prompt, 1, "prompt")
             image = await self.decode_image(await files[0].read(), "image")
-        values = _FormValues(
-            cfg_scale=_form_number(fields, "cfg_scale", float, None),
-            tau=_form_number(fields, "tau", float, None),
-            top_p=_form_number(fields, "top_p", float, None),
-        )
-        settings = self.image_settings(values, fields.get("size"))
-        seed = _form_number(fields, "seed", int, None)
-        return await self.run_images("edit", {"prompt": prompt, "image": image}, n, seed, settings)
+        return await self.run_images("edit", {"prompt": prompt, "image": image}, n, seed, settings, request)
 
-    async def run_images(self, kind: str, payload: dict, n: int, seed: int | None, settings: dict) -> dict:
+    async def run_images(
+        self, kind: str, payload: dict, n: int, seed: int | None, settings: dict, request: Request | None
+    ) -> dict:
         deadline = time.monotonic() + self.config.timeout_s
         key = (tuple(sorted(settings.items())), object() if seed is not None else None)
         job = Job(kind, key, payload | {"n": n, "seed": seed, "settings": settings}, rows=n)
-        images = await self.wait(job, self.submit(job), deadline)
+        images = await self.wait(job, self.submit(job), deadline, request)
         return {"created": int(time.time()), "data": [{"b64_json": _png_b64(img)} for img in images]}
 
     def _run_generate(self, jobs: Sequence[Job]) -> list[list[Image.Image]]:
@@ -472,12 +532,18 @@ _END = object()  # end of a streamed job's events: its future has settled
 
 
 async def _parse_json(request: Request, model: type[BaseModel]) -> Any:
-    """The body as `model`, whatever the Content-Type says (curl users often forget it); errors are 400s."""
-    raw = await request.body()
+    """The body as `model`, whatever the Content-Type says (curl users often forget it); errors are 400s. Parsed
+    off the event loop: a body of many megabytes takes a while."""
+    return await asyncio.to_thread(_validated_json, await request.body(), model)
+
+
+def _validated_json(raw: bytes, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"the body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the body is not valid JSON: nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:
@@ -487,13 +553,6 @@ async def _parse_json(request: Request, model: type[BaseModel]) -> Any:
         param = ".".join(str(p) for p in first["loc"]) or None
         code = "missing_field" if first["type"] == "missing" else "invalid_value"
         raise APIError(400, f"{param or 'body'}: {first['msg']}", param=param, code=code) from None
-
-
-@dataclass
-class _FormValues:
-    cfg_scale: float | None
-    tau: float | None
-    top_p: float | None
 
 
 class _ClosingForm:
@@ -516,6 +575,63 @@ def _form_number(fields: dict[str, str], name: str, kind: type, default: Any) ->
         return kind(fields[name])
     except ValueError:
         raise APIError(400, f"{name} must be a number, got {fields[name]!r}", param=name) from None
+
+
+def _parts(message: ChatMessage) -> list[dict]:
+    """A message's content as OpenAI content parts (a plain string is one text part)."""
+    if isinstance(message.content, str):
+        return [{"type": "text", "text": message.content, "image_url": None}]
+    return [part.model_dump() for part in message.content or []]
+
+
+class _Disconnected(APIError):
+    """The client went away before its answer was ready (answered with nginx's 499, which nobody reads)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the connection", code="client_closed_request")
+
+
+async def _unless_disconnected(awaitable: Awaitable[T], request: Request | None, deadline: float) -> T:
+    """`awaitable`'s result; `asyncio.TimeoutError` at `deadline` (time.monotonic()), `_Disconnected` as soon as
+    `request`'s client disconnects (uvicorn reports it to a `receive` after the body has been read)."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_disconnect(request)) if request is not None else None
+    waiting = {task} if watcher is None else {task, watcher}
+    try:
+        timeout = max(0.0, deadline - time.monotonic())
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in waiting:
+            pending.cancel()
+    if task in done:
+        return task.result()
+    if watcher is not None and watcher in done:
+        raise _Disconnected()
+    raise asyncio.TimeoutError
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _stoppable(runner: Callable[[Sequence[Job]], T]) -> Callable[[Sequence[Job]], T]:
+    """`runner` that stops at the model's next token or scale step once every job of its batch is cancelled."""
+
+    def run(jobs: Sequence[Job]) -> T:
+        with _batch_stops(jobs):
+            return runner(jobs)
+
+    return run
+
+
+@contextlib.contextmanager
+def _batch_stops(jobs: Sequence[Job]) -> Iterator[None]:
+    try:
+        with stop_when(lambda: all(job.cancelled for job in jobs)):
+            yield
+    except GenerationCancelled:
+        raise BatchCancelledError("every request of this batch was cancelled") from None
 
 
 def _split(items: list, counts: list[int]) -> list[list]:
@@ -558,25 +674,31 @@ class _ChunkWriter:
 
 
 class _GuardMiddleware:
-    """Runs before any body parsing: the API key (401) on /v1/ paths, then the body size (413), judged from
-    Content-Length or, for chunked uploads, while the body streams in."""
+    """Runs before any body parsing: the API key (401) on every path but `OPEN_PATHS`, then the body size (413),
+    judged from Content-Length or, for chunked uploads, while the body streams in."""
 
     def __init__(self, app: Any, max_bytes: int, api_key: str | None) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.api_key = api_key
+        self.api_key = None if api_key is None else api_key.encode("utf-8")
 
-    def authorized(self, headers: dict[bytes, bytes]) -> bool:
-        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), self.api_key or "")
+    def authorized(self, raw_headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        """Exactly one `Authorization: Bearer KEY` header. Compared as bytes: header values may hold any byte
+        (compare_digest refuses non-ASCII str), and with two headers the one a proxy checked may not be ours."""
+        values = [value for name, value in raw_headers if name.lower() == b"authorization"]
+        if len(values) != 1 or self.api_key is None:
+            return False
+        scheme, _, token = values[0].partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.api_key)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope["path"].startswith("/v1/") and not self.authorized(headers):
-            message = "invalid or missing API key (send 'Authorization: Bearer KEY')"
+        raw_headers = scope.get("headers") or []
+        headers = dict(raw_headers)
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS and not self.authorized(raw_headers):
+            message = "invalid or missing API key (send one 'Authorization: Bearer KEY' header)"
             response = JSONResponse(error_body(message, type="authentication_error", code="invalid_api_key"), 401)
             await response(scope, receive, send)
             return

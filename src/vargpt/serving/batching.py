@@ -4,18 +4,22 @@ Torch modules are not re-entrant across threads, so exactly one thread touches t
 loop `submit` a `Job` and await its future; the worker takes the oldest live job plus every queued job with the
 same `batch_key` (same kind, same settings) until the batch holds `max_batch_size` rows, runs them in one batched
 call, and resolves each job's future on the event loop. A job whose caller gave up (time limit, disconnect) is
-marked cancelled: it is skipped if still queued, its result is dropped if it is running, and a batch whose jobs
-have all been cancelled is stopped at its next token (`check_cancelled`). If a batched call fails, each job is
-retried alone so one bad request cannot fail its neighbours.
+`cancel`led: it leaves the queue at once if still queued, its result is dropped if it is running, and a batch
+whose jobs have all been cancelled is stopped at its next step (runners raise `BatchCancelledError`, for
+instance through `check_cancelled`). If a batched call fails, each job is retried alone so one bad request
+cannot fail its neighbours.
+
+Admission is fair across job kinds: each kind has `reserve` queue places that the other kinds cannot take, so a
+request that is slow to arrive (a multipart upload) still finds a place while fast ones flood the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import threading
-from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,17 +63,25 @@ Runner = Callable[[Sequence[Job]], Sequence[Any]]
 class BatchingWorker:
     """`runners[kind](jobs)` returns one result per job, in order; it runs on the worker thread only."""
 
-    def __init__(self, runners: dict[str, Runner], max_batch_size: int = 8, queue_size: int = 64) -> None:
+    def __init__(
+        self, runners: dict[str, Runner], max_batch_size: int = 8, queue_size: int = 64, reserve: int | None = None
+    ) -> None:
         if max_batch_size < 1 or queue_size < 1:
             raise ValueError(f"max_batch_size and queue_size must be >= 1, got {max_batch_size}, {queue_size}")
+        # by default half the queue is kept in reserve, shared equally by the kinds
+        reserve = queue_size // (2 * len(runners)) if reserve is None else reserve
+        if reserve < 0 or reserve * len(runners) > queue_size:
+            raise ValueError(f"reserve must be in 0..{queue_size // len(runners)}, got {reserve}")
         self.runners = runners
         self.max_batch_size = max_batch_size
         self.queue_size = queue_size
-        self._queue: deque[Job] = deque()
+        self.reserve = reserve
+        self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.batches_run = 0
+        self.batches_stopped = 0  # stopped early: every request in them had been cancelled
         self.largest_batch = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -103,11 +115,31 @@ class BatchingWorker:
         with self._cond:
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
-            if len(self._queue) >= self.queue_size:
-                raise QueueFullError(f"the queue is full ({self.queue_size} requests waiting)")
+            if not self._admits(job.kind):
+                raise QueueFullError(f"the queue is full ({len(self._queue)} requests waiting)")
             self._queue.append(job)
             self._cond.notify()
         return job.future
+
+    def cancel(self, job: Job) -> None:
+        """Nobody waits for `job` any more: drop it from the queue, or let its running batch stop early."""
+        job.cancelled = True
+        with self._cond, contextlib.suppress(ValueError):  # ValueError: already taken by the worker
+            self._queue.remove(job)
+
+    def _admits(self, kind: str) -> bool:
+        """Whether a job of `kind` gets a place; the caller holds the lock.
+
+        Invariant: the free places are never fewer than the unused reserves of all kinds, so a kind under its
+        reserve always finds a place, and the others share what is left."""
+        free = self.queue_size - len(self._queue)
+        if free <= 0:
+            return False
+        waiting = collections.Counter(job.kind for job in self._queue)
+        if waiting[kind] < self.reserve:
+            return True
+        unused = sum(max(0, self.reserve - waiting[other]) for other in self.runners if other != kind)
+        return free > unused
 
     # -- worker side -----------------------------------------------------------------------------------
     def _take_batch(self) -> list[Job] | None:
@@ -144,6 +176,7 @@ class BatchingWorker:
         try:
             results = list(runner(batch))
         except BatchCancelledError:
+            self.batches_stopped += 1
             return
         except Exception as error:
             if len(batch) == 1:

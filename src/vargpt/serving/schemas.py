@@ -79,8 +79,9 @@ class ImageGenerationRequest(_Lenient):
     model: str | None = None
     n: int = 1
     size: str | None = None
-    response_format: str | None = "b64_json"
+    response_format: str | None = "b64_json"  # the only format served, so also the default
     seed: int | None = None
-    cfg_scale: float | None = Field(default=None, ge=0.0)
-    tau: float | None = Field(default=None, gt=0.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    # ranges are checked by `validation.image_settings`, which also checks the same fields of multipart edits
+    cfg_scale: float | None = None
+    tau: float | None = None
+    top_p: float | None = None
