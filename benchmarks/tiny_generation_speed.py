@@ -24,8 +24,10 @@ def main() -> None:
             pipe.generate(["a red circle above a blue square"] * batch, seed=r)
             runs.append(time.perf_counter() - t0)
         median = statistics.median(runs)
-        print(f"batch {batch}: {median * 1000:.1f} ms per call, {median / batch * 1000:.1f} ms per image "
-              f"(median of {len(runs)}, {torch.get_num_threads()} threads)")
+        print(
+            f"batch {batch}: {median * 1000:.1f} ms per call, {median / batch * 1000:.1f} ms per image "
+            f"(median of {len(runs)}, {torch.get_num_threads()} threads)"
+        )
 
 
 if __name__ == "__main__":
