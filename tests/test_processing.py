@@ -274,6 +274,26 @@ def test_save_and_load_roundtrip(tmp_path):
         assert torch.equal(actual[key], expected[key]), key
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("tokenizer.json", b'{"version": "1.0",\n oops}'),
+        ("tokenizer_config.json", b"{'single': 'quotes'}"),
+        ("processor_config.json", b"[1, 2"),
+        ("tokenizer.json", b'{"added_tokens": "\xff"}'),
+        ("chat_template.jinja", b"{{ '\xff' }}"),
+    ],
+    ids=["tokenizer-syntax", "tokenizer_config-quotes", "processor_config-truncated", "not-utf8", "template-bytes"],
+)
+def test_a_corrupt_file_of_a_saved_processor_is_named(tmp_path, name, content):
+    VARGPTProcessor.from_tokenizer(build_tiny_tokenizer()).save_pretrained(tmp_path)
+    assert (tmp_path / name).is_file()
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{tmp_path / name} (is not valid JSON|is not UTF-8)") as raised:
+        VARGPTProcessor.from_pretrained(tmp_path)
+    assert "\n" not in str(raised.value)
+
+
 def test_real_qwen2_tokenizer_ids_in_processor_output():
     processor = VARGPTProcessor.from_tokenizer(build_qwen2_tokenizer())
     messages = [

@@ -22,7 +22,14 @@ from transformers.processing_utils import ProcessorMixin
 
 from .configuration import IMAGE_GEN_END, IMAGE_GEN_PAD, IMAGE_GEN_START
 from .image_io import ImageSource, load_image
-from .tokenization import CHAT_TEMPLATE, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from .tokenization import (
+    CHAT_TEMPLATE,
+    IMAGE_PAD,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+    naming_unreadable_files,
+)
 
 # Qwen2-VL's defaults for understanding images (pixels after its smart resize).
 UNDERSTANDING_MIN_PIXELS = 56 * 56
@@ -203,6 +210,18 @@ class VARGPTProcessor(ProcessorMixin):
         if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
             raise ValueError(f"the tokenizer has no {token} token")
         return int(token_id)
+
+    # transformers' two loading steps, with a corrupt file of the folder named in the error (see
+    # `naming_unreadable_files`): processor_config.json and the chat template, then tokenizer and image processor.
+    @classmethod
+    def get_processor_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
+        with naming_unreadable_files(pretrained_model_name_or_path):
+            return super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> tuple[dict, dict]:
+        with naming_unreadable_files(pretrained_model_name_or_path):
+            return super()._resolve_subprocessors(pretrained_model_name_or_path, *args, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:

@@ -10,9 +10,11 @@ tokenizer keeps the same special-token names (and their relative order) in a 510
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
@@ -316,3 +318,63 @@ def build_tiny_tokenizer(merges: Sequence[tuple[str, str]] = ()) -> PreTrainedTo
     )
     _check_ids(tokenizer, TINY_NUM_BASE_TOKENS, TINY_SPECIAL_TOKENS)
     return tokenizer
+
+
+# The files a saved processor folder may hold that transformers parses as text when loading it.
+PROCESSOR_TEXT_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def unreadable_processor_file(folder: str | os.PathLike) -> str | None:
+    """The first of `PROCESSOR_TEXT_FILES` in `folder` that is not UTF-8 or not valid JSON, as one line naming
+    it, or None when all of them read."""
+    root = Path(folder)
+    for name in PROCESSOR_TEXT_FILES if root.is_dir() else ():
+        path = root / name
+        problem = _text_file_problem(path) if path.is_file() else None
+        if problem is not None:
+            return f"{path} {problem}"
+    return None
+
+
+def _text_file_problem(path: Path) -> str | None:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return f"is not UTF-8 (byte 0x{data[error.start]:02x} at byte {error.start})"
+    if path.suffix != ".json":
+        return None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        return f"is not valid JSON (line {error.lineno}, column {error.colno}): {error.msg}"
+    return None
+
+
+@contextmanager
+def naming_unreadable_files(folder: str | os.PathLike) -> Iterator[None]:
+    """Turn a load failure caused by a corrupt file of `folder` into a `ValueError` naming that file.
+
+    transformers reports a corrupt tokenizer.json as a bare "Expecting property name enclosed in double quotes" and
+    a non-UTF-8 byte as a bare codec error, naming no file (a bad processor_config.json even as an `OSError`). The
+    files are only read again after a failure, so a good folder loads at no extra cost; a failure no corrupt file
+    explains is re-raised unchanged.
+    """
+    try:
+        yield
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        problem = unreadable_processor_file(folder)
+        if problem is None:
+            raise
+        raise ValueError(problem) from error
