@@ -71,8 +71,9 @@ class CrossAttention(nn.Module):
     for `text_proj_for_sos`); otherwise `mat_q` is a Linear on the tokens.
     """
 
-    def __init__(self, dim: int, kv_dim: int, num_heads: int, pooled: bool = False) -> None:
+    def __init__(self, dim: int, kv_dim: int, num_heads: int, pooled: bool = False, bf16_inputs: bool = False) -> None:
         super().__init__()
+        self.bf16_inputs = bf16_inputs
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
@@ -113,8 +114,22 @@ class CrossAttention(nn.Module):
                 raise ValueError("a non-pooling cross-attention needs query tokens")
             q_BHLc = self.mat_q(x_BLC).view(B, x_BLC.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         mask = None if context_mask_BN is None else context_mask_BN[:, None, None, :]
-        out = F.scaled_dot_product_attention(q_BHLc, k_BHNc, v_BHNc, attn_mask=mask)
+        if self.bf16_inputs and q_BHLc.dtype == torch.float32:
+            out = _attention_in_bf16(q_BHLc, k_BHNc, v_BHNc, mask)
+        else:
+            out = F.scaled_dot_product_attention(q_BHLc, k_BHNc, v_BHNc, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, q_BHLc.shape[2], self.dim)), kv
+
+
+def _attention_in_bf16(
+    q_BHLc: torch.Tensor, k_BHNc: torch.Tensor, v_BHNc: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """What the published code's flash-attn call computes from fp32 inputs: q, k and v rounded to bf16, the
+    attention accumulated in fp32, the output rounded to bf16; returned in fp32 for the output projection."""
+    q, k, v = (t.to(torch.bfloat16).float() for t in (q_BHLc, k_BHNc, v_BHNc))
+    if mask is not None and bool(mask.all()):
+        mask = None  # unpadded contexts take the mask-free kernel, as the published per-sequence call does
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(torch.bfloat16).float()
 
 
 def attentive_pool_heads(context_dim: int, embed_dim: int) -> int:
@@ -129,10 +144,10 @@ def attentive_pool_heads(context_dim: int, embed_dim: int) -> int:
 class TextAttentivePool(nn.Module):
     """Pools a [B, L, context_dim] sequence into one [B, embed_dim] vector with a learned query."""
 
-    def __init__(self, context_dim: int, embed_dim: int) -> None:
+    def __init__(self, context_dim: int, embed_dim: int, bf16_inputs: bool = False) -> None:
         super().__init__()
         heads = attentive_pool_heads(context_dim, embed_dim)
-        self.ca = CrossAttention(embed_dim, context_dim, heads, pooled=True)
+        self.ca = CrossAttention(embed_dim, context_dim, heads, pooled=True, bf16_inputs=bf16_inputs)
 
     def forward(self, x_BLC: torch.Tensor, mask_BL: torch.Tensor | None = None) -> torch.Tensor:
         return self.ca(None, x_BLC, mask_BL)[0].squeeze(1)

@@ -20,12 +20,20 @@ class DecoderBlock(nn.Module):
         x += drop_path(FFN(LN(x) * (1 + scale2) + shift2) * gamma2)
     """
 
-    def __init__(self, dim: int, num_heads: int, ffn_hidden: int, norm_eps: float, drop_path_rate: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_hidden: int,
+        norm_eps: float,
+        drop_path_rate: float,
+        cross_attention_bf16: bool = False,
+    ) -> None:
         super().__init__()
         self.norm_eps = norm_eps
         self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, dim))
         self.sa = CosineSelfAttention(dim, num_heads)
-        self.ca = CrossAttention(dim, dim, num_heads)
+        self.ca = CrossAttention(dim, dim, num_heads, bf16_inputs=cross_attention_bf16)
         self.ffn = FeedForward(dim, ffn_hidden)
         self.ca_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.drop_path = DropPath(drop_path_rate)

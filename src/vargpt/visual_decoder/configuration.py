@@ -40,3 +40,8 @@ class VisualDecoderConfig(PreTrainedConfig):
     ada_init_scale: float = 1e-3
     # Multiplier of the output head's weight at init (Infinity's `hd0`).
     head_init_scale: float = 0.02
+    # Round the cross-attention's queries, keys, values and output to bf16 when the decoder computes in fp32,
+    # as the published code does (its flash-attn kernel takes only 16-bit inputs). Off by default: an fp32
+    # run is meant to be exact, and with bf16 weights (the usual GPU setting) both paths are the same. On,
+    # a user gets the published code's fp32 numbers and sampled bits.
+    cross_attention_bf16: bool = False

@@ -56,7 +56,7 @@ class InfinityDecoder(nn.Module):
         self.cfg_uncond = nn.Parameter(torch.zeros(config.cfg_uncond_length, ctx))
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
         self.text_norm = RMSNorm(ctx, config.norm_eps)
-        self.text_proj_for_sos = TextAttentivePool(ctx, C)
+        self.text_proj_for_sos = TextAttentivePool(ctx, C, bf16_inputs=config.cross_attention_bf16)
         # Infinity's text-to-context MLP: VARGPT never calls it, but the checkpoint holds its weights.
         self.text_proj_for_ca = nn.Sequential(nn.Linear(ctx, C), nn.GELU(approximate="tanh"), nn.Linear(C, C))
         self.lvl_embed = nn.Embedding(config.num_scale_levels, C)
@@ -67,7 +67,10 @@ class InfinityDecoder(nn.Module):
 
         hidden = ffn_hidden_size(C, config.mlp_ratio, config.ffn_hidden_multiple)
         rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
-        blocks = [DecoderBlock(C, config.num_heads, hidden, config.norm_eps, rate) for rate in rates]
+        blocks = [
+            DecoderBlock(C, config.num_heads, hidden, config.norm_eps, rate, config.cross_attention_bf16)
+            for rate in rates
+        ]
         per_chunk = config.depth // config.num_block_chunks
         self.block_chunks = nn.ModuleList(
             BlockChunk(blocks[start : start + per_chunk]) for start in range(0, config.depth, per_chunk)
