@@ -1,11 +1,14 @@
-"""Checkpoint helpers that need no model: leftovers of interrupted atomic saves."""
+"""Checkpoint helpers on small modules: leftovers of interrupted atomic saves, the non-finite weight check."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-from vargpt.checkpoint import atomic_directory_write, remove_staging_folders
+import torch
+from torch import nn
+
+from vargpt.checkpoint import atomic_directory_write, non_finite_tensors, remove_staging_folders
 
 
 def _leftover(parent: Path, target: str, kind: str) -> Path:
@@ -41,3 +44,21 @@ def test_atomic_write_leaves_no_staging_folder(tmp_path):
     atomic_directory_write(tmp_path / "out", lambda staging: (staging / "a").write_text("2"))
     assert (tmp_path / "out" / "a").read_text() == "2"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_non_finite_tensors_are_named_and_other_kinds_skipped():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model.register_buffer("mask", torch.arange(4))  # an integer buffer: nothing to check
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("nan")
+        model[1].bias[0] = float("inf")
+    assert non_finite_tensors(model) == ["0.weight", "1.bias"]
+    with torch.device("meta"):
+        assert non_finite_tensors(nn.Linear(4, 4)) == []  # nothing loaded, nothing to check
+    half = nn.Linear(2, 2).to(torch.bfloat16)
+    with torch.no_grad():
+        half.weight[0, 0] = float("-inf")
+    assert non_finite_tensors(half) == ["weight"]
+    empty = nn.Module()
+    empty.register_parameter("weight", nn.Parameter(torch.empty(0)))
+    assert non_finite_tensors(empty) == []

@@ -241,6 +241,50 @@ def test_config_that_does_not_match_the_weights_is_refused(tiny_model, tmp_path)
         VARGPTForConditionalGeneration.from_pretrained(directory)
 
 
+def test_tensors_rewritten_in_a_dtype_the_model_cannot_use_are_listed(tiny_model, tmp_path):
+    directory = tmp_path / "bad"
+    state = write_original_layout(tiny_model, directory, shards=1)
+    shard = directory / "model-00001-of-00001.safetensors"
+    state["lm_head.weight"] = torch.ones_like(state["lm_head.weight"], dtype=torch.bool)
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.int64)
+    state["visual.merger.ln_q.weight"] = state["visual.merger.ln_q.weight"].to(torch.uint8)
+    state["vae_local.quantizer.lfq.mask"] = state["vae_local.quantizer.lfq.mask"].float()
+    save_file(state, str(shard))
+    with pytest.raises(CheckpointMismatchError) as err:
+        VARGPTForConditionalGeneration.from_pretrained(directory)
+    message = str(err.value)
+    assert "4 tensor(s) in a dtype the model cannot use" in message
+    assert "lm_head.weight: BOOL" in message and "model.norm.weight: I64" in message
+    assert "visual.merger.ln_q.weight: U8" in message and "vae_local.quantizer.lfq.mask: F32" in message
+
+
+def test_float_tensors_in_any_float_dtype_and_integer_buffers_in_any_width_load(tiny_model, tmp_path):
+    directory = tmp_path / "mixed"
+    state = write_original_layout(tiny_model, directory, shards=1, dtype=torch.float16)
+    state["lm_head.weight"] = state["lm_head.weight"].to(torch.float64)
+    state["vae_local.quantizer.lfq.mask"] = state["vae_local.quantizer.lfq.mask"].to(torch.int32)
+    save_file(state, str(directory / "model-00001-of-00001.safetensors"))
+    assert VARGPTForConditionalGeneration.check_checkpoint(directory).ok
+
+
+def test_non_finite_weights_are_named_after_loading(tiny_model, tmp_path):
+    directory = tmp_path / "nan"
+    state = write_original_layout(tiny_model, directory, shards=2, dtype=torch.float32)
+    state = {name: tensor.clone() for name, tensor in state.items()}  # fp32 entries share the fixture's memory
+    state["model.layers.0.mlp.up_proj.weight"][3, 4] = float("nan")
+    state["vargpt_gen.head.bias"][0] = float("-inf")
+    shards = sorted(directory.glob("model-*.safetensors"))
+    for shard in shards:
+        with safe_open(str(shard), "pt") as handle:
+            names = list(handle.keys())
+        save_file({k: state[k] for k in names}, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError, match="NaN or infinite") as err:
+        VARGPTForConditionalGeneration.from_pretrained(directory)
+    assert "model.layers.0.mlp.up_proj.weight" in str(err.value) and "vargpt_gen.head.bias" in str(err.value)
+    loaded = VARGPTForConditionalGeneration.from_pretrained(directory, strict=False)  # the escape hatch
+    assert torch.isnan(loaded.model.layers[0].mlp.up_proj.weight).any()
+
+
 def test_pickle_only_directory_is_refused(tmp_path):
     VARGPTConfig.from_preset("tiny").save_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")

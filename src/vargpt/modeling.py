@@ -28,9 +28,10 @@ from .checkpoint import (
     CheckpointMismatchError,
     CheckpointReport,
     atomic_directory_write,
+    check_finite,
     compare,
-    expected_tensor_shapes,
-    read_tensor_shapes,
+    expected_tensor_layout,
+    read_tensor_headers,
 )
 from .configuration import VARGPTConfig
 from .generation_config import ImageGenerationConfig
@@ -427,12 +428,11 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
     # -- loading and saving in the original layout -------------------------------------------------
     @classmethod
     def check_checkpoint(cls, directory: str | os.PathLike, config: VARGPTConfig | None = None) -> CheckpointReport:
-        """Compare a checkpoint's tensors (headers only) with the model its config describes."""
+        """Compare a checkpoint's tensors (headers only: names, shapes, dtypes) with the model its config describes."""
         config = config or VARGPTConfig.from_pretrained(directory)
-        on_disk, dtypes = read_tensor_shapes(directory)
-        report = compare(on_disk, expected_tensor_shapes(lambda: cls(config)))
-        report.dtypes = dtypes
-        return report
+        on_disk, dtypes = read_tensor_headers(directory)
+        expected, kinds = expected_tensor_layout(lambda: cls(config))
+        return compare(on_disk, expected, dtypes, kinds)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
@@ -454,7 +454,10 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
                     f"checkpoint {path} does not match the model its config.json describes:\n{report.describe()}"
                 )
         kwargs.setdefault("dtype", "auto")
-        return super().from_pretrained(path, *model_args, config=config, **kwargs)
+        model = super().from_pretrained(path, *model_args, config=config, **kwargs)
+        if strict:  # NaN / inf weights named now, not as a vague sampling error later (one cheap pass)
+            check_finite(model, path)
+        return model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Write config and safetensors (original tensor names) atomically: a crash never leaves a
