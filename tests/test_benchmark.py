@@ -118,8 +118,16 @@ def test_bench_json_schema_on_the_tiny_preset(tmp_path):
 def test_bench_rejects_an_unavailable_resolution():
     with pytest.raises(ValueError, match="not available"):
         run_benchmark("tiny", resolutions=[64], repeats=1)
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match=r"unknown preset .*vargpt-shapes-tiny"):
         bench_config("no-such-preset")
+
+
+def test_bench_runs_the_shipped_model_with_its_own_guidance(tmp_path):
+    report = run_benchmark(
+        "vargpt-shapes-tiny", repeats=1, resolutions=[16], batch_sizes=[1], text_new_tokens=2, matmul_size=64
+    )
+    assert report["preset"] == "vargpt-shapes-tiny" and report["model"]["parameters"] > 3_000_000
+    assert report["generation"][0]["uncond_mode"] == "null_prompt"  # the shipped image settings, not a preset's
 
 
 def test_commands_parse_and_run(tmp_path):

@@ -34,6 +34,27 @@ def test_errors_exit_non_zero(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_inspect_takes_shipped_models_and_presets_by_name_and_shows_small_sizes_in_mib(capsys):
+    assert main(["inspect", "vargpt-shapes-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "layout: matches" in out and "fp32 13.5 MiB" in out and "0.0 GiB" not in out
+    assert main(["inspect", "tiny"]) == 0
+    assert "preset tiny (architecture, no weights)" in capsys.readouterr().out
+
+
+def test_inspect_names_a_bad_checkpoint_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an uncached id fails from the cache alone
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    for name, expected in (
+        ("path/to/missing", "path/to/missing is not a checkpoint folder, shipped model or preset"),
+        (str(tmp_path), f"{tmp_path} has no config.json"),
+        ("someone/not-cached", "hf download someone/not-cached"),
+    ):
+        assert main(["inspect", name]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vargpt: error: ") and expected in err and err.count("\n") == 1, err
+
+
 def test_quiet_commands_draw_no_progress_bars(tmp_path, capfd):
     """--quiet hides our bars and transformers' own (loading the checkpoint)."""
     from transformers.utils import logging as hf_logging

@@ -43,7 +43,8 @@ def test_edit_returns_one_image(pipe):
     assert isinstance(edited, Image.Image) and edited.size == (32, 32)
 
 
-def test_bad_inputs_are_clear_errors(pipe, tmp_path):
+def test_bad_inputs_are_clear_errors(pipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # "no-such-model" is a valid Hub id: look in the cache only
     with pytest.raises(ValueError, match="empty"):
         pipe.generate("   ")
     with pytest.raises(ValueError, match="empty"):
@@ -54,6 +55,21 @@ def test_bad_inputs_are_clear_errors(pipe, tmp_path):
         pipe.chat("what is this?", images=[str(broken)])
     with pytest.raises(FileNotFoundError, match="preset"):
         VARGPTPipeline.from_pretrained("no-such-model")
+
+
+def test_a_preset_refuses_keywords_it_would_ignore():
+    """A preset builds its model: a keyword meant for checkpoint loading, or a typo, must not pass in silence."""
+    with pytest.raises(TypeError, match="low_cpu_mem_usage, typo_kwarg"):
+        VARGPTPipeline.from_pretrained("tiny", typo_kwarg=1, low_cpu_mem_usage=True)
+    with pytest.raises(ValueError, match="revision"):
+        VARGPTPipeline.from_pretrained("tiny", revision="main")
+
+
+def test_a_folder_without_config_json_is_named(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json") as caught:
+        VARGPTPipeline.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_pipeline_round_trips_through_a_checkpoint_directory(pipe, tmp_path):

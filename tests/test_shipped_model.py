@@ -28,6 +28,15 @@ def test_the_model_ships_as_safetensors_within_the_size_limit():
     assert default_model_name() == NAME  # every command's default
 
 
+def test_model_and_processor_load_it_by_name_as_the_pipeline_does(pipe):
+    from vargpt import VARGPTForConditionalGeneration, VARGPTProcessor
+
+    model = VARGPTForConditionalGeneration.from_pretrained(NAME)
+    assert model.config.to_dict() == pipe.model.config.to_dict()
+    processor = VARGPTProcessor.from_pretrained(NAME)
+    assert processor.chat_template == pipe.processor.chat_template
+
+
 def test_it_loads_with_its_own_image_settings(pipe):
     settings = json.loads((shipped_model_path(NAME) / "image_generation_config.json").read_text())
     assert pipe.image_config.to_dict() == {**pipe.image_config.to_dict(), **settings}

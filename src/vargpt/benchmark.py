@@ -1,6 +1,6 @@
 """`vargpt bench`: how fast a model draws and reads, and how much of the machine it uses.
 
-Measured on a randomly initialised preset (speed does not depend on the weights):
+Measured on a randomly initialised preset (speed does not depend on the weights) or a shipped model:
 
 * image generation latency per batch, images/s and scale steps/s, by resolution and batch size;
 * the analytic FLOPs per image (`vargpt.benchmarking.flops`) over the time per image, as a share of the
@@ -26,6 +26,7 @@ import torch
 from .benchmarking.flops import generation_flops
 from .benchmarking.measure import matmul_peak, median, peak_memory, reset_peak_memory, time_call
 from .configuration import PRESETS, VARGPTConfig
+from .hub import known_names, shipped_model_path
 from .image_tokenizer.schedules import scale_schedule
 
 # About 103M parameters (LLM 76M, visual decoder 20M, VAE 3.7M, ViT 1.1M), on the tiny tokenizer's ids, so
@@ -36,10 +37,14 @@ UNDERSTANDING_PROMPT = "Describe the picture: which shapes are there, what colou
 
 
 def bench_config(preset: str) -> VARGPTConfig:
-    """A preset of `configuration.PRESETS` ("tiny", "bench-100m", ...)."""
+    """A preset of `configuration.PRESETS` ("tiny", "bench-100m", ...) or a model shipped in the package
+    ("vargpt-shapes-tiny", its own configuration)."""
     if preset in PRESETS:
         return VARGPTConfig.from_preset(preset)
-    raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    shipped = shipped_model_path(preset)
+    if shipped is not None:
+        return VARGPTConfig.from_pretrained(shipped)
+    raise ValueError(f"unknown preset {preset!r}; choose a preset or shipped model: {', '.join(known_names())}")
 
 
 def available_resolutions(config: VARGPTConfig) -> list[int]:
@@ -85,6 +90,16 @@ def _build_pipeline(config: VARGPTConfig, device: torch.device, dtype: torch.dty
     tiny_ids = config.text_config.vocab_size == PRESETS["tiny"]["vocab_size"]
     tokenizer = build_tiny_tokenizer() if tiny_ids else build_qwen2_tokenizer()
     return VARGPTPipeline(model, VARGPTProcessor.from_tokenizer(tokenizer))
+
+
+def _load_shipped(name: str, device: torch.device, dtype: torch.dtype):
+    """A shipped model as users run it: its weights and its own image settings (guidance mode, which the FLOP
+    count follows)."""
+    from .pipeline import VARGPTPipeline
+
+    pipe = VARGPTPipeline.from_pretrained(name, device=device, dtype=dtype)
+    pipe.model.requires_grad_(False)
+    return pipe
 
 
 def _prompt_tokens(pipe, text: str) -> dict[str, torch.Tensor]:
@@ -213,7 +228,7 @@ def run_benchmark(
     if matmul_size is None:
         matmul_size = 8192 if device.type == "cuda" else 2048
     peak = matmul_peak(device, dtype, size=matmul_size)
-    pipe = _build_pipeline(config, device, dtype)
+    pipe = _build_pipeline(config, device, dtype) if preset in PRESETS else _load_shipped(preset, device, dtype)
     generation = []
     for resolution in resolutions:
         for batch in batch_sizes:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .commands import add_model_arguments
 from .generation_config import UNCOND_MODES
 from .pipeline import default_model_name
 
@@ -17,7 +18,7 @@ DEFAULT_MODEL = default_model_name()
 def _inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect_checkpoint
 
-    print(inspect_checkpoint(args.model, full_size=args.preset))
+    print(inspect_checkpoint(args.model, full_size=args.preset, revision=args.revision))
     return 0
 
 
@@ -29,7 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
     from .demo import run_demo
 
-    path = run_demo(args.model, args.out, seed=args.seed)
+    path = run_demo(args.model, args.out, seed=args.seed, revision=args.revision)
     print(f"report written to {path}")
     return 0
 
@@ -59,7 +60,7 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     split_file = data / f"{args.split}.jsonl" if data.is_dir() else data
     if not split_file.is_file():
         raise FileNotFoundError(f"no split file {split_file}: write one with the shapes-world data writer")
-    pipe = VARGPTPipeline.from_pretrained(args.model, image_preset=args.preset)
+    pipe = VARGPTPipeline.from_pretrained(args.model, image_preset=args.preset, revision=args.revision)
     pipe.image_config = pipe.image_config.updated(
         cfg_scale=args.cfg, tau=args.tau, top_p=args.top_p, uncond_mode=args.uncond_mode
     )
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="chat, generate and edit on a model; write an HTML report")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset (default: %(default)s)")
+    add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument("--out", default="vargpt-demo", help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--web", action="store_true", help="serve the interactive web demo instead (needs gradio)")
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model")
     evals = p.add_subparsers(dest="suite", required=True)
     e = evals.add_parser("shapes", help="shapes-world generation / understanding / editing scores")
-    e.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset (default: %(default)s)")
+    add_model_arguments(e, DEFAULT_MODEL)
     e.add_argument("--data", required=True, help="folder with <split>.jsonl (a run's data/ folder) or a JSONL file")
     e.add_argument("--split", default="test", choices=("train", "validation", "test"))
     e.add_argument("--json", default=None, help="write the report here (and a sample grid PNG beside it)")
@@ -131,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_commands(sub)
 
     p = sub.add_parser("inspect", help="parameters per module, dtypes, layout problems, memory estimates")
-    p.add_argument("model", nargs="?", default=None, help="checkpoint directory")
+    p.add_argument(
+        "model", nargs="?", default=None, help="checkpoint folder, shipped model, preset or Hub repo id (owner/name)"
+    )
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id (default: main)")
     p.add_argument("--preset", default=None, help="describe a preset's architecture instead (e.g. vargpt-v1.1)")
     p.set_defaults(func=_inspect)
     return parser

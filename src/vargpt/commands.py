@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from PIL import Image
 
+from .configuration import PRESETS
 from .generation_config import UNCOND_MODES
 from .pipeline import default_model_name
 
@@ -29,7 +30,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("chat", help="chat with a model (one question, or interactive from stdin)")
     p.add_argument("prompt", nargs="?", default=None, help="the question; omit it to chat interactively")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for the first turn")
-    _model_argument(p)
+    add_model_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
     p.add_argument("--seed", type=int, default=0, help="seed of turn 1; turn t uses seed + t - 1")
@@ -61,12 +62,18 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
-def _model_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset (default: %(default)s)")
+def add_model_arguments(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    """`--model` and `--revision`: how every command names the model it loads (resolved by `vargpt.hub`)."""
+    p.add_argument(
+        "--model",
+        default=default,
+        help="checkpoint folder, shipped model, preset or Hub repo id owner/name (default: %(default)s)",
+    )
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id (default: main)")
 
 
 def _image_arguments(p: argparse.ArgumentParser) -> None:
-    _model_argument(p)
+    add_model_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="square side in pixels (default: the model's, e.g. 512)")
     p.add_argument("--preset", default=None, help="image settings preset: original-code (default) or paper")
@@ -90,7 +97,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     images = [load_image(_existing_file(path, "image")) for path in args.image]
-    pipe = _load(args.model)
+    pipe = _load(args)
     session = _ChatSession(pipe, args, stdout)
     if args.prompt is not None:
         session.turn(args.prompt, images)
@@ -209,7 +216,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     _image_config(args)  # refuse bad settings before the model loads
-    pipe = _load(args.model)
+    pipe = _load(args)
     settings = _image_config(args, pipe.image_config)
     _check_size(pipe, args.size)
     resolved = settings.updated(resolution=args.size or pipe.model.config.image_resolution)
@@ -240,7 +247,7 @@ def run_generate(args: argparse.Namespace) -> int:
             )
     _contact_sheet(images).save(out / "contact_sheet.png")
     report = {
-        "model": _model_reference(args.model),
+        "model": _model_reference(args.model, args.revision),
         "image_settings": resolved.to_dict(),
         "preset": args.preset or "original-code",
         "seed": args.seed,
@@ -311,7 +318,7 @@ def run_edit(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}-edited.png")
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out}")
-    pipe = _load(args.model)
+    pipe = _load(args)
     settings = _image_config(args, pipe.image_config)
     _check_size(pipe, args.size)
     changes = {k: v for k, v in settings.to_dict().items() if k != "resolution"}
@@ -371,14 +378,18 @@ def _check_size(pipe: Any, size: int | None) -> None:
         raise ValueError(f"--size {size} is not supported by this model: {error}") from None
 
 
-def _load(model: str) -> Any:
+def _load(args: argparse.Namespace) -> Any:
     from .pipeline import VARGPTPipeline
 
-    return VARGPTPipeline.from_pretrained(model)
+    return VARGPTPipeline.from_pretrained(args.model, revision=args.revision)
 
 
-def _model_reference(model: str) -> dict[str, Any]:
+def _model_reference(model: str, revision: str | None = None) -> dict[str, Any]:
+    """What generations.json records to reload the model: a folder's path, a preset's name and init seed,
+    or a shipped model's name / a Hub id (and its revision)."""
     path = Path(model)
     if path.is_dir():
         return {"path": str(path.resolve())}
-    return {"name": model, "init_seed": 0}
+    if model in PRESETS:
+        return {"name": model, "init_seed": 0}
+    return {"name": model} | ({"revision": revision} if revision else {})

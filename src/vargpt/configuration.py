@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen2VLConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+from transformers.utils import CONFIG_NAME
 
 from .config_validation import (
     CONFIG_ERRORS,
@@ -61,6 +63,11 @@ _FULL_SIZE: dict[str, Any] = {
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     },
+}
+
+# The LLM part of it: what `VARGPTConfig` fills in for flat settings a config leaves out.
+_PUBLISHED_LLM: dict[str, Any] = {
+    k: v for k, v in _FULL_SIZE.items() if k not in ("vision_config", "tie_word_embeddings")
 }
 
 # A model small enough for unit tests on two CPU cores. Its vocabulary keeps the real special-token
@@ -264,6 +271,13 @@ class VARGPTConfig(Qwen2VLConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.text_config is None:
+            # Flat LLM settings left out take the published model's values, not Qwen2-VL's class defaults (the
+            # 72B LLM, 8192 wide, which no vision_config default matches): `VARGPTConfig()` is VARGPT-v1.1.
+            rope_given = "rope_scaling" in kwargs or "rope_parameters" in kwargs  # v4 and v5 names of one setting
+            for key, value in _PUBLISHED_LLM.items():
+                if not (key == "rope_scaling" and rope_given):
+                    kwargs.setdefault(key, copy.deepcopy(value))
         super().__post_init__(**kwargs)
         tokens = self.special_tokens or {}
         for name in ("image_gen_start", "image_gen_end", "image_gen_pad"):
@@ -306,6 +320,25 @@ class VARGPTConfig(Qwen2VLConfig):
                 f"{self.image_tokenizer_config.downsample_factor}"
             )
         check_parameter_count(self)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> VARGPTConfig:
+        """transformers' loader, on the folder `vargpt.hub.resolve_checkpoint` finds (a local folder, a shipped
+        model name or a Hub repo id). A folder without config.json fails in one line naming it: transformers
+        would build the default configuration from nothing and fail later on an unrelated check."""
+        from .hub import resolve_checkpoint  # hub reads this module's PRESETS
+
+        if Path(str(pretrained_model_name_or_path)).is_file():  # a config.json given by its own path
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = resolve_checkpoint(
+            pretrained_model_name_or_path,
+            revision=kwargs.pop("revision", None),
+            cache_dir=kwargs.pop("cache_dir", None),
+            local_files_only=kwargs.pop("local_files_only", None),
+            token=kwargs.pop("token", None),
+            require=None if kwargs.get("subfolder") else CONFIG_NAME,
+        )
+        return super().from_pretrained(folder, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> VARGPTConfig:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .commands import add_model_arguments
 from .evaluation.teacher_forced import SWAPS
 from .generation_config import UNCOND_MODES
 from .pipeline import default_model_name
@@ -21,7 +22,7 @@ _SETTINGS = ("cfg_scale", "tau", "top_k", "top_p", "resolution", "aspect_ratio",
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser, batch_default: int = 16) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset (default: %(default)s)")
+    add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument("--out", required=True, help="output folder (an interrupted run resumes in the same folder)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--batch-size", type=int, default=batch_default, help="images per model call (default: %(default)s)")
@@ -51,7 +52,10 @@ def _pipeline(args: argparse.Namespace):
 
     state = PartialState()
     device = args.device or (state.device if state.device.type != "mps" else "cpu")
-    return VARGPTPipeline.from_pretrained(args.model, device=device, dtype=args.dtype, seed=args.seed), state
+    pipe = VARGPTPipeline.from_pretrained(
+        args.model, device=device, dtype=args.dtype, seed=args.seed, revision=args.revision
+    )
+    return pipe, state
 
 
 def _geneval_sample(args: argparse.Namespace) -> int:
@@ -208,7 +212,7 @@ def register_eval_commands(eval_subparsers) -> None:
     p.set_defaults(func=_dpg_score)
 
     p = eval_subparsers.add_parser("fit", help="teacher-forced bit cross-entropy and bit error per scale")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset (default: %(default)s)")
+    add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument("--data", nargs="+", required=True, help="sharegpt JSON/JSONL rows with <image_gen> targets")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
     p.add_argument("--batch-size", type=int, default=16)
@@ -250,7 +254,11 @@ def _bench(args: argparse.Namespace) -> int:
 def register_bench_command(subparsers) -> None:
     """Add `vargpt bench`."""
     p = subparsers.add_parser("bench", help="generation / understanding speed, FLOP share and memory")
-    p.add_argument("--preset", default="tiny", help="model preset, e.g. tiny or bench-100m (default: %(default)s)")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        help="model preset (tiny, bench-100m ...) or shipped model (vargpt-shapes-tiny) (default: %(default)s)",
+    )
     p.add_argument("--json", required=True, help="report path (a PNG plot is written beside it)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: %(default)s)")

@@ -1,4 +1,7 @@
-"""`vargpt inspect`: what a checkpoint (or a preset's architecture) holds, without loading weights."""
+"""`vargpt inspect`: what a checkpoint (or a preset's architecture) holds, without loading weights.
+
+The checkpoint is named as every loader names it (a folder, a shipped model, a Hub repo id: `vargpt.hub`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import compare, read_tensor_shapes
-from .configuration import VARGPTConfig
+from .configuration import PRESETS, VARGPTConfig
+from .hub import resolve_checkpoint
 
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "int8": 1}
 
@@ -38,22 +42,32 @@ def format_report(shapes: dict[str, tuple[int, ...]], title: str, extra: list[st
         lines.append(f"{name:<28}{count:>16,}")
     lines.append(f"{'total':<28}{total:>16,}")
     lines.append(
-        "estimated weight memory: " + ", ".join(f"{k} {total * b / 2**30:.1f} GiB" for k, b in BYTES_PER_VALUE.items())
+        "estimated weight memory: " + ", ".join(f"{k} {format_bytes(total * b)}" for k, b in BYTES_PER_VALUE.items())
     )
     lines.extend(extra or [])
     return "\n".join(lines)
 
 
-def inspect_checkpoint(path: str | None, full_size: str | None = None) -> str:
+def format_bytes(count: float) -> str:
+    """GiB, or MiB under one GiB (a small model's weights would all read "0.0 GiB")."""
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def inspect_checkpoint(path: str | None, full_size: str | None = None, *, revision: str | None = None) -> str:
+    """The report of a checkpoint (a folder, shipped model name or Hub repo id), or of a preset's architecture
+    (`full_size`, or a preset name given as `path`)."""
+    if path is not None and path in PRESETS and not Path(path).is_dir():
+        full_size = full_size or path
     if full_size:
         config = VARGPTConfig.from_preset(full_size)
         return format_report(architecture_shapes(config), f"preset {full_size} (architecture, no weights)")
     if path is None:
-        raise ValueError("give a checkpoint directory or --preset NAME")
-    directory = Path(path)
+        raise ValueError("give a checkpoint folder, shipped model name or Hub repo id, or --preset NAME")
+    directory = resolve_checkpoint(path, revision=revision)
     config = VARGPTConfig.from_pretrained(directory)
     on_disk, dtypes = read_tensor_shapes(directory)
     report = compare(on_disk, architecture_shapes(config))
     extra = ["dtypes on disk: " + ", ".join(f"{k}: {v} tensors" for k, v in sorted(dtypes.items()))]
     extra.append("layout: matches the model its config describes" if report.ok else report.describe())
-    return format_report(on_disk, f"checkpoint {directory}", extra)
+    where = path if Path(path) == directory else f"{path} ({directory})"
+    return format_report(on_disk, f"checkpoint {where}", extra)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -35,6 +34,7 @@ from .checkpoint import (
 )
 from .configuration import VARGPTConfig
 from .generation_config import ImageGenerationConfig
+from .hub import resolve_checkpoint
 from .image_tokenizer import (
     BSQVAE,
     accumulate_scale,
@@ -439,11 +439,14 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         """transformers' `from_pretrained` (dtype, device_map, low_cpu_mem_usage all apply), preceded by a
         check that the directory holds exactly this model's tensors: any missing, unexpected or mis-shaped
         tensor raises one `CheckpointMismatchError` that lists them, before a byte of weights is read."""
-        path = Path(str(pretrained_model_name_or_path))
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"{pretrained_model_name_or_path!s} is not a checkpoint directory (vargpt loads local directories only)"
-            )
+        # a folder, a shipped model name or a Hub repo id (hub arguments as transformers names them)
+        path = resolve_checkpoint(
+            pretrained_model_name_or_path,
+            revision=kwargs.pop("revision", None),
+            cache_dir=kwargs.pop("cache_dir", None),
+            local_files_only=kwargs.pop("local_files_only", None),
+            token=kwargs.pop("token", None),
+        )
         config = kwargs.pop("config", None)
         if not isinstance(config, VARGPTConfig):
             config = VARGPTConfig.from_pretrained(path)

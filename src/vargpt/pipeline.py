@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ from PIL import Image
 
 from .configuration import PRESETS, VARGPTConfig
 from .generation_config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
+from .hub import SHIPPED_MODELS as SHIPPED_MODELS  # re-exported: importable from here as before
+from .hub import resolve_checkpoint, shipped_model_path
 from .modeling import VARGPTForConditionalGeneration
 from .processing import VARGPTProcessor
 
@@ -68,44 +69,49 @@ class VARGPTPipeline:
         dtype: torch.dtype | str | None = None,
         image_preset: str | None = None,
         seed: int = 0,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
         **model_kwargs: Any,
     ) -> VARGPTPipeline:
-        """A checkpoint directory (original layout), or a preset name.
+        """A checkpoint folder (original layout), a shipped model name, a Hugging Face Hub repo id, or a preset.
 
         Image settings: `image_preset` if given, else the checkpoint's own `image_generation_config.json` if it
         has one, else the "original-code" preset.
 
+        A Hub repo id ("owner/name") loads the checkpoint files from the Hub cache, downloading them first unless
+        `local_files_only=True` or `HF_HUB_OFFLINE=1` (`revision`, `cache_dir`, `token`: see
+        `vargpt.hub.resolve_checkpoint`). `model_kwargs` go to `VARGPTForConditionalGeneration.from_pretrained`.
+
         Presets build a randomly initialised model (seeded) with its tokenizer: "tiny" is for tests and
         trying the API without weights; "vargpt-v1.1" is the full-size architecture (needs ~44 GB in fp32).
+        A preset takes only the model keywords of `PRESET_MODEL_KWARGS`; any other raises a TypeError (it would
+        otherwise be ignored without a word).
         """
         device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        path = Path(str(name_or_path))
-        shipped = shipped_model_path(str(name_or_path))
-        if not path.is_dir() and shipped is not None:
-            path = shipped
         image_config = None
-        if path.is_dir():
-            model = VARGPTForConditionalGeneration.from_pretrained(path, dtype=dtype, **model_kwargs)
-            processor = VARGPTProcessor.from_pretrained(path)
-            if image_preset is None:
-                image_config = ImageGenerationConfig.from_pretrained(path)
-        elif str(name_or_path) in PRESETS:
+        if str(name_or_path) in PRESETS and not Path(str(name_or_path)).is_dir():
             from .tokenization import build_qwen2_tokenizer, build_tiny_tokenizer
 
+            _check_preset_kwargs(str(name_or_path), model_kwargs, revision)
             config = VARGPTConfig.from_preset(str(name_or_path))
             torch.manual_seed(seed)
             model = VARGPTForConditionalGeneration(config).to(dtype)
             tokenizer = build_tiny_tokenizer() if name_or_path == "tiny" else build_qwen2_tokenizer()
             processor = VARGPTProcessor.from_tokenizer(tokenizer)
         else:
-            known = sorted([*PRESETS, *SHIPPED_MODELS])
-            raise FileNotFoundError(
-                f"{name_or_path!s} is neither a checkpoint directory nor a shipped model or preset ({', '.join(known)})"
+            path = resolve_checkpoint(
+                name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
             )
+            model = VARGPTForConditionalGeneration.from_pretrained(path, dtype=dtype, **model_kwargs)
+            processor = VARGPTProcessor.from_pretrained(path)
+            if image_preset is None:
+                image_config = ImageGenerationConfig.from_pretrained(path)
         return cls(
             model.to(device), processor, image_preset=image_preset or DEFAULT_IMAGE_PRESET, image_config=image_config
         )
@@ -282,18 +288,24 @@ class VARGPTPipeline:
         return ChatTurn([s for s in segments if not (isinstance(s, str) and not s)])
 
 
-SHIPPED_MODELS = ("vargpt-shapes-tiny",)
+# Model keywords a preset knows (its model is built, not loaded: each is applied to the built model or refused
+# there by name); any other keyword is a typo or belongs to checkpoint loading only.
+PRESET_MODEL_KWARGS = frozenset({"device_map", "max_memory", "quantization"})
 # image settings `converse` may take by name; top_k / top_p there mean text sampling (image_top_k / image_top_p
 # reach the bits through `model.generate`)
 _IMAGE_SETTING_NAMES = frozenset(ImageGenerationConfig().to_dict()) - {"top_k", "top_p"}
 
 
-def shipped_model_path(name: str) -> Path | None:
-    """Folder of a model shipped inside the package (trained by this project's recipes), if present."""
-    if name not in SHIPPED_MODELS:
-        return None
-    folder = Path(str(resources.files("vargpt").joinpath("models", name)))
-    return folder if (folder / "config.json").is_file() else None
+def _check_preset_kwargs(name: str, model_kwargs: dict[str, Any], revision: str | None) -> None:
+    """A preset has no checkpoint: refuse keywords it would otherwise drop, naming them."""
+    unknown = sorted(set(model_kwargs) - PRESET_MODEL_KWARGS)
+    if unknown:
+        raise TypeError(
+            f"preset {name!r} got unknown keyword argument(s) {', '.join(unknown)}; a preset takes "
+            f"device, dtype, image_preset, seed and {', '.join(sorted(PRESET_MODEL_KWARGS))}"
+        )
+    if revision is not None:
+        raise ValueError(f"revision applies to Hub repo ids, not to preset {name!r} (random weights)")
 
 
 def default_model_name() -> str:

@@ -11,6 +11,7 @@ and generated images come back to PIL with the original's truncating conversion 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from transformers import BatchFeature, Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
 from .configuration import IMAGE_GEN_END, IMAGE_GEN_PAD, IMAGE_GEN_START
+from .hub import resolve_checkpoint
 from .image_io import ImageSource, load_image
 from .tokenization import (
     CHAT_TEMPLATE,
@@ -198,6 +200,30 @@ class VARGPTProcessor(ProcessorMixin):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; VARGPTProcessor pads batches with it")
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> VARGPTProcessor:
+        """transformers' loader, on the folder `vargpt.hub.resolve_checkpoint` finds: a local folder, a shipped
+        model name ("vargpt-shapes-tiny") or a Hub repo id (downloaded or found in the Hub cache), so that the
+        processor takes the same names as the model and fails on any other in one line."""
+        folder = resolve_checkpoint(
+            pretrained_model_name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            require=None,
+        )
+        return super().from_pretrained(folder, force_download=force_download, local_files_only=True, **kwargs)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, **kwargs: Any) -> VARGPTProcessor:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..commands import add_model_arguments
 from ..pipeline import default_model_name
 
 DEFAULT_MODEL = default_model_name()
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset (default: %(default)s)")
+    add_model_arguments(parser, DEFAULT_MODEL)
     parser.add_argument("--model-name", default=None, help="id reported by /v1/models (default: the --model value)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000)
@@ -69,7 +70,7 @@ def serve(args: argparse.Namespace) -> int:
     from ..pipeline import VARGPTPipeline
 
     config = config_from_args(args)
-    pipe = VARGPTPipeline.from_pretrained(args.model, seed=args.seed)
+    pipe = VARGPTPipeline.from_pretrained(args.model, seed=args.seed, revision=args.revision)
     warm_up(pipe)
     app = create_app(pipe, config)
     logging.getLogger("vargpt.serving").info("serving %s on http://%s:%d/v1", config.model_name, args.host, args.port)
