@@ -168,16 +168,6 @@ class _ChatSession:
         self.history += [message, assistant_message(turn.text)]
         self.images += list(new_images)
 
-
-def _lines(stream: TextIO, prompt: str | None) -> Iterator[str]:
-    while True:
-        if prompt:
-            print(prompt, end="", file=sys.stderr, flush=True)
-        line = stream.readline()
-        if not line:
-            return
-        yield line
-
     def _save(self, image: Image.Image, number: int) -> Path:
         """Write image `number` of this turn to a file no other run wrote: created exclusively, and on a clash
         (a run writing into the same folder right now) the turn numbers move past that run's."""
@@ -203,6 +193,16 @@ def _lines(stream: TextIO, prompt: str | None) -> Iterator[str]:
             if head[4:].isdigit() and image_number.isdigit():
                 turns.append(int(head[4:]))
         return max(turns)
+
+
+def _lines(stream: TextIO, prompt: str | None) -> Iterator[str]:
+    while True:
+        if prompt:
+            print(prompt, end="", file=sys.stderr, flush=True)
+        line = stream.readline()
+        if not line:
+            return
+        yield line
 
 
 # -- generate -----------------------------------------------------------------------------------------------------
