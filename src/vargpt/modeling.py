@@ -8,6 +8,7 @@ renaming and `save_pretrained` writes the same layout back.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,6 +34,7 @@ from .checkpoint import (
     read_tensor_headers,
 )
 from .configuration import VARGPTConfig
+from .device_map import resolve_device_map, storage_dtype
 from .generation_config import ImageGenerationConfig
 from .hub import resolve_checkpoint
 from .image_tokenizer import (
@@ -44,6 +46,7 @@ from .image_tokenizer import (
     teacher_forcing,
 )
 from .llm_cache import cache_kwargs, returned_cache
+from .quantization import is_quantized, quantization_load_kwargs
 from .rope_index import mrope_positions
 from .visual_decoder import InfinityDecoder, bit_cross_entropy
 
@@ -435,10 +438,20 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         return compare(on_disk, expected, dtypes, kinds)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = True, **kwargs):
-        """transformers' `from_pretrained` (dtype, device_map, low_cpu_mem_usage all apply), preceded by a
-        check that the directory holds exactly this model's tensors: any missing, unexpected or mis-shaped
-        tensor raises one `CheckpointMismatchError` that lists them, before a byte of weights is read."""
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *model_args,
+        strict: bool = True,
+        quantization: str | None = None,
+        **kwargs,
+    ):
+        """transformers' `from_pretrained` (dtype, device_map, max_memory all apply), preceded by a check that
+        the directory holds exactly this model's tensors: any missing, unexpected or mis-shaped tensor raises
+        one `CheckpointMismatchError` that lists them, before a byte of weights is read.
+
+        `quantization="int8"` or `"int4"` stores the LLM's layers and the visual decoder's blocks in 8 or 4
+        bits as they load (bitsandbytes; see `vargpt.quantization` for what stays in high precision)."""
         # a folder, a shipped model name or a Hub repo id (hub arguments as transformers names them)
         path = resolve_checkpoint(
             pretrained_model_name_or_path,
@@ -457,14 +470,41 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
                     f"checkpoint {path} does not match the model its config.json describes:\n{report.describe()}"
                 )
         kwargs.setdefault("dtype", "auto")
-        model = super().from_pretrained(path, *model_args, config=config, **kwargs)
+        if quantization is not None:
+            if "quantization_config" in kwargs:
+                raise ValueError("give quantization= or quantization_config=, not both")
+            kwargs.update(quantization_load_kwargs(cls, config, quantization, kwargs["dtype"]))
+        placement = kwargs.pop("device_map", None)
+        max_memory = kwargs.pop("max_memory", None)
+        dtype = storage_dtype(kwargs["dtype"], config)
+        device_map = resolve_device_map(cls, config, placement, max_memory, dtype, kwargs.get("quantization_config"))
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        if max_memory is not None and device_map is placement:
+            kwargs["max_memory"] = max_memory  # an explicit map: transformers decides what max_memory means
+        if isinstance(device_map, dict) and "disk" in device_map.values() and not kwargs.get("offload_folder"):
+            raise ValueError("part of the model is offloaded to disk: pass offload_folder=DIR (--offload-folder)")
+        with warnings.catch_warnings():
+            # the map names single tensors (the decoder's `cfg_uncond`, `pos_start`) that accelerate's check
+            # looks for among modules only; they are placed all the same
+            warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
+            model = super().from_pretrained(path, *model_args, config=config, **kwargs)
         if strict:  # NaN / inf weights named now, not as a vague sampling error later (one cheap pass)
             check_finite(model, path)
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Write config and safetensors (original tensor names) atomically: a crash never leaves a
-        half-written checkpoint at `save_directory`."""
+        half-written checkpoint at `save_directory`.
+
+        A quantized model is refused: its packed weights and scales are not the original layout, and a
+        checkpoint that loads only with bitsandbytes would break every other reader. Save the unquantized
+        model and quantize when loading (`quantization=`)."""
+        if is_quantized(self):
+            raise ValueError(
+                "a quantized model cannot be saved in the original layout: save the unquantized model and pass "
+                "quantization= when loading it"
+            )
         atomic_directory_write(
             save_directory,
             lambda staging: super(VARGPTForConditionalGeneration, self).save_pretrained(staging, *args, **kwargs),

@@ -20,6 +20,7 @@ from .hub import SHIPPED_MODELS as SHIPPED_MODELS  # re-exported: importable fro
 from .hub import resolve_checkpoint, shipped_model_path
 from .modeling import VARGPTForConditionalGeneration
 from .processing import VARGPTProcessor
+from .quantization import is_quantized
 
 ImageInput = str | os.PathLike | bytes | Image.Image
 
@@ -91,7 +92,8 @@ class VARGPTPipeline:
         """
         device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            quantized = model_kwargs.get("quantization") is not None
+            dtype = torch.bfloat16 if device.type == "cuda" or quantized else torch.float32
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         image_config = None
@@ -108,17 +110,20 @@ class VARGPTPipeline:
             path = resolve_checkpoint(
                 name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
             )
+            if model_kwargs.get("device_map") is None and (device.type != "cpu" or model_kwargs.get("quantization")):
+                model_kwargs["device_map"] = {"": str(device)}  # weights go straight to the device, no CPU copy first
             model = VARGPTForConditionalGeneration.from_pretrained(path, dtype=dtype, **model_kwargs)
             processor = VARGPTProcessor.from_pretrained(path)
             if image_preset is None:
                 image_config = ImageGenerationConfig.from_pretrained(path)
-        return cls(
-            model.to(device), processor, image_preset=image_preset or DEFAULT_IMAGE_PRESET, image_config=image_config
-        )
+        if not _is_placed(model):
+            model = model.to(device)
+        return cls(model, processor, image_preset=image_preset or DEFAULT_IMAGE_PRESET, image_config=image_config)
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device of the token embeddings (the main device of a dispatched model)."""
+        return self.model.get_input_embeddings().weight.device
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         self.model.save_pretrained(directory)
@@ -294,6 +299,12 @@ PRESET_MODEL_KWARGS = frozenset({"device_map", "max_memory", "quantization"})
 # image settings `converse` may take by name; top_k / top_p there mean text sampling (image_top_k / image_top_p
 # reach the bits through `model.generate`)
 _IMAGE_SETTING_NAMES = frozenset(ImageGenerationConfig().to_dict()) - {"top_k", "top_p"}
+
+
+def _is_placed(model: torch.nn.Module) -> bool:
+    """Whether loading already put the model where it belongs: a device map was applied (moving it would
+    collapse a dispatch across devices) or its weights are quantized (bitsandbytes places them itself)."""
+    return getattr(model, "hf_device_map", None) is not None or is_quantized(model)
 
 
 def _check_preset_kwargs(name: str, model_kwargs: dict[str, Any], revision: str | None) -> None:
