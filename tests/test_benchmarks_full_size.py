@@ -161,10 +161,14 @@ def test_load_memory_on_the_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
     plan = writer.tensor_plan(writer.build_config("tiny"))
     assert size == sum(item.numel * (8 if item.dtype == torch.int64 else 4) for item in plan)
     out = tmp_path / "load.json"
-    args = ["--model", str(tiny_checkpoint), "--dtypes", "float32", "--modes", "model", "--json", str(out)]
+    args = ["--model", str(tiny_checkpoint), "--dtypes", "float32", "--modes", "model,convert", "--json", str(out)]
     assert load_memory.main(args) == 0
-    row = json.loads(out.read_text())["loads"][0]
-    assert row["exit_code"] == 0 and row["dtypes"] == ["float32", "int64"]
-    assert size <= row["weight_bytes"] <= 1.01 * size  # plus non-persistent buffers (rotary frequencies)
-    assert row["peak_rss"] >= row["baseline_rss"] > 0
+    rows = json.loads(out.read_text())["loads"]
+    assert [row["mode"] for row in rows] == ["model", "convert"]
+    for row in rows:
+        assert row["exit_code"] == 0 and row["dtypes"] == ["float32", "int64"]
+        assert size <= row["weight_bytes"] <= 1.01 * size  # plus non-persistent buffers (rotary frequencies)
+        assert row["peak_rss"] >= row["baseline_rss"] > 0
+    # converting shard by shard leaves no tensor in a memory-mapped shard (a plain fp32 load leaves lfq.mask there)
+    assert rows[1]["mapped"] == {}
     assert "baseline (import torch + vargpt)" in capsys.readouterr().out
