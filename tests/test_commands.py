@@ -203,3 +203,32 @@ def test_generate_takes_the_unconditional_branch_mode(tmp_path, pipe):
     entry = record["images"][0]
     again = pipe.generate(entry["batch_prompts"], seed=entry["batch_seed"], **record["image_settings"])
     assert Image.open(out / entry["file"]).tobytes() == again[entry["row"]].tobytes()
+
+
+def test_commands_load_quantized_or_spread_over_cpu_and_disk(tmp_path, pipe, capsys):
+    """--quantize and --device-map / --max-memory / --offload-folder reach the loader (a 1 MB CPU budget cannot
+    hold the tiny model, so without the disk split it would refuse); the dispatched model's images equal the
+    plain one's."""
+    model = tmp_path / "model"
+    pipe.save_pretrained(model)
+    assert vargpt(["generate", "a red circle", "--model", str(model), "--out", str(tmp_path / "plain")]) == 0
+    spread = [
+        *("--device-map", "auto", "--max-memory", "cpu=1MB", "disk=1GB"),
+        *("--offload-folder", str(tmp_path / "offload")),
+    ]
+    assert vargpt(["generate", "a red circle", "--model", str(model), "--out", str(tmp_path / "spread"), *spread]) == 0
+    files = [
+        json.loads((tmp_path / d / "generations.json").read_text())["images"][0]["file"] for d in ("plain", "spread")
+    ]
+    plain, dispatched = (Image.open(tmp_path / d / f) for d, f in zip(("plain", "spread"), files, strict=True))
+    assert plain.tobytes() == dispatched.tobytes()
+    assert vargpt(["chat", "hello", "--model", str(model), "--quantize", "int8", "--max-new-tokens", "3"]) == 0
+
+
+def test_loading_options_that_cannot_apply_exit_2(tmp_path, capsys):
+    assert vargpt(["chat", "hi", "--model", "tiny", "--quantize", "int4"]) == 2
+    assert "preset 'tiny' is built in memory" in capsys.readouterr().err
+    assert vargpt(["chat", "hi", "--model", "tiny", "--max-memory", "cpu=1GB"]) == 2
+    assert "--max-memory needs --device-map auto" in capsys.readouterr().err
+    assert vargpt(["chat", "hi", "--model", "tiny", "--device-map", "auto", "--max-memory", "lots"]) == 2
+    assert "DEVICE=SIZE" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .commands import add_model_arguments
+from .commands import add_model_arguments, model_load_kwargs
 from .generation_config import UNCOND_MODES
 from .pipeline import default_model_name
 
@@ -26,11 +26,11 @@ def _demo(args: argparse.Namespace) -> int:
     if args.web:
         from .serving.web import launch_web_demo
 
-        launch_web_demo(args.model, host=args.host, port=args.port)
+        launch_web_demo(args.model, host=args.host, port=args.port, **model_load_kwargs(args))
         return 0
     from .demo import run_demo
 
-    path = run_demo(args.model, args.out, seed=args.seed, revision=args.revision)
+    path = run_demo(args.model, args.out, seed=args.seed, **model_load_kwargs(args))
     print(f"report written to {path}")
     return 0
 
@@ -60,7 +60,7 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     split_file = data / f"{args.split}.jsonl" if data.is_dir() else data
     if not split_file.is_file():
         raise FileNotFoundError(f"no split file {split_file}: write one with the shapes-world data writer")
-    pipe = VARGPTPipeline.from_pretrained(args.model, image_preset=args.preset, revision=args.revision)
+    pipe = VARGPTPipeline.from_pretrained(args.model, image_preset=args.preset, **model_load_kwargs(args))
     pipe.image_config = pipe.image_config.updated(
         cfg_scale=args.cfg, tau=args.tau, top_p=args.top_p, uncond_mode=args.uncond_mode
     )

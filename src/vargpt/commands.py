@@ -20,6 +20,7 @@ from PIL import Image
 from .configuration import PRESETS
 from .generation_config import UNCOND_MODES
 from .pipeline import default_model_name
+from .quantization import QUANTIZATION_MODES
 
 DEFAULT_MODEL = default_model_name()
 EXIT_COMMANDS = ("/exit", "/quit")
@@ -70,6 +71,42 @@ def add_model_arguments(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL
         help="checkpoint folder, shipped model, preset or Hub repo id owner/name (default: %(default)s)",
     )
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id (default: main)")
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=QUANTIZATION_MODES,
+        help="store the LLM's layers and the decoder's blocks in 8 or 4 bits (bitsandbytes)",
+    )
+    p.add_argument(
+        "--device-map",
+        default=None,
+        choices=("auto",),
+        help="spread the model over the GPUs, then the CPU, then --offload-folder (see --max-memory)",
+    )
+    p.add_argument(
+        "--max-memory",
+        nargs="+",
+        default=None,
+        metavar="DEVICE=SIZE",
+        help="weight budget per device for --device-map auto, in order of use, e.g. 0=20GiB cpu=60GiB disk=200GB",
+    )
+    p.add_argument("--offload-folder", default=None, help="folder for weights offloaded to disk")
+
+
+def model_load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `VARGPTPipeline.from_pretrained` keywords the model arguments of a command give."""
+    from .device_map import parse_max_memory_argument
+
+    max_memory = parse_max_memory_argument(args.max_memory)
+    if max_memory is not None and args.device_map is None:
+        raise ValueError("--max-memory needs --device-map auto")
+    loading = {
+        "quantization": args.quantize,
+        "device_map": args.device_map,
+        "max_memory": max_memory,
+        "offload_folder": args.offload_folder,
+    }
+    return {"revision": args.revision} | {k: v for k, v in loading.items() if v is not None}
 
 
 def _image_arguments(p: argparse.ArgumentParser) -> None:
@@ -334,7 +371,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if getattr(args, "ui", False):
         from .serving.web import launch_web_demo
 
-        launch_web_demo(args.model, host=args.host, port=args.port)
+        launch_web_demo(args.model, host=args.host, port=args.port, **model_load_kwargs(args))
         return 0
     from .serving.server import config_from_args, serve
 
@@ -381,7 +418,7 @@ def _check_size(pipe: Any, size: int | None) -> None:
 def _load(args: argparse.Namespace) -> Any:
     from .pipeline import VARGPTPipeline
 
-    return VARGPTPipeline.from_pretrained(args.model, revision=args.revision)
+    return VARGPTPipeline.from_pretrained(args.model, **model_load_kwargs(args))
 
 
 def _model_reference(model: str, revision: str | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import html
 import io
 import time
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -29,13 +30,13 @@ def demo_scene(size: int = 32) -> Image.Image:
     return render(Scene((ShapeInstance((1, 1), "circle", "red", "large"),)), ShapesWorldConfig(), size)
 
 
-def run_demo(model: str, out_dir: str | Path, seed: int = 0, revision: str | None = None) -> Path:
+def run_demo(model: str, out_dir: str | Path, seed: int = 0, **load_kwargs: Any) -> Path:
     from .pipeline import VARGPTPipeline
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    pipe = VARGPTPipeline.from_pretrained(model, revision=revision)
+    pipe = VARGPTPipeline.from_pretrained(model, **load_kwargs)
     rows: list[str] = []
     for prompt in DEMO_PROMPTS:
         t0 = time.perf_counter()

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .commands import add_model_arguments
+from .commands import add_model_arguments, model_load_kwargs
 from .evaluation.teacher_forced import SWAPS
 from .generation_config import UNCOND_MODES
 from .pipeline import default_model_name
@@ -53,7 +53,7 @@ def _pipeline(args: argparse.Namespace):
     state = PartialState()
     device = args.device or (state.device if state.device.type != "mps" else "cpu")
     pipe = VARGPTPipeline.from_pretrained(
-        args.model, device=device, dtype=args.dtype, seed=args.seed, revision=args.revision
+        args.model, device=device, dtype=args.dtype, seed=args.seed, **model_load_kwargs(args)
     )
     return pipe, state
 

@@ -293,9 +293,9 @@ class VARGPTPipeline:
         return ChatTurn([s for s in segments if not (isinstance(s, str) and not s)])
 
 
-# Model keywords a preset knows (its model is built, not loaded: each is applied to the built model or refused
-# there by name); any other keyword is a typo or belongs to checkpoint loading only.
-PRESET_MODEL_KWARGS = frozenset({"device_map", "max_memory", "quantization"})
+# Loading options a preset cannot take (its random model is built in memory, not read from shards): refused by
+# name with the way round. Any other keyword is a typo.
+PRESET_MODEL_KWARGS = frozenset({"device_map", "max_memory", "quantization", "offload_folder"})
 # image settings `converse` may take by name; top_k / top_p there mean text sampling (image_top_k / image_top_p
 # reach the bits through `model.generate`)
 _IMAGE_SETTING_NAMES = frozenset(ImageGenerationConfig().to_dict()) - {"top_k", "top_p"}
@@ -313,10 +313,16 @@ def _check_preset_kwargs(name: str, model_kwargs: dict[str, Any], revision: str 
     if unknown:
         raise TypeError(
             f"preset {name!r} got unknown keyword argument(s) {', '.join(unknown)}; a preset takes "
-            f"device, dtype, image_preset, seed and {', '.join(sorted(PRESET_MODEL_KWARGS))}"
+            "device, dtype, image_preset and seed"
         )
     if revision is not None:
         raise ValueError(f"revision applies to Hub repo ids, not to preset {name!r} (random weights)")
+    given = sorted(k for k, v in model_kwargs.items() if v is not None)
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} apply when loading a checkpoint, and preset {name!r} is built in memory: save it "
+            "first (VARGPTPipeline.from_pretrained(name).save_pretrained(DIR)) and load DIR"
+        )
 
 
 def default_model_name() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..commands import add_model_arguments
+from ..commands import add_model_arguments, model_load_kwargs
 from ..pipeline import default_model_name
 
 DEFAULT_MODEL = default_model_name()
@@ -70,7 +70,7 @@ def serve(args: argparse.Namespace) -> int:
     from ..pipeline import VARGPTPipeline
 
     config = config_from_args(args)
-    pipe = VARGPTPipeline.from_pretrained(args.model, seed=args.seed, revision=args.revision)
+    pipe = VARGPTPipeline.from_pretrained(args.model, seed=args.seed, **model_load_kwargs(args))
     warm_up(pipe)
     app = create_app(pipe, config)
     logging.getLogger("vargpt.serving").info("serving %s on http://%s:%d/v1", config.model_name, args.host, args.port)

@@ -236,11 +236,14 @@ def web_launch_options(host: str = "127.0.0.1", port: int = 7860, share: bool = 
     }
 
 
-def launch_web_demo(model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> None:
-    """Load `model` (checkpoint directory, shipped model or preset) and serve the demo until interrupted."""
+def launch_web_demo(
+    model: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False, **load_kwargs: Any
+) -> None:
+    """Load `model` (checkpoint directory, shipped model, preset or Hub id; `load_kwargs` as
+    `VARGPTPipeline.from_pretrained` takes them) and serve the demo until interrupted."""
     from ..pipeline import VARGPTPipeline
 
-    pipe = VARGPTPipeline.from_pretrained(model)
+    pipe = VARGPTPipeline.from_pretrained(model, **load_kwargs)
     build_web_demo(pipe).launch(**web_launch_options(host, port, share))
 
 
