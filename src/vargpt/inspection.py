@@ -14,8 +14,9 @@ import torch
 from .checkpoint import compare, read_tensor_shapes
 from .configuration import PRESETS, VARGPTConfig
 from .hub import resolve_checkpoint
+from .memory_plan import format_memory_table
 
-BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "int8": 1}
+BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}  # quantized sizes: the memory table (only some layers are)
 
 
 def module_parameter_counts(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -60,7 +61,9 @@ def inspect_checkpoint(path: str | None, full_size: str | None = None, *, revisi
         full_size = full_size or path
     if full_size:
         config = VARGPTConfig.from_preset(full_size)
-        return format_report(architecture_shapes(config), f"preset {full_size} (architecture, no weights)")
+        return format_report(
+            architecture_shapes(config), f"preset {full_size} (architecture, no weights)", [format_memory_table(config)]
+        )
     if path is None:
         raise ValueError("give a checkpoint folder, shipped model name or Hub repo id, or --preset NAME")
     directory = resolve_checkpoint(path, revision=revision)
@@ -69,5 +72,6 @@ def inspect_checkpoint(path: str | None, full_size: str | None = None, *, revisi
     report = compare(on_disk, architecture_shapes(config))
     extra = ["dtypes on disk: " + ", ".join(f"{k}: {v} tensors" for k, v in sorted(dtypes.items()))]
     extra.append("layout: matches the model its config describes" if report.ok else report.describe())
+    extra.append(format_memory_table(config))
     where = path if Path(path) == directory else f"{path} ({directory})"
     return format_report(on_disk, f"checkpoint {where}", extra)
