@@ -62,3 +62,24 @@ def test_non_finite_tensors_are_named_and_other_kinds_skipped():
     empty = nn.Module()
     empty.register_parameter("weight", nn.Parameter(torch.empty(0)))
     assert non_finite_tensors(empty) == []
+
+
+def test_converting_loads_read_shards_without_a_memory_map_and_get_the_same_weights(tmp_path):
+    """A bf16 checkpoint loaded as fp32 goes through `ShardReader` (pread); it must give exactly the weights of
+    the memory-mapped bf16 load, cast."""
+    from vargpt import VARGPTConfig, VARGPTForConditionalGeneration
+    from vargpt.checkpoint import ShardReader
+
+    model = VARGPTForConditionalGeneration(VARGPTConfig.from_preset("tiny")).to(torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_size="300KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) >= 2
+    with ShardReader(tmp_path) as shards:
+        assert set(shards.state_dict) == set(model.state_dict())
+    assert shards.state_dict == {} and shards.handles == []
+    mapped = VARGPTForConditionalGeneration.from_pretrained(tmp_path)  # stored dtype: the memory-mapped path
+    converted = VARGPTForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
+    assert converted.name_or_path == str(tmp_path)
+    reference = mapped.state_dict()
+    for name, tensor in converted.state_dict().items():
+        assert tensor.dtype == (torch.float32 if tensor.is_floating_point() else reference[name].dtype), name
+        assert torch.equal(tensor, reference[name].to(tensor.dtype)), name

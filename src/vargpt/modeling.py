@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 from .checkpoint import (
     CheckpointMismatchError,
     CheckpointReport,
+    ShardReader,
     atomic_directory_write,
     check_finite,
     compare,
@@ -488,7 +489,15 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             # the map names single tensors (the decoder's `cfg_uncond`, `pos_start`) that accelerate's check
             # looks for among modules only; they are placed all the same
             warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
-            model = super().from_pretrained(path, *model_args, config=config, **kwargs)
+            converts = kwargs.get("quantization_config") is not None or dtype != storage_dtype("auto", config)
+            if converts:  # read each tensor once instead of keeping every mapped shard page resident
+                with ShardReader(path) as shards:
+                    model = super().from_pretrained(
+                        None, *model_args, config=config, state_dict=shards.state_dict, **kwargs
+                    )
+                model.name_or_path = str(path)
+            else:
+                model = super().from_pretrained(path, *model_args, config=config, **kwargs)
         if strict:  # NaN / inf weights named now, not as a vague sampling error later (one cheap pass)
             check_finite(model, path)
         return model
