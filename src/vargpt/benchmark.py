@@ -110,16 +110,26 @@ def _prompt_tokens(pipe, text: str) -> dict[str, torch.Tensor]:
 
 
 def bench_generation(
-    pipe, resolution: int, batch_size: int, repeats: int, peak_flops: float, cfg_scale: float = 3.0
+    pipe,
+    resolution: int,
+    batch_size: int,
+    repeats: int,
+    peak_flops: float,
+    cfg_scale: float = 3.0,
+    speed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One (resolution, batch size) cell: latency, throughput, FLOPs and the share of the matmul peak."""
+    """One (resolution, batch size) cell: latency, throughput, FLOPs and the share of the matmul peak.
+
+    `speed`: `generate`'s fast-path keywords (`cache_implementation`, `compile`); the untimed warm-up call
+    pays any compilation."""
+    speed = speed or {}
     device = pipe.device
     schedule = pipe.model.generation_schedule(resolution)
     prompt_len = int(_prompt_tokens(pipe, BENCH_PROMPT)["input_ids"].shape[1])
     prompts = [BENCH_PROMPT] * batch_size
     reset_peak_memory(device)
     times = time_call(
-        lambda: pipe.generate(prompts, seed=0, resolution=resolution, cfg_scale=cfg_scale), device, repeats
+        lambda: pipe.generate(prompts, seed=0, resolution=resolution, cfg_scale=cfg_scale, **speed), device, repeats
     )
     latency = median(times)
     mode = pipe.image_config.uncond_mode
@@ -155,7 +165,7 @@ def bench_generation(
     }
 
 
-def bench_understanding(pipe, new_tokens: int, repeats: int) -> dict[str, Any]:
+def bench_understanding(pipe, new_tokens: int, repeats: int, speed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prefill tokens/s (prompt + 1 token) and decode tokens/s (the extra `new_tokens` - 1 steps), batch 1.
 
     EOS is disabled (`eos_token_id=-1`) so that a random model decodes exactly `new_tokens` tokens.
@@ -169,7 +179,7 @@ def bench_understanding(pipe, new_tokens: int, repeats: int) -> dict[str, Any]:
         raise ValueError(f"prompt ({length}) + new_tokens ({new_tokens}) exceeds the model's {limit} positions")
 
     def run(n: int):
-        return lambda: pipe.model.generate(**inputs, max_new_tokens=n, eos_token_id=-1)
+        return lambda: pipe.model.generate(**inputs, max_new_tokens=n, eos_token_id=-1, **(speed or {}))
 
     reset_peak_memory(pipe.device)
     prefill = median(time_call(run(1), pipe.device, repeats))
@@ -199,11 +209,17 @@ def run_benchmark(
     matmul_size: int | None = None,
     threads: int | None = None,
     progress: bool = False,
+    static_cache: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """The whole benchmark as a JSON-ready dict (see the module docstring).
 
     `threads` sets torch's intra-op threads for the run (on a shared CPU, fewer threads than cores avoids
-    oversubscription, which otherwise dominates the timings)."""
+    oversubscription, which otherwise dominates the timings). `static_cache` / `compile` time the fast path
+    (`model.generate(cache_implementation="static", compile=True)`); compilation happens in the warm-up."""
+    speed: dict[str, Any] = {}
+    if static_cache or compile:
+        speed = {"cache_implementation": "static", "compile": compile}
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -232,7 +248,7 @@ def run_benchmark(
     generation = []
     for resolution in resolutions:
         for batch in batch_sizes:
-            row = bench_generation(pipe, resolution, batch, repeats, peak["flops_per_s"])
+            row = bench_generation(pipe, resolution, batch, repeats, peak["flops_per_s"], speed=speed)
             generation.append(row)
             if progress:
                 print(
@@ -254,10 +270,11 @@ def run_benchmark(
             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         },
         "repeats": repeats,
+        "decoding": "compiled" if compile else "static_cache" if static_cache else "eager",
         "matmul_peak": peak,
         "model": weight_memory(config),
         "generation": generation,
-        "understanding": bench_understanding(pipe, text_new_tokens, repeats),
+        "understanding": bench_understanding(pipe, text_new_tokens, repeats, speed),
         "full_size_weight_memory": weight_memory(VARGPTConfig.from_preset(FULL_SIZE_PRESET)),
     }
 

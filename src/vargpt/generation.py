@@ -30,6 +30,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import ModelOutput
 
+from .fast_decoding import FastDecoding, compiled, padded_mask, static_copy
 from .generation_config import ImageGenerationConfig
 from .image_tokenizer import accumulate_scale, next_scale_input
 from .llm_cache import cache_kwargs
@@ -106,10 +107,23 @@ class TextSamplingConfig:
 
 
 class _DecodingState:
-    """What the loop tracks per row: cache, which cache slots are real, and the next text position."""
+    """What the loop tracks per row: cache, which cache slots are real, and the next text position.
 
-    def __init__(self, model, input_ids, attention_mask, pixel_values, image_grid_thw) -> None:
+    With `fast.static_cache` the prefill still runs eagerly on a `DynamicCache`, whose keys/values then move
+    into a `StaticCache` of `capacity` slots (grown by copying if an answer outruns it)."""
+
+    def __init__(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        image_grid_thw,
+        fast: FastDecoding | None = None,
+        capacity: int = 0,
+    ) -> None:
         self.model = model
+        self.fast = fast or FastDecoding()
         self.cache = DynamicCache(config=model.config.text_config)
         B, L = input_ids.shape
         self.batch = B
@@ -138,6 +152,42 @@ class _DecodingState:
         self.dtype = out.last_hidden_state.dtype
         self.logits_BV = model.lm_head(out.last_hidden_state[:, -1]).float()
         self.next_pos_B = (deltas[:, 0] + L).to(self.device)
+        self.cache_len = L
+        self.capacity = max(capacity, L)
+        if self.fast.static_cache:
+            self.cache = self._static(torch.arange(B, device=self.device), self.capacity)
+        self._llm = compiled(model.model, self.fast, self.device)
+
+    def _static(self, rows: torch.Tensor, capacity: int):
+        return static_copy(self.cache, self.model.config.text_config, rows, self.cache_len, capacity)
+
+    def forward_llm(self, embeds_BlH, call_mask_BT, positions_3Bl) -> torch.Tensor:
+        """One LLM call on the cache; `call_mask_BT` covers the cached tokens and the new ones.
+
+        On the static path the mask is padded to the cache's capacity, so every decode step has one shape."""
+        n_new = embeds_BlH.shape[1]
+        if self.fast.static_cache:
+            if self.cache_len + n_new > self.capacity:
+                self.capacity = max(self.cache_len + n_new, 2 * self.capacity)
+                rows = torch.arange(call_mask_BT.shape[0], device=self.device)
+                self.cache = self._static(rows, self.capacity)
+            call_mask_BT = padded_mask(call_mask_BT, self.capacity)
+        out = self._llm(
+            inputs_embeds=embeds_BlH,
+            attention_mask=call_mask_BT,
+            position_ids=positions_3Bl,
+            **cache_kwargs(self.cache),
+            use_cache=True,
+        )
+        self.cache_len += n_new
+        return out.last_hidden_state
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) cache rows `rows`: the original guidance doubles the batch for the scale loop."""
+        if self.fast.static_cache:
+            self.cache = self._static(rows, self.capacity)
+        else:
+            self.cache.batch_select_indices(rows)
 
     @property
     def length(self) -> int:
@@ -153,7 +203,10 @@ class _DecodingState:
         """Turn a one-row state into B identical rows (the same prefix prefilled once, not B times)."""
         if self.batch != 1:
             raise ValueError(f"only a one-row state can be repeated, this one has {self.batch} rows")
-        self.cache.batch_repeat_interleave(B)
+        if self.fast.static_cache:
+            self.cache = self._static(torch.zeros(B, dtype=torch.long, device=self.device), self.capacity)
+        else:
+            self.cache.batch_repeat_interleave(B)
         self._hidden_chunks = [self.hidden_BTH.expand(B, -1, -1)]
         self.mask_BT = self.mask_BT.expand(B, -1)
         self.logits_BV = self.logits_BV.expand(B, -1)
@@ -171,17 +224,11 @@ class _DecodingState:
             positions_3Bl = (self.next_pos_B.view(B, 1) + offs.view(1, n_new)).unsqueeze(0).expand(3, B, n_new)
         new_mask = torch.ones(B, n_new, dtype=torch.long, device=self.device)
         call_mask = torch.cat([self.mask_BT, new_mask], dim=1)
-        out = self.model.model(
-            inputs_embeds=embeds_BlH,
-            attention_mask=call_mask,
-            position_ids=positions_3Bl,
-            **cache_kwargs(self.cache),
-            use_cache=True,
-        )
+        hidden = self.forward_llm(embeds_BlH, call_mask, positions_3Bl)
         self.mask_BT = torch.cat([self.mask_BT, real_B.view(B, 1).long().expand(B, n_new)], dim=1)
-        self.append_hidden(out.last_hidden_state)
+        self.append_hidden(hidden)
         self.next_pos_B = self.next_pos_B + real_B.long() * n_new
-        return out.last_hidden_state
+        return hidden
 
 
 def _image_events(
@@ -218,7 +265,7 @@ def _image_events(
     cond_BD = model.image_condition(B)
     null_state = None
     if use_cfg and settings.uncond_mode == "null_prompt":
-        null_state = _null_prompt_state(model, null_prompt_ids, B, device)
+        null_state = _null_prompt_state(model, null_prompt_ids, B, device, state.fast, num_tokens)
         null_ctx, null_mask = model.context_for_decoder(
             null_state.hidden_BTH, null_state.mask_BT, [(b, null_state.length - 1) for b in range(B)]
         )
@@ -243,13 +290,14 @@ def _image_events(
             ]
         )
         cond_BD = torch.cat([cond_BD, model.image_condition(B, unconditional=True)])
-        state.cache.batch_select_indices(torch.cat([torch.arange(B), torch.arange(B)]).to(device))
+        state.select_rows(torch.cat([torch.arange(B), torch.arange(B)]).to(device))
     rows = 2 * B if use_cfg else B
 
     x_RlH = proj_in(decoder.start_tokens(cond_BD).to(dtype))
     prefix_mask = state.mask_BT  # [B, T] history before the scale tokens
     cache_len0 = state.length
     dec_cache = DecoderKVCache()
+    run_block = compiled(_run_block, state.fast, device) if state.fast.compile else None
     latent = None
     bits_per_scale: list[torch.Tensor] = []
     cond_logits: list[torch.Tensor] = []
@@ -260,9 +308,9 @@ def _image_events(
         cond_pos = _scale_positions(state, settings.position_mode, cache_len0, fed, n)
         x_RlH = x_RlH.to(state.dtype)
         if null_state is not None:
-            hidden_cond = _scale_call(model, x_RlH[:B], state.cache, prefix_mask, cond_pos, fed + n)
+            hidden_cond = _scale_call(state, x_RlH[:B], prefix_mask, cond_pos, fed + n)
             null_pos = _scale_positions(null_state, settings.position_mode, null_state.length, fed, n)
-            hidden_null = _scale_call(model, x_RlH[B:], null_state.cache, null_state.mask_BT, null_pos, fed + n)
+            hidden_null = _scale_call(null_state, x_RlH[B:], null_state.mask_BT, null_pos, fed + n)
             last_hidden = torch.cat([hidden_cond, hidden_null])
         elif use_cfg:
             # the original unconditional rows see only the current scale (no prompt, no earlier scales)
@@ -270,18 +318,18 @@ def _image_events(
             cond_mask = torch.cat([prefix_mask, torch.ones(B, fed, dtype=torch.long, device=device), ones], dim=1)
             uncond_mask = torch.cat([torch.zeros(B, cache_len0 + fed, dtype=torch.long, device=device), ones], dim=1)
             uncond_pos = torch.arange(n, device=device).view(1, n).expand(B, n)
-            last_hidden = model.model(
-                inputs_embeds=x_RlH,
-                attention_mask=torch.cat([cond_mask, uncond_mask]),
-                position_ids=torch.cat([cond_pos, uncond_pos]).unsqueeze(0).expand(3, rows, n),
-                **cache_kwargs(state.cache),
-                use_cache=True,
-            ).last_hidden_state
+            last_hidden = state.forward_llm(
+                x_RlH,
+                torch.cat([cond_mask, uncond_mask]),
+                torch.cat([cond_pos, uncond_pos]).unsqueeze(0).expand(3, rows, n),
+            )
         else:
-            last_hidden = _scale_call(model, x_RlH, state.cache, prefix_mask, cond_pos, fed + n)
+            last_hidden = _scale_call(state, x_RlH, prefix_mask, cond_pos, fed + n)
         fed += n
         h_RlC = proj_out(last_hidden)
-        logits = decoder.forward_scale(h_RlC, cond_BD, context, context_mask, schedule, k, dec_cache).float()
+        logits = decoder.forward_scale(
+            h_RlC, cond_BD, context, context_mask, schedule, k, dec_cache, run_block=run_block
+        ).float()
         cond_logits.append(logits[:B])
         logits = logits / settings.tau
         if use_cfg:
@@ -299,7 +347,7 @@ def _image_events(
                 x_RlH = torch.cat([x_RlH, x_RlH])
 
     if use_cfg and null_state is None:
-        state.cache.batch_select_indices(torch.arange(B, device=device))
+        state.select_rows(torch.arange(B, device=device))
     # record the scale tokens as history of the participating rows, then fill the remaining pad slots
     real = rows_B.long().view(B, 1)
     state.mask_BT = torch.cat([state.mask_BT, real.expand(B, num_tokens)], dim=1)
@@ -320,7 +368,14 @@ def _image_events(
     return torch.cat(images).float(), bits_per_scale, torch.cat(cond_logits, dim=1), num_pads
 
 
-def _null_prompt_state(model, null_prompt_ids: torch.Tensor | None, B: int, device) -> _DecodingState:
+def _null_prompt_state(
+    model,
+    null_prompt_ids: torch.Tensor | None,
+    B: int,
+    device,
+    fast: FastDecoding | None = None,
+    image_tokens: int = 0,
+) -> _DecodingState:
     """The empty conversation followed by `<|image_gen_start|>`, prefilled once and repeated for B rows."""
     if null_prompt_ids is None or null_prompt_ids.dim() != 1 or null_prompt_ids.numel() == 0:
         raise ValueError(
@@ -329,7 +384,7 @@ def _null_prompt_state(model, null_prompt_ids: torch.Tensor | None, B: int, devi
         )
     start = torch.tensor([model.config.image_gen_start_token_id], device=device)
     ids = torch.cat([null_prompt_ids.to(device), start]).view(1, -1)
-    state = _DecodingState(model, ids, torch.ones_like(ids), None, None)
+    state = _DecodingState(model, ids, torch.ones_like(ids), None, None, fast, ids.shape[1] + image_tokens)
     state.repeat_rows(B)
     return state
 
@@ -354,20 +409,20 @@ def _scale_positions(state: _DecodingState, position_mode: str, cache_len0: int,
     return state.next_pos_B.view(B, 1) + offs.view(1, n)
 
 
-def _scale_call(model, x_BlH, cache, prefix_mask_BT, positions_Bl, block_len: int) -> torch.Tensor:
+def _scale_call(state: _DecodingState, x_BlH, prefix_mask_BT, positions_Bl, block_len: int) -> torch.Tensor:
     """One LLM call over a scale's tokens of rows that see their whole history and the block so far."""
     B, n = positions_Bl.shape
     mask = torch.cat(
         [prefix_mask_BT, torch.ones(B, block_len, dtype=prefix_mask_BT.dtype, device=prefix_mask_BT.device)], dim=1
     )
-    out = model.model(
-        inputs_embeds=x_BlH,
-        attention_mask=mask,
-        position_ids=positions_Bl.unsqueeze(0).expand(3, B, n),
-        **cache_kwargs(cache),
-        use_cache=True,
-    )
-    return out.last_hidden_state
+    return state.forward_llm(x_BlH, mask, positions_Bl.unsqueeze(0).expand(3, B, n))
+
+
+def _run_block(block, *args):
+    """A decoder block's forward as a plain function, the unit compiled on the fast path: its inputs are
+    tensors only (the scale index and schedule stay outside), so scales differ only in sizes, which torch's
+    automatic dynamic shapes cover with a few compiles instead of one per scale."""
+    return block(*args)
 
 
 @torch.no_grad()
@@ -385,10 +440,12 @@ def generate_interleaved(
     on_token: Callable[[torch.Tensor], None] | None = None,
     on_image_step: Callable[[int], None] | None = None,
     null_prompt_ids: torch.Tensor | None = None,
+    fast: FastDecoding | None = None,
 ) -> VARGPTGenerateOutput:
     """Decode a batch of prompts (left padded). See the module docstring for the semantics.
 
-    `null_prompt_ids`: token ids of the empty conversation, needed by `uncond_mode="null_prompt"` guidance."""
+    `null_prompt_ids`: token ids of the empty conversation, needed by `uncond_mode="null_prompt"` guidance.
+    `fast`: static LLM cache and compiled calls (see `fast_decoding`); None decodes eagerly."""
     if generation_mode not in GENERATION_MODES:
         raise ValueError(f"generation_mode must be one of {GENERATION_MODES}, got {generation_mode!r}")
     cfg = model.config
@@ -407,7 +464,8 @@ def generate_interleaved(
     eos = set(text_config.eos_token_ids or _default_eos(cfg))
     B = input_ids.shape[0]
     device = input_ids.device
-    state = _DecodingState(model, input_ids, attention_mask, pixel_values, image_grid_thw)
+    capacity = _static_capacity(model, input_ids.shape[1], generation_mode, text_config, image_config)
+    state = _DecodingState(model, input_ids, attention_mask, pixel_values, image_grid_thw, fast, capacity)
     procs = text_config.processors()
     sequences = input_ids.clone()
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -482,6 +540,19 @@ def generate_interleaved(
                 image_bits[b].append([s[b] for s in bits])
                 image_logits[b].append(logits_BLd2[b])
     return VARGPTGenerateOutput(sequences=sequences, images=images, image_bits=image_bits, image_logits=image_logits)
+
+
+def _static_capacity(
+    model, prompt_len: int, generation_mode: str, text: TextSamplingConfig, image: ImageGenerationConfig
+) -> int:
+    """Slots a static LLM cache starts with: prompt, new tokens and, unless text only, one image block.
+    A second image in one answer grows the cache (one copy and one recompile), a rare case not worth
+    reserving memory for."""
+    capacity = prompt_len + text.max_new_tokens
+    if generation_mode != "text":
+        schedule = model.generation_schedule(image.resolution, image.aspect_ratio)
+        capacity += max(model.num_image_gen_pad_tokens(schedule), sum(h * w for h, w in schedule)) + 1
+    return capacity
 
 
 def _sample_rows(logits_Bld2: torch.Tensor, top_p: float, generator) -> torch.Tensor:

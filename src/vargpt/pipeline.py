@@ -210,7 +210,8 @@ class VARGPTPipeline:
         kernels picked by batch size can change low bits and so a draw). `seed` may also be one seed per
         prompt (image j of prompt i then uses `seed[i] + j`), which is how benchmark samplers make a prompt's
         images independent of how prompts are grouped into batches.
-        `settings`: cfg_scale, tau, top_k, top_p, resolution, aspect_ratio, uncond_mode, position_mode.
+        `settings`: cfg_scale, tau, top_k, top_p, resolution, aspect_ratio, uncond_mode, position_mode; and
+        `cache_implementation="static"` / `compile=True` (the fast path, see `model.generate`).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_images < 1:
@@ -238,6 +239,8 @@ class VARGPTPipeline:
     # -- internals -------------------------------------------------------------------------------------
     def _draw(self, inputs, seed, preset, settings):
         config = ImageGenerationConfig.from_preset(preset) if preset else self.image_config
+        # how to run, not what to draw: these go to generate, not into the image settings
+        speed = {k: settings.pop(k) for k in ("cache_implementation", "compile") if k in settings}
         config = config.updated(**settings)
         return self.model.generate(
             **inputs,
@@ -246,6 +249,7 @@ class VARGPTPipeline:
             seed=seed,
             max_new_tokens=1,
             null_prompt_ids=self.null_prompt_ids(config),
+            **speed,
         )
 
     def null_prompt_ids(self, config: ImageGenerationConfig) -> torch.Tensor | None:

@@ -9,7 +9,8 @@ Module and parameter names reproduce the original state dict (694 tensors for th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -211,8 +212,13 @@ class InfinityDecoder(nn.Module):
         schedule: Sequence[Sequence[int]],
         scale_index: int,
         cache: DecoderKVCache,
+        *,
+        run_block: Callable[..., Any] | None = None,
     ) -> torch.Tensor:
         """Inference for one scale; logits [B, l, d, 2].
+
+        `run_block(block, *inputs)` runs one block (default: calls it); generation's fast path passes a
+        `torch.compile`d one, so what is compiled takes tensors only and not the scale bookkeeping here.
 
         Appends this scale's self-attention keys/values to `cache` (which must hold exactly the scales
         before `scale_index`); its tokens attend to every cached token and to each other, unmasked. The
@@ -239,9 +245,8 @@ class InfinityDecoder(nn.Module):
         for layer, block in enumerate(self.blocks):
             cached_kv = cache.context_kv(layer)
             context = context_BNC if cached_kv is None else cached_kv
-            x_BlC, present_kv, context_kv = block(
-                x_BlC, shared_gss, cos_lp, sin_lp, context, cache.context_mask_BN, None, cache.self_kv(layer)
-            )
+            args = (x_BlC, shared_gss, cos_lp, sin_lp, context, cache.context_mask_BN, None, cache.self_kv(layer))
+            x_BlC, present_kv, context_kv = block(*args) if run_block is None else run_block(block, *args)
             cache.set_self_kv(layer, present_kv)
             if cached_kv is None:
                 cache.set_context_kv(layer, context_kv)
