@@ -245,6 +245,8 @@ def _bench(args: argparse.Namespace) -> int:
         text_new_tokens=args.text_tokens,
         threads=args.threads,
         progress=not args.quiet,
+        static_cache=args.static_cache,
+        compile=args.compile,
     )
     plot = write_report(report, args.json)
     print(json.dumps({"json": args.json, "plot": str(plot)}))
@@ -254,8 +256,6 @@ def _bench(args: argparse.Namespace) -> int:
 def register_bench_command(subparsers) -> None:
     """Add `vargpt bench`."""
     p = subparsers.add_parser("bench", help="generation / understanding speed, FLOP share and memory")
-        static_cache=args.static_cache,
-        compile=args.compile,
     p.add_argument(
         "--preset",
         default="tiny",
@@ -269,11 +269,11 @@ def register_bench_command(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--text-tokens", type=int, default=32, help="new tokens for the understanding timing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_bench)
     p.add_argument("--static-cache", action="store_true", help="time a preallocated (static) LLM KV cache")
     p.add_argument(
         "--compile",
         action="store_true",
         help="time the compiled path: static cache + torch.compile (CUDA graphs on cuda); warm-up compiles",
     )
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_bench)

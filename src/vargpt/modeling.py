@@ -543,6 +543,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         on_token=None,
         mm_token_type_ids=None,
         null_prompt_ids: torch.Tensor | None = None,
+        cache_implementation: str | None = None,
+        compile: bool = False,
         **image_settings,
     ):
         """Decode text, images, or both.
@@ -558,15 +560,17 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         `uncond_mode="null_prompt"` guidance needs `null_prompt_ids` (`VARGPTProcessor.null_prompt_ids()`).
         `seed` or `generator` makes results reproducible. A list of seeds (or generators), one per row, makes
         each row's result independent of the rest of the batch: row i draws from its own seed only.
+        `cache_implementation="static"` preallocates the LLM's KV cache (fixed shapes per step) and
+        `compile=True` (which implies it) runs the LLM calls and decoder blocks through `torch.compile`, CUDA
+        graphs on CUDA: equal to the default path up to float summation order (see `fast_decoding`).
         """
+        from .fast_decoding import FastDecoding
         from .generation import TextSamplingConfig, generate_interleaved
 
         if input_ids is None:
             raise ValueError("generate needs input_ids (build them with VARGPTProcessor)")
         # Processor outputs live on the CPU; follow the model to its device as transformers' generate does.
         device = self.device
-        cache_implementation: str | None = None,
-        compile: bool = False,
         input_ids, attention_mask, pixel_values, image_grid_thw, null_prompt_ids = (
             None if t is None else t.to(device)
             for t in (input_ids, attention_mask, pixel_values, image_grid_thw, null_prompt_ids)
@@ -582,11 +586,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
                 generator = [torch.Generator(device=input_ids.device).manual_seed(int(s)) for s in seed]
             else:
                 generator = torch.Generator(device=input_ids.device).manual_seed(int(seed))
-        `cache_implementation="static"` preallocates the LLM's KV cache (fixed shapes per step) and
-        `compile=True` (which implies it) runs the LLM calls and decoder blocks through `torch.compile`, CUDA
-        graphs on CUDA: equal to the default path up to float summation order (see `fast_decoding`).
         eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
-        from .fast_decoding import FastDecoding
         text_config = TextSamplingConfig(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
@@ -608,8 +608,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             generator=generator,
             on_token=on_token,
             null_prompt_ids=null_prompt_ids,
+            fast=FastDecoding.from_flags(cache_implementation, compile),
         )
         if generation_mode == "text" and not return_dict_in_generate:
             return out.sequences
         return out
-            fast=FastDecoding.from_flags(cache_implementation, compile),
