@@ -411,3 +411,113 @@ def test_cfg_with_a_prompt_longer_than_cfg_uncond_does_not_crash(tiny_model):
     assert ids.shape[1] > rows
     out = tiny_model.generate(ids, generation_mode="image", seed=0, cfg_scale=3.0, max_new_tokens=1)
     assert torch.isfinite(out.images[0][0]).all()
+
+
+# -- rotary positions of the plain forward: "mrope" (as generate) and "sequential" (as the original's forward) --
+IMAGE_GRID = (1, 4, 6)  # 24 patches -> 2 x 3 merged image tokens, so height and width positions differ
+
+
+def image_prompt(model, left_pad: int = 0):
+    """`ids, mask, pixel_values, grid` of a batch of two: row 0 text with one image between, row 1 the same row
+    left-padded by `left_pad` (its image placeholders shifted along)."""
+    t, h, w = IMAGE_GRID
+    merged = t * h * w // model.config.vision_config.spatial_merge_size**2
+    image = model.config.image_token_id
+    row = [IM_START, 117, 10, 503, *[image] * merged, 504, 72, 105, 33, IM_END, IM_START, 97, 10, 88, 99]
+    ids = torch.tensor([row + [11] * left_pad, [TINY.text_config.pad_token_id] * left_pad + row])
+    mask = torch.ones_like(ids)
+    mask[1, :left_pad] = 0
+    pixels = torch.randn(2 * t * h * w, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(1))
+    return ids, mask, pixels, torch.tensor([IMAGE_GRID, IMAGE_GRID])
+
+
+def image_embeds(model, ids, pixels, grid):
+    return model.embed_understanding_images(model.model.embed_tokens(ids), ids, pixels, grid)
+
+
+def transformers_rope_index(model, ids, mask, grid):
+    """M-RoPE positions from transformers' own `Qwen2VLModel.get_rope_index` (its methods use only the config)."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    owner = SimpleNamespace(
+        config=model.config, get_vision_position_ids=partial(Qwen2VLModel.get_vision_position_ids, None)
+    )
+    types = (ids == model.config.image_token_id).int()
+    return Qwen2VLModel.get_rope_index(owner, ids, types, image_grid_thw=grid, attention_mask=mask)[0]
+
+
+@torch.no_grad()
+def test_sequential_positions_are_qwen2vl_s_1d_positions(tiny_model):
+    """ "sequential" = explicit `arange(L)` in all three sections = Qwen2-VL's text model given no positions
+    (what the original's forward got from transformers 4.46), left padding included."""
+    ids, mask, pixels, grid = image_prompt(tiny_model, left_pad=3)
+    out = tiny_model(
+        input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid, positions="sequential"
+    )
+    explicit = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 2, -1)
+    given = tiny_model(
+        input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid, position_ids=explicit
+    )
+    hidden = tiny_model.model(inputs_embeds=image_embeds(tiny_model, ids, pixels, grid), attention_mask=mask)
+    real = mask.bool()
+    assert torch.equal(out.logits, given.logits)
+    torch.testing.assert_close(out.logits[real], tiny_model.lm_head(hidden.last_hidden_state)[real], rtol=0, atol=1e-6)
+    assert torch.equal(out.rope_deltas, torch.zeros(2, 1, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_mrope_positions_are_transformers_get_rope_index(tiny_model):
+    ids, mask, pixels, grid = image_prompt(tiny_model, left_pad=3)
+    out = tiny_model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid, positions="mrope")
+    reference = transformers_rope_index(tiny_model, ids, mask, grid)
+    given = tiny_model(
+        input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid, position_ids=reference
+    )
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], given.logits[real], rtol=0, atol=1e-6)
+    assert torch.equal(
+        tiny_model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid).logits, out.logits
+    )
+
+
+@torch.no_grad()
+def test_positions_differ_after_an_image_and_agree_on_text(tiny_model):
+    ids, _, pixels, grid = image_prompt(tiny_model)
+    runs = {
+        mode: tiny_model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, positions=mode).logits
+        for mode in ("mrope", "sequential")
+    }
+    first_image = int((ids[0] == tiny_model.config.image_token_id).nonzero()[0])
+    last_image = int((ids[0] == tiny_model.config.image_token_id).nonzero()[-1])
+    before = slice(0, first_image)
+    assert torch.equal(runs["mrope"][:, before], runs["sequential"][:, before])
+    assert (runs["mrope"][:, last_image + 1 :] - runs["sequential"][:, last_image + 1 :]).abs().max() > 1e-3
+    text = torch.tensor([[IM_START, 117, 10, 72, 105, 33, IM_END, IM_START, 97, 10]])
+    assert torch.equal(
+        tiny_model(input_ids=text, positions="mrope").logits, tiny_model(input_ids=text, positions="sequential").logits
+    )
+
+
+@torch.no_grad()
+def test_forward_positions_setting_sets_forward_s_default(tiny_model, tmp_path):
+    ids, _, pixels, grid = image_prompt(tiny_model)
+    sequential = tiny_model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, positions="sequential").logits
+    assert tiny_model.config.forward_positions == "mrope"
+    tiny_model.config.forward_positions = "sequential"
+    try:
+        assert torch.equal(tiny_model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid).logits, sequential)
+        tiny_model.config.save_pretrained(tmp_path)
+    finally:
+        tiny_model.config.forward_positions = "mrope"
+    assert VARGPTConfig.from_pretrained(tmp_path).forward_positions == "sequential"
+    stored = json.loads((tmp_path / "config.json").read_text())
+    del stored["forward_positions"]  # a config.json from before the setting, or the published one
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert VARGPTConfig.from_pretrained(tmp_path).forward_positions == "mrope"
+    with pytest.raises(ValueError, match="forward_positions"):
+        VARGPTConfig.from_preset("tiny", forward_positions="1d")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        tiny_model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, positions="1d")

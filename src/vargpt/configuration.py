@@ -29,6 +29,7 @@ from .config_validation import (
     read_config_json,
 )
 from .image_tokenizer.configuration import ImageTokenizerConfig
+from .rope_index import FORWARD_POSITIONS
 from .visual_decoder.configuration import VisualDecoderConfig
 
 IMAGE_GEN_START = "<|image_gen_start|>"
@@ -245,7 +246,14 @@ class VARGPTConfig(Qwen2VLConfig):
       * `image_resolution`: the default generation resolution in pixels (512 for the published model);
       * loss settings: `image_loss_weight` (3.0 as in the report), `image_loss_scale_weighting`
         ("scale": Infinity's per-scale weights that really take effect; "uniform": the original's plain
-        mean over all bits), bitwise self-correction strength and condition dropout.
+        mean over all bits), bitwise self-correction strength and condition dropout;
+      * `forward_positions`: the rotary positions `forward` (training, teacher-forced scoring, log-likelihoods)
+        uses when given no `position_ids`. "mrope" (default) = Qwen2-VL's M-RoPE, what every `generate` prefill
+        uses, so training and scoring see the positions inference sees. "sequential" = 1-D cache positions,
+        what the original's `forward` used: the published checkpoint was trained with them (its `generate`
+        uses M-RoPE), so "sequential" reproduces its training and its plain forward. Text-only rows get the
+        same positions either way. A config.json without the field (the published one, or this project's
+        older ones, trained with M-RoPE) gives "mrope".
     """
 
     model_type = "vargpt_qwen2_vl"
@@ -268,6 +276,7 @@ class VARGPTConfig(Qwen2VLConfig):
     image_loss_scale_weighting: str = "scale"
     bit_flip_max_prob: float = 0.3
     bit_flip_prob_step: float = 0.01
+    forward_positions: str = "mrope"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -300,6 +309,8 @@ class VARGPTConfig(Qwen2VLConfig):
             raise ValueError(
                 f"image_loss_scale_weighting must be 'scale' or 'uniform', got {self.image_loss_scale_weighting!r}"
             )
+        if self.forward_positions not in FORWARD_POSITIONS:
+            raise ValueError(f"forward_positions must be one of {FORWARD_POSITIONS}, got {self.forward_positions!r}")
         if self.image_tokenizer_config.bits != self.visual_decoder_config.bits:
             raise ValueError(
                 "image_tokenizer_config.bits and visual_decoder_config.bits must match, got "

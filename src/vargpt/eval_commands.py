@@ -16,6 +16,7 @@ from .commands import add_model_arguments, model_load_kwargs
 from .evaluation.teacher_forced import SWAPS
 from .generation_config import UNCOND_MODES
 from .pipeline import default_model_name
+from .rope_index import FORWARD_POSITIONS
 
 DEFAULT_MODEL = default_model_name()
 _SETTINGS = ("cfg_scale", "tau", "top_k", "top_p", "resolution", "aspect_ratio", "position_mode", "uncond_mode")
@@ -168,6 +169,7 @@ def _fit(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         batch_size=args.batch_size,
         swap=args.swap,
+        positions=args.positions,
         progress=not args.quiet,
     )
     if args.json:
@@ -222,6 +224,13 @@ def register_eval_commands(eval_subparsers) -> None:
         default="none",
         choices=SWAPS,
         help="give each row the next row's understanding images or prompt (how much the fit depends on them)",
+    )
+    p.add_argument(
+        "--positions",
+        default=None,
+        choices=FORWARD_POSITIONS,
+        help="LLM rotary positions: mrope (as generate) or sequential (as the original's training forward); "
+        "default: the model's forward_positions",
     )
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--strict-data", action="store_true", help="fail on the first bad row instead of skipping")

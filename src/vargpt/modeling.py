@@ -48,7 +48,7 @@ from .image_tokenizer import (
 )
 from .llm_cache import cache_kwargs, returned_cache
 from .quantization import is_quantized, quantization_load_kwargs
-from .rope_index import mrope_positions
+from .rope_index import FORWARD_POSITIONS, mrope_positions, sequential_positions
 from .visual_decoder import InfinityDecoder, bit_cross_entropy
 
 
@@ -247,6 +247,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         image_noise_generator: torch.Generator | None = None,
         image_noise: bool | None = None,
+        positions: str | None = None,
         **kwargs,
     ) -> VARGPTOutput:
         """One causal pass over a batch that may mix understanding, generation and editing samples.
@@ -259,6 +260,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         scores its frozen reference with the policy's noise).
         Instead of pixels, `image_gen_labels` `[N, L, bits]` teacher-force given bits (for instance an image
         the model sampled) at `image_gen_resolution` (default: the model's), with no bit flips.
+        Without `position_ids`, `positions` ("mrope" or "sequential"; default `config.forward_positions`) picks
+        the rotary positions: they differ on rows holding understanding images (see `VARGPTConfig`).
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids (or inputs_embeds)")
@@ -292,13 +295,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
 
         rope_deltas = None
         if position_ids is None and past_key_values is None and input_ids is not None:
-            position_ids, rope_deltas = mrope_positions(
-                input_ids,
-                attention_mask,
-                image_grid_thw,
-                self.config.image_token_id,
-                self.config.vision_config.spatial_merge_size,
-            )
+            position_ids, rope_deltas = self.forward_position_ids(input_ids, attention_mask, image_grid_thw, positions)
         outputs = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -346,6 +343,31 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             past_key_values=returned_cache(outputs),
             hidden_states=hidden,
             rope_deltas=rope_deltas,
+        )
+
+    def forward_position_ids(
+        self,
+        input_ids_BL: torch.Tensor,
+        attention_mask_BL: torch.Tensor | None,
+        image_grid_thw_N3: torch.Tensor | None,
+        positions: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(position_ids_3BL, rope_deltas_B1)` that `forward` uses for a prompt passed without positions.
+
+        "mrope" is what `generate` uses; "sequential" (1-D cache positions) is what the original's `forward`,
+        and so the published checkpoint's training, used. `positions=None` takes `config.forward_positions`.
+        """
+        mode = positions or self.config.forward_positions
+        if mode not in FORWARD_POSITIONS:
+            raise ValueError(f"positions must be one of {FORWARD_POSITIONS}, got {mode!r}")
+        if mode == "sequential":
+            return sequential_positions(*input_ids_BL.shape, device=input_ids_BL.device)
+        return mrope_positions(
+            input_ids_BL,
+            attention_mask_BL,
+            image_grid_thw_N3,
+            self.config.image_token_id,
+            self.config.vision_config.spatial_merge_size,
         )
 
     def _prepare_generation_targets(

@@ -68,3 +68,20 @@ def mrope_positions(
         else:
             deltas[b, 0] = -L
     return positions_3BL, deltas
+
+
+# Positions `forward` gives the LLM when it is passed no `position_ids`: "mrope" = `mrope_positions` (what
+# Qwen2-VL's `get_rope_index` and every `generate` prefill use); "sequential" = the cache index in all three
+# sections, what the original's `forward` (inference and training) gets from transformers 4.46.
+FORWARD_POSITIONS = ("mrope", "sequential")
+
+
+def sequential_positions(
+    batch_size: int, length: int, device: torch.device, past_length: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return `(position_ids_3BL, rope_deltas_B1)` of 1-D positions: `past_length + arange(length)` in every
+    M-RoPE section and every row, left padding or not, which is what Qwen2-VL's text model computes when it is
+    given no position ids. The deltas are zero: later tokens continue at their cache index."""
+    positions_L = torch.arange(past_length, past_length + length, device=device)
+    positions_3BL = positions_L.view(1, 1, -1).expand(3, batch_size, -1)
+    return positions_3BL, torch.zeros(batch_size, 1, dtype=torch.long, device=device)

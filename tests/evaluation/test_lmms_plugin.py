@@ -230,6 +230,22 @@ def test_loglikelihood_of_a_longer_continuation_is_lower(split):
         plugin.continuation_logprob(question, "", [docs[0]["image"]])
 
 
+def test_loglikelihood_positions_follow_the_model_arg(split):
+    """Log-likelihoods use generate's M-RoPE by default; `positions=sequential` gives the original's 1-D
+    forward positions, which change the score of an answer after an image."""
+    docs = shapes_vqa_documents(split, limit=1)
+    question, image = docs[0]["question"], docs[0]["image"]
+    default = _plugin_with_docs("tiny", docs)
+    scores = {
+        mode: VARGPTLmms(pretrained="tiny", positions=mode).continuation_logprob(question, "red", [image])[0]
+        for mode in ("mrope", "sequential")
+    }
+    assert default.continuation_logprob(question, "red", [image])[0] == scores["mrope"]
+    assert scores["sequential"] != scores["mrope"]
+    with pytest.raises(ValueError, match="positions must be one of"):
+        VARGPTLmms(pretrained="tiny", positions="1d")
+
+
 def test_model_args_are_checked():
     with pytest.raises(ValueError, match="unknown vargpt model_args: colour"):
         VARGPTLmms(pretrained="tiny", colour="red")

@@ -121,6 +121,40 @@ def test_swapping_the_source_image_changes_an_edits_fit(pipe, rows):
     assert other["swap"] == "images" and other["image_loss"] != own["image_loss"]
 
 
+def test_positions_reach_the_forward_and_matter_for_edits_only(pipe, rows):
+    """1-D positions (the original's training forward) and M-RoPE (generate's) differ only where a row holds
+    an understanding image: the editing rows, not the text-to-image ones."""
+    seen = []
+    hook = pipe.model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("positions")), with_kwargs=True)
+    try:
+        fits = {
+            (part, mode): teacher_forced_fit(pipe.model, pipe.processor, rows[span], positions=mode)["image_loss"]
+            for part, span in (("t2i", slice(0, 4)), ("edit", slice(4, 8)))
+            for mode in ("mrope", "sequential")
+        }
+    finally:
+        hook.remove()
+    assert seen == ["mrope", "sequential"] * 2
+    assert fits["t2i", "sequential"] == pytest.approx(fits["t2i", "mrope"], rel=1e-6)
+    from vargpt.data.collator import SFTCollator
+
+    model = pipe.model
+    schedule = model.generation_schedule(model.config.image_resolution)
+    collate = SFTCollator(
+        pipe.processor,
+        image_gen_resolution=model.config.image_resolution,
+        num_image_gen_pad_tokens=model.num_image_gen_pad_tokens(schedule),
+        resize_ratio=1.0,
+    )
+    with torch.no_grad():
+        edits = {
+            mode: model(**collate(rows[4:]), image_noise=False, positions=mode) for mode in ("mrope", "sequential")
+        }
+    # small on random weights, whose decoder barely reads its context; the LLM's own logits move more
+    assert (edits["mrope"].image_logits - edits["sequential"].image_logits).abs().max() > 1e-6
+    assert (edits["mrope"].logits - edits["sequential"].logits).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize(
     ("subset", "swap", "message"),
     [
@@ -148,6 +182,7 @@ def test_rows_without_a_generation_target_are_left_out_and_counted(pipe, tmp_pat
 def test_the_command_prints_a_table_and_writes_json(data, tmp_path, capsys):
     report = tmp_path / "fit.json"
     args = ["eval", "fit", "--model", "tiny", "--data", str(data), "--limit", "6", "--quiet", "--json", str(report)]
+    args += ["--positions", "sequential"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "6 rows, 6 images" in out and "bit error" in out

@@ -204,3 +204,39 @@ def test_device_arguments_keep_cpu_process_groups_on_gloo(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     # one process: no process group to name (naming one makes the Trainer look for it)
     assert device_arguments(force_cpu=True) == {"use_cpu": True, "ddp_backend": None}
+
+
+def test_finetune_trains_with_the_positions_asked_for_and_saves_them(tmp_path, monkeypatch):
+    """`--positions sequential` (the published checkpoint's training positions) reaches every training forward
+    and is written to the saved config.json, so later scoring of that model uses it too."""
+    import json
+
+    from vargpt.data.shapes_dataset import write_sharegpt_dataset
+    from vargpt.modeling import VARGPTForConditionalGeneration
+    from vargpt.training.finetune import FinetuneArgs, run_finetune
+
+    modes = []
+    original = VARGPTForConditionalGeneration.forward_position_ids
+
+    def recording(self, ids, mask, grid, positions=None):
+        modes.append(positions or self.config.forward_positions)
+        return original(self, ids, mask, grid, positions)
+
+    monkeypatch.setattr(VARGPTForConditionalGeneration, "forward_position_ids", recording)
+    data = write_sharegpt_dataset(tmp_path / "data", "validation", 0, 0, 2, seed=3)
+    out = tmp_path / "ft"
+    run_finetune(
+        FinetuneArgs(
+            model="tiny",
+            data=[str(data)],
+            out=str(out),
+            stage="edit",
+            steps=1,
+            batch_size=2,
+            positions="sequential",
+            save_steps=10,
+            quiet=True,
+        )
+    )
+    assert modes and set(modes) == {"sequential"}
+    assert json.loads((out / "final" / "config.json").read_text())["forward_positions"] == "sequential"

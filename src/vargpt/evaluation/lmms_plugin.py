@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..pipeline import VARGPTPipeline, default_model_name
+from ..rope_index import FORWARD_POSITIONS
 
 if TYPE_CHECKING:
     from lmms_eval.models.registry_v2 import ModelManifest
@@ -55,6 +56,8 @@ class VARGPTLmms(lmms):
     `pretrained` is a checkpoint directory (original layout), a shipped model name or a preset ("tiny"); without
     it, the model every vargpt command defaults to (`default_model_name()`).
     `max_new_tokens` is the default when a task's generation settings do not give one.
+    `positions` ("mrope" / "sequential") sets the rotary positions of log-likelihood scoring; the default, the
+    model's `forward_positions`, is "mrope": what `generate_until` uses, so both request types see one model.
     """
 
     is_simple = True
@@ -68,6 +71,7 @@ class VARGPTLmms(lmms):
         max_new_tokens: int = 256,
         seed: int = 0,
         max_batch_size: int | None = None,
+        positions: str | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -80,6 +84,9 @@ class VARGPTLmms(lmms):
         if int(max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         name = str(pretrained) if pretrained is not None else default_model_name()
+        if positions is not None and positions not in FORWARD_POSITIONS:
+            raise ValueError(f"positions must be one of {FORWARD_POSITIONS}, got {positions!r}")
+        self.positions = positions
         self.pipe = VARGPTPipeline.from_pretrained(name, device=device, dtype=dtype, seed=int(seed))
         self._batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
@@ -165,7 +172,7 @@ class VARGPTLmms(lmms):
         inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("pixel_values", "image_grid_thw")}
         inputs["input_ids"] = torch.cat([enc["input_ids"], cont_1N], dim=1).to(self.device)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        logits_NV = self.pipe.model(**inputs).logits[0, prompt_len - 1 : -1].float()
+        logits_NV = self.pipe.model(**inputs, positions=self.positions).logits[0, prompt_len - 1 : -1].float()
         logprobs_NV = torch.log_softmax(logits_NV, dim=-1)
         target_N = cont_1N[0].to(logprobs_NV.device)
         total = logprobs_NV.gather(1, target_N[:, None]).sum().item()

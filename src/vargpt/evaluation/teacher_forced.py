@@ -75,10 +75,13 @@ def teacher_forced_fit(
     resolution: int | None = None,
     batch_size: int = 16,
     swap: str = "none",
+    positions: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Per-scale fit of the rows' generation targets (rows as `load_sft_dataset` gives them). Rows without an
     `<image_gen>` target (understanding rows) are left out and counted in `rows_without_target`.
+    `positions` ("mrope" / "sequential", default the model's `config.forward_positions`) picks the LLM's
+    rotary positions; they matter for rows holding understanding images (editing).
 
     Returns `{"rows", "rows_without_target", "images", "swap", "resolution", "image_loss", "cross_entropy",
     "bit_error", "scales"}`:
@@ -114,7 +117,7 @@ def teacher_forced_fit(
         for start in tqdm(range(0, len(rows), batch_size), desc="teacher-forced fit", disable=not progress):
             batch = collate(rows[start : start + batch_size])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            out = model(**batch, image_noise=False)
+            out = model(**batch, image_noise=False, positions=positions)
             logits_NLd2, bits_NLd = out.image_logits.float(), out.image_labels.long()
             per_bit = F.cross_entropy(logits_NLd2.reshape(-1, 2), bits_NLd.reshape(-1), reduction="none")
             per_token_ce.append(per_bit.view(bits_NLd.shape).mean(-1).cpu())

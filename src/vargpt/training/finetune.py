@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 
+from ..rope_index import FORWARD_POSITIONS
 from .checkpointing import CompleteCheckpointCallback, last_complete_checkpoint
 from .stages import STAGES, apply_stage
 from .trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments
@@ -39,6 +40,7 @@ class FinetuneArgs:
     chosen_nll_weight: float = 0.0
     strict_data: bool = False
     no_image_noise: bool = False
+    positions: str | None = None
     cpu: bool = False
     quiet: bool = False
 
@@ -73,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="turn off bitwise self-correction and condition dropout (exactly reproducible across process counts)",
     )
     parser.add_argument(
+        "--positions",
+        default=None,
+        choices=FORWARD_POSITIONS,
+        help="LLM rotary positions of rows with understanding images: mrope (as generate) or sequential (what "
+        "the published checkpoint was trained with); default: the model's forward_positions, saved with it",
+    )
+    parser.add_argument(
         "--cpu", action="store_true", help="train on the CPU even where a GPU is present (CPU process groups: gloo)"
     )
 
@@ -92,6 +101,8 @@ def run_finetune(args: FinetuneArgs) -> dict:
     if args.no_image_noise:
         model.config.bit_flip_max_prob = 0.0
         model.config.visual_decoder_config.cond_drop_rate = 0.0
+    if args.positions is not None:
+        model.config.forward_positions = args.positions
     plan = STAGES[args.stage]
     if args.trainable:
         plan = plan.with_trainable(*args.trainable)
