@@ -119,3 +119,18 @@ def test_compiled_path_equals_eager_slow_torch_compile(model):
     again = model.generate(ids, mask, compile=True, **run)
     assert counters["stats"]["unique_graphs"] == graphs  # a second generation reuses every graph
     _assert_equal(eager, again)
+
+
+def test_compile_without_a_cpp_compiler_decodes_eagerly_with_one_warning(monkeypatch, caplog):
+    import vargpt.fast_decoding as fast_decoding
+
+    monkeypatch.setattr(fast_decoding.shutil, "which", lambda name: None)
+    monkeypatch.setattr(fast_decoding, "_warned", set())
+
+    def fn(x: int) -> int:
+        return x
+
+    with caplog.at_level("WARNING", logger="vargpt.fast_decoding"):
+        for _ in range(2):
+            assert fast_decoding.compiled(fn, FastDecoding(compile=True), torch.device("cpu")) is fn
+    assert len(caplog.records) == 1 and "C++ compiler" in caplog.records[0].getMessage()

@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, StaticCache
 logger = logging.getLogger(__name__)
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+_warned: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ def compiled(fn: Callable[..., Any], settings: FastDecoding, device: torch.devic
         return fn
     reason = compile_unavailable_reason(device)
     if reason is not None:
-        logger.warning("compile=True ignored, decoding eagerly: %s", reason)
+        if reason not in _warned:  # one line per process, not one per compiled call
+            _warned.add(reason)
+            logger.warning("compile=True ignored, decoding eagerly: %s", reason)
         return fn
     return torch.compile(fn, mode=settings.mode_for(device), dynamic=None, fullgraph=False)
 
