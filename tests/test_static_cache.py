@@ -134,3 +134,15 @@ def test_compile_without_a_cpp_compiler_decodes_eagerly_with_one_warning(monkeyp
         for _ in range(2):
             assert fast_decoding.compiled(fn, FastDecoding(compile=True), torch.device("cpu")) is fn
     assert len(caplog.records) == 1 and "C++ compiler" in caplog.records[0].getMessage()
+
+
+def test_bench_times_the_static_cache_and_parses_compile(tmp_path):
+    from vargpt.benchmark import run_benchmark
+    from vargpt.cli import build_parser
+
+    report = run_benchmark(
+        "tiny", repeats=1, resolutions=[16], batch_sizes=[1], text_new_tokens=2, matmul_size=64, static_cache=True
+    )
+    assert report["decoding"] == "static_cache" and report["generation"][0]["latency_s"] > 0
+    args = build_parser().parse_args(["bench", "--json", str(tmp_path / "b.json"), "--compile"])
+    assert args.compile and not args.static_cache
