@@ -311,19 +311,23 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         log(f"load: {record['seconds']:.1f} s, peak RSS {record['peak_rss'] / 2**30:.2f} GiB")
         timer.attach(pipe.model)
         resolution = args.resolution or pipe.model.config.image_resolution
-        with torch.inference_mode(), monitor.phase("chat"):
-            report["chat"] = run_chat(pipe, timer, args.question, test_image(args.image_size), args.new_tokens)
-        chat = report["chat"]
-        log(
-            f"chat: {chat['wall_s']:.1f} s, prefill {chat['prefill_s']:.2f} s ({chat['prompt_tokens']} prompt tokens), "
-            f"{chat['per_token_s']:.3f} s per token over {chat['new_tokens']} tokens; answer {chat['answer']!r}"
-        )
-        with torch.inference_mode(), monitor.phase("generate"):
-            report["generate"] = run_generate(pipe, timer, args.prompt, resolution, args.cfg, args.seed)
-        gen = report["generate"]
-        per_scale = ", ".join(f"{s['grid'][0]}x{s['grid'][1]} {s['wall_s']:.2f}" for s in gen["scales"])
-        log(f"generate: {gen['wall_s']:.1f} s at {resolution} px; per scale (s): {per_scale}")
-        log("generate shares: " + ", ".join(f"{k} {v:.1%}" for k, v in gen["shares"].items()))
+        phases = set(args.phases.split(","))
+        if "chat" in phases:
+            with torch.inference_mode(), monitor.phase("chat"):
+                report["chat"] = run_chat(pipe, timer, args.question, test_image(args.image_size), args.new_tokens)
+            chat = report["chat"]
+            log(
+                f"chat: {chat['wall_s']:.1f} s, prefill {chat['prefill_s']:.2f} s ({chat['prompt_tokens']} prompt "
+                f"tokens), {chat['per_token_s']:.3f} s per token over {chat['new_tokens']} tokens; "
+                f"answer {chat['answer']!r}"
+            )
+        if "generate" in phases:
+            with torch.inference_mode(), monitor.phase("generate"):
+                report["generate"] = run_generate(pipe, timer, args.prompt, resolution, args.cfg, args.seed)
+            gen = report["generate"]
+            per_scale = ", ".join(f"{s['grid'][0]}x{s['grid'][1]} {s['wall_s']:.2f}" for s in gen["scales"])
+            log(f"generate: {gen['wall_s']:.1f} s at {resolution} px; per scale (s): {per_scale}")
+            log("generate shares: " + ", ".join(f"{k} {v:.1%}" for k, v in gen["shares"].items()))
     finally:
         monitor.stop()
         report["memory"] = monitor.phases
@@ -357,6 +361,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default=None, help="write the report here too")
+    p.add_argument("--phases", default="load,chat,generate", help="after loading: chat and/or generate (or neither)")
     p.add_argument(
         "--dry-run",
         action="store_true",
