@@ -175,3 +175,12 @@ def test_null_prompt_guidance_through_the_pipeline(pipe):
     assert original[0].tobytes() != alone[0].tobytes()
     assert pipe.edit(demo_scene(), "make it green", seed=0, uncond_mode="null_prompt").size == (32, 32)
     assert isinstance(pipe.chat("hello", max_new_tokens=3, uncond_mode="null_prompt"), str)
+
+
+def test_a_16_bit_model_on_the_cpu_decodes_with_an_fp32_vae(tmp_path):
+    """bf16 convolutions are very slow on CPUs without 16-bit matrix units: the VAE alone is kept in fp32."""
+    VARGPTPipeline.from_pretrained("tiny").save_pretrained(tmp_path)
+    pipe = VARGPTPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu")
+    assert pipe.model.vae_local.decoder.conv_in.conv.weight.dtype == torch.float32
+    assert pipe.model.vargpt_gen.head.weight.dtype == torch.bfloat16
+    assert pipe.generate("a red circle", seed=0)[0].size == (32, 32)
