@@ -17,10 +17,8 @@ from vargpt.device_map import build_device_map, movable_blocks, parse_max_memory
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    VARGPTPipeline.from_pretrained("tiny", seed=7).save_pretrained(folder)
-    return folder
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

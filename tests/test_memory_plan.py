@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vargpt import VARGPTForConditionalGeneration, VARGPTPipeline
+from vargpt import VARGPTForConditionalGeneration
 from vargpt.configuration import VARGPTConfig
 from vargpt.memory_plan import GPU_SIZES_GB, format_memory_table, inference_memory, memory_table, weight_bytes
 
@@ -25,10 +25,8 @@ def _held_bytes(model: torch.nn.Module) -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    VARGPTPipeline.from_pretrained("tiny", seed=3).save_pretrained(folder)
-    return folder
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_bf16_weights_are_every_tensor_at_two_bytes():

@@ -20,10 +20,8 @@ QUANTIZED_TYPES = {"int8": bnb.nn.Linear8bitLt, "int4": bnb.nn.Linear4bit}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    VARGPTPipeline.from_pretrained("tiny", seed=5).save_pretrained(folder)
-    return folder
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
