@@ -8,10 +8,12 @@ weights, `non_finite_tensors` finds after loading in one cheap pass.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -119,6 +121,23 @@ class ShardReader:
         for handle in self.handles:
             handle.__exit__(None, None, None)
         self.handles.clear()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed inside the process back to the operating system (glibc's `malloc_trim`).
+
+    A converting load frees one read buffer per tensor; glibc keeps much of that in its heap afterwards: 1.5 GB
+    of the 15.1 GB resident after an int8 load of the full-size model. Elsewhere (no glibc) this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def read_tensor_headers(directory: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:

@@ -33,6 +33,7 @@ from .checkpoint import (
     compare,
     expected_tensor_layout,
     read_tensor_headers,
+    release_freed_memory,
 )
 from .configuration import VARGPTConfig
 from .device_map import resolve_device_map, storage_dtype
@@ -518,6 +519,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
                         None, *model_args, config=config, state_dict=shards.state_dict, **kwargs
                     )
                 model.name_or_path = str(path)
+                release_freed_memory()
             else:
                 model = super().from_pretrained(path, *model_args, config=config, **kwargs)
         if strict:  # NaN / inf weights named now, not as a vague sampling error later (one cheap pass)
