@@ -75,3 +75,13 @@ def test_table_covers_every_setting_and_says_what_fits():
     assert 24 not in bf16_256["fits"]  # 21.9 GB of weights alone leave a 24 GB card no room
     text = format_memory_table(config)
     assert text.count("\n") == 13 and "int4" in text
+
+
+def test_cpu_estimate_counts_the_fp32_vae_and_the_int8_unpacking():
+    """On a CPU the pipeline keeps the VAE in fp32 and bitsandbytes' int8 matmul unpacks one weight to fp32."""
+    config = VARGPTConfig.from_preset("vargpt-v1.1")
+    gpu = inference_memory(config, weight_format="int8", resolution=256, device="cuda")
+    cpu = inference_memory(config, weight_format="int8", resolution=256, device="cpu")
+    vae_values = 110_118_083  # the published VAE's values, buffers included
+    assert cpu.weights - gpu.weights == 2 * vae_values
+    assert cpu.activations >= gpu.activations + 4 * 18944 * 3584

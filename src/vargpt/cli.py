@@ -18,7 +18,7 @@ DEFAULT_MODEL = default_model_name()
 def _inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect_checkpoint
 
-    print(inspect_checkpoint(args.model, full_size=args.preset, revision=args.revision))
+    print(inspect_checkpoint(args.model, full_size=args.preset, revision=args.revision, device=args.device))
     return 0
 
 
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id (default: main)")
     p.add_argument("--preset", default=None, help="describe a preset's architecture instead (e.g. vargpt-v1.1)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="estimate memory for a GPU or a CPU run")
     p.set_defaults(func=_inspect)
     return parser
 

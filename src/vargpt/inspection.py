@@ -54,7 +54,9 @@ def format_bytes(count: float) -> str:
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
-def inspect_checkpoint(path: str | None, full_size: str | None = None, *, revision: str | None = None) -> str:
+def inspect_checkpoint(
+    path: str | None, full_size: str | None = None, *, revision: str | None = None, device: str = "cuda"
+) -> str:
     """The report of a checkpoint (a folder, shipped model name or Hub repo id), or of a preset's architecture
     (`full_size`, or a preset name given as `path`)."""
     if path is not None and path in PRESETS and not Path(path).is_dir():
@@ -62,7 +64,9 @@ def inspect_checkpoint(path: str | None, full_size: str | None = None, *, revisi
     if full_size:
         config = VARGPTConfig.from_preset(full_size)
         return format_report(
-            architecture_shapes(config), f"preset {full_size} (architecture, no weights)", [format_memory_table(config)]
+            architecture_shapes(config),
+            f"preset {full_size} (architecture, no weights)",
+            [format_memory_table(config, device)],
         )
     if path is None:
         raise ValueError("give a checkpoint folder, shipped model name or Hub repo id, or --preset NAME")
@@ -72,6 +76,6 @@ def inspect_checkpoint(path: str | None, full_size: str | None = None, *, revisi
     report = compare(on_disk, architecture_shapes(config))
     extra = ["dtypes on disk: " + ", ".join(f"{k}: {v} tensors" for k, v in sorted(dtypes.items()))]
     extra.append("layout: matches the model its config describes" if report.ok else report.describe())
-    extra.append(format_memory_table(config))
+    extra.append(format_memory_table(config, device))
     where = path if Path(path) == directory else f"{path} ({directory})"
     return format_report(on_disk, f"checkpoint {where}", extra)

@@ -132,13 +132,29 @@ def inference_memory(
         )
     vae = _vae_decode_bytes(config, resolution)
     activations = max(llm_act + scores, decoder_act + scores, llm_logits, vae)
+    weights = weight_bytes(config, weight_format)
+    if device == "cpu":
+        # the pipeline keeps a 16-bit model's VAE in fp32 on a CPU (two more bytes per value), and bitsandbytes'
+        # CPU int8 matmul unpacks the weight it multiplies into fp32 for the call
+        weights += 2 * sum(_module_values(config, "vae_local").values())
+        if weight_format == "int8":
+            activations += 4 * text.intermediate_size * text.hidden_size
     return InferenceMemory(
-        weights=weight_bytes(config, weight_format),
+        weights=weights,
         llm_kv_cache=llm_kv,
         decoder_kv_cache=decoder_kv,
         activations=activations,
         runtime=RUNTIME_BYTES["cpu" if device == "cpu" else "cuda"],
     )
+
+
+def _module_values(config: VARGPTConfig, prefix: str) -> dict[str, int]:
+    """Values of every tensor under a top-level module (built on the meta device)."""
+    from .modeling import VARGPTForConditionalGeneration
+
+    with torch.device("meta"):
+        module = VARGPTForConditionalGeneration(config).get_submodule(prefix)
+    return {name: t.numel() for name, t in module.state_dict().items()}
 
 
 def _vae_decode_bytes(config: VARGPTConfig, resolution: int) -> int:
@@ -183,13 +199,14 @@ def memory_table(config: VARGPTConfig, device: str = "cuda") -> list[dict]:
     return rows
 
 
-def format_memory_table(config: VARGPTConfig) -> str:
+def format_memory_table(config: VARGPTConfig, device: str = "cuda") -> str:
     gb = 10**9
+    where = "a GPU (fused attention)" if device != "cpu" else "a CPU (math attention, fp32 VAE)"
     lines = [
-        "inference memory (GB, bf16 activations, cfg on, 64-token prompt; GPU estimate):",
+        f"inference memory (GB, bf16 activations, cfg on, 64-token prompt) on {where}:",
         f"{'weights':<8}{'px':>5}{'batch':>6}{'weights':>9}{'LLM KV':>8}{'dec KV':>8}{'activ.':>8}{'total':>8}  fits",
     ]
-    for row in memory_table(config):
+    for row in memory_table(config, device):
         m = row["memory"]
         fits = ", ".join(f"{s} GB" for s in row["fits"]) or "none of 24 / 40 / 80 GB"
         lines.append(
