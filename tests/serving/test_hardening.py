@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.serving.errors import assert_openai_error
 from vargpt.demo import demo_scene
 from vargpt.image_io import ImageInputError, load_image
 from vargpt.pipeline import VARGPTPipeline
@@ -32,16 +33,6 @@ def client() -> Iterator[TestClient]:
         yield test_client
 
 
-def _error(response, status: int, param: str | None = None, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["param"] == param
-    if code is not None:
-        assert error["code"] == code
-    return error
-
-
 def _image_bytes(fmt: str) -> bytes:
     buffer = io.BytesIO()
     demo_scene().save(buffer, format=fmt)
@@ -59,18 +50,20 @@ def _edit(client: TestClient, fields: dict, image: bytes | None = None, headers:
 def test_a_prompt_over_the_character_bound_is_refused_unread(client):
     limit = CHARS_PER_TOKEN_BOUND * MAX_PROMPT_TOKENS
     chat = {"messages": [{"role": "system", "content": "a" * limit}, {"role": "user", "content": "b"}]}
-    error = _error(client.post("/v1/chat/completions", json=chat, headers=AUTH), 400, "messages")
+    error = assert_openai_error(client.post("/v1/chat/completions", json=chat, headers=AUTH), 400, "messages")
     assert error["code"] == "context_length_exceeded" and f"limit of {limit}" in error["message"]
-    error = _error(client.post("/v1/images/generations", json={"prompt": "a " * limit}, headers=AUTH), 400, "prompt")
+    error = assert_openai_error(
+        client.post("/v1/images/generations", json={"prompt": "a " * limit}, headers=AUTH), 400, "prompt"
+    )
     assert "characters" in error["message"]
-    _error(_edit(client, {"prompt": "x" * (limit + 1)}), 400, "prompt", "context_length_exceeded")
+    assert_openai_error(_edit(client, {"prompt": "x" * (limit + 1)}), 400, "prompt", "context_length_exceeded")
 
 
 # -- item 5: a non-ASCII key -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [b"Bearer \xe9", b"Bearer K\xe9", b"\xe9\xe9", b"Bearer \xff\xfe"])
 def test_non_ascii_authorization_headers_are_401(client, value):
     response = client.get("/v1/models", headers=[(b"authorization", value)])
-    _error(response, 401, code="invalid_api_key")
+    assert_openai_error(response, 401, code="invalid_api_key")
 
 
 def test_a_key_with_non_ascii_characters_works(client):
@@ -78,13 +71,13 @@ def test_a_key_with_non_ascii_characters_works(client):
     app = create_app(pipe, ServerConfig(model_name="tiny", api_key="clé"))
     with TestClient(app, raise_server_exceptions=False) as other:
         assert other.get("/v1/models", headers=[(b"authorization", "Bearer clé".encode())]).status_code == 200
-        _error(other.get("/v1/models", headers=[(b"authorization", b"Bearer cle")]), 401)
+        assert_openai_error(other.get("/v1/models", headers=[(b"authorization", b"Bearer cle")]), 401)
 
 
 # -- item 6: deeply nested JSON -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/images/generations"])
 def test_deeply_nested_json_is_a_400(client, path):
-    _error(client.post(path, content=b"[" * 100_000, headers=AUTH), 400, code="invalid_json")
+    assert_openai_error(client.post(path, content=b"[" * 100_000, headers=AUTH), 400, code="invalid_json")
 
 
 # -- item 7: sampling settings that would make NaNs ---------------------------------------------------------------
@@ -103,7 +96,7 @@ def test_deeply_nested_json_is_a_400(client, path):
     ],
 )
 def test_out_of_range_generation_settings_are_400s(client, body, param):
-    _error(client.post("/v1/images/generations", content=body, headers=AUTH), 400, param, "invalid_value")
+    assert_openai_error(client.post("/v1/images/generations", content=body, headers=AUTH), 400, param, "invalid_value")
 
 
 @pytest.mark.parametrize(
@@ -118,14 +111,16 @@ def test_out_of_range_generation_settings_are_400s(client, body, param):
     ],
 )
 def test_out_of_range_edit_form_fields_are_the_same_400s(client, fields, param):
-    _error(_edit(client, fields), 400, param, "invalid_value")
+    assert_openai_error(_edit(client, fields), 400, param, "invalid_value")
 
 
 # -- item 8: sizes --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", ["²x²", "0x0", "00x00", "٣٢x٣٢", "-32x-32", "32x32x32", "x"])
 def test_malformed_sizes_are_400s(client, size):
-    _error(client.post("/v1/images/generations", json={"prompt": "x", "size": size}, headers=AUTH), 400, "size")
-    _error(_edit(client, {"size": size}), 400, "size")
+    assert_openai_error(
+        client.post("/v1/images/generations", json={"prompt": "x", "size": size}, headers=AUTH), 400, "size"
+    )
+    assert_openai_error(_edit(client, {"size": size}), 400, "size")
 
 
 # -- item 9: lone surrogates ------------------------------------------------------------------------------------
@@ -143,19 +138,19 @@ def test_malformed_sizes_are_400s(client, size):
     ],
 )
 def test_lone_surrogates_are_400s(client, path, body, param):
-    _error(client.post(path, content=body, headers=AUTH), 400, param, "invalid_text")
+    assert_openai_error(client.post(path, content=body, headers=AUTH), 400, param, "invalid_text")
 
 
 # -- item 10: hardening -------------------------------------------------------------------------------------------
 def test_two_authorization_headers_are_refused_even_if_one_is_right(client):
     for pair in ([KEY, "wrong"], ["wrong", KEY], [KEY, KEY]):
         headers = [(b"authorization", f"Bearer {key}".encode()) for key in pair]
-        _error(client.get("/v1/models", headers=headers), 401, code="invalid_api_key")
+        assert_openai_error(client.get("/v1/models", headers=headers), 401, code="invalid_api_key")
 
 
 @pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/nowhere"])
 def test_the_api_docs_need_the_key_when_one_is_set(client, path):
-    _error(client.get(path), 401, code="invalid_api_key")
+    assert_openai_error(client.get(path), 401, code="invalid_api_key")
     assert client.get(path, headers=AUTH).status_code == (404 if path == "/nowhere" else 200)
     assert client.get("/health").status_code == 200
 
@@ -163,11 +158,11 @@ def test_the_api_docs_need_the_key_when_one_is_set(client, path):
 @pytest.mark.parametrize("fmt", ["PPM", "TGA", "PCX", "EPS"])
 def test_image_formats_outside_the_short_list_are_refused(client, fmt):
     data = _image_bytes(fmt)
-    error = _error(_edit(client, {}, image=data), 400, "image", "invalid_image")
+    error = assert_openai_error(_edit(client, {}, image=data), 400, "image", "invalid_image")
     assert "accepted format" in error["message"]
     url = f"data:image/png;base64,{base64.b64encode(data).decode()}"
     chat = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
-    _error(client.post("/v1/chat/completions", json=chat, headers=AUTH), 400, "messages[0].content[0]")
+    assert_openai_error(client.post("/v1/chat/completions", json=chat, headers=AUTH), 400, "messages[0].content[0]")
 
 
 @pytest.mark.parametrize("fmt", SERVER_IMAGE_FORMATS)
@@ -187,9 +182,11 @@ def test_images_default_to_b64_json_and_url_is_refused_naming_it(client):
     reply = client.post("/v1/images/generations", json={"prompt": "a red circle", "seed": 1}, headers=AUTH)
     assert reply.status_code == 200 and set(reply.json()["data"][0]) == {"b64_json"}
     body = {"prompt": "a red circle", "response_format": "url"}
-    error = _error(client.post("/v1/images/generations", json=body, headers=AUTH), 400, "response_format")
+    error = assert_openai_error(client.post("/v1/images/generations", json=body, headers=AUTH), 400, "response_format")
     assert "b64_json" in error["message"]
-    assert "b64_json" in _error(_edit(client, {"response_format": "url"}), 400, "response_format")["message"]
+    assert (
+        "b64_json" in assert_openai_error(_edit(client, {"response_format": "url"}), 400, "response_format")["message"]
+    )
 
 
 def test_a_bad_image_is_named_by_its_content_part_index(client):
@@ -198,10 +195,12 @@ def test_a_bad_image_is_named_by_its_content_part_index(client):
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}},
     ]
     body = {"messages": [{"role": "user", "content": parts}], "max_tokens": 2}
-    _error(client.post("/v1/chat/completions", json=body, headers=AUTH), 400, "messages[0].content[1]", "invalid_image")
+    assert_openai_error(
+        client.post("/v1/chat/completions", json=body, headers=AUTH), 400, "messages[0].content[1]", "invalid_image"
+    )
     parts = [parts[0], {"type": "image_url", "image_url": {"url": ""}}]
     body = {"messages": [{"role": "user", "content": parts}], "max_tokens": 2}
-    _error(client.post("/v1/chat/completions", json=body, headers=AUTH), 400, "messages[0].content[1]")
+    assert_openai_error(client.post("/v1/chat/completions", json=body, headers=AUTH), 400, "messages[0].content[1]")
 
 
 def test_the_server_still_answers_after_all_that(client):

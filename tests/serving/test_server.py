@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from tests.live_server import free_port, running_server
+from tests.serving.errors import assert_openai_error
 from vargpt.demo import demo_scene
 
 API_KEY = "test-key"
@@ -262,13 +263,7 @@ def _chat_with_image(url: str) -> dict:
     ],
 )  # fmt: skip
 def test_malformed_requests_get_clear_4xx_and_the_server_keeps_serving(server, path, send, status, code, param):
-    response = _post(server, path, **send)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["param"] == param
-    if code is not None:
-        assert error["code"] == code
+    assert_openai_error(_post(server, path, **send), status, param, code)
     assert _healthy(server)
 
 
