@@ -8,6 +8,7 @@ weights, `non_finite_tensors` finds after loading in one cheap pass.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -174,8 +175,14 @@ def expected_tensor_layout(
     model_factory: Callable[[], torch.nn.Module],
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Shape and `dtype_kind` of every state-dict tensor of the model, built on the meta device (no memory,
-    seconds even at full size)."""
-    with torch.device("meta"):
+    seconds even at full size).
+
+    Under DeepSpeed ZeRO-3 transformers partitions every sub-model built with `_from_config`, which a meta
+    build cannot take: its ZeRO-3 state marks the build as already inside a partitioned init, so nothing is."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.modeling_utils import set_zero3_state
+
+    with torch.device("meta"), set_zero3_state() if is_deepspeed_zero3_enabled() else contextlib.nullcontext():
         model = model_factory()
     state = model.state_dict()
     return {n: tuple(t.shape) for n, t in state.items()}, {n: dtype_kind(t.dtype) for n, t in state.items()}

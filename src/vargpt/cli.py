@@ -16,8 +16,25 @@ DEFAULT_MODEL = default_model_name()
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspection import inspect_checkpoint
+    from .inspection import inspect_checkpoint, inspect_training
 
+    if args.train is not None:
+        from .training.memory_plan import TrainingSetup
+
+        setup = TrainingSetup(
+            stage=args.train,
+            gpus=args.gpus,
+            zero=args.zero,
+            resolution=args.resolution,
+            batch=args.batch,
+            lora_rank=args.lora_rank if args.lora else None,
+            gradient_checkpointing=args.gradient_checkpointing,
+            quantize=args.quantize,
+            prompt_tokens=args.prompt_tokens,
+            device=args.device,
+        )
+        print(inspect_training(args.model, setup, full_size=args.preset, revision=args.revision))
+        return 0
     print(inspect_checkpoint(args.model, full_size=args.preset, revision=args.revision, device=args.device))
     return 0
 
@@ -36,11 +53,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .training.data_recipe import data_recipe_flags_given, is_data_recipe, run_data_recipe_from_args
+
+    if is_data_recipe(args.recipe):
+        summary = run_data_recipe_from_args(args)
+        stages = {s["stage"]: s["status"] for s in summary["stages"]}
+        print(json.dumps({"stages": stages, "complete": summary["complete"], "final": summary["final"]}, indent=2))
+        return 0
+    flags = data_recipe_flags_given(args)
+    if flags:
+        raise ValueError(f'{", ".join(flags)}: only for fine-tuning recipes ("kind": "finetune"), not {args.recipe}')
     from .training.recipe import load_recipe
     from .training.runner import run_recipe
 
-    summary = run_recipe(load_recipe(args.recipe), args.out, progress=not args.quiet)
-    print(json.dumps({"stages": [s["stage"] for s in summary["stages"]], "final": f"{args.out}/final"}, indent=2))
+    out = args.out or f"runs/{Path(args.recipe).stem}"
+    summary = run_recipe(load_recipe(args.recipe), out, progress=not args.quiet)
+    print(json.dumps({"stages": [s["stage"] for s in summary["stages"]], "final": f"{out}/final"}, indent=2))
     return 0
 
 
@@ -96,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run a training recipe (resumes an interrupted run in the same --out)")
     p.add_argument("--recipe", default="shapes-tiny", help="packaged recipe name or JSON file (default: %(default)s)")
-    p.add_argument("--out", default="runs/shapes-tiny", help="run folder (default: %(default)s)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .training.data_recipe import add_data_recipe_arguments
+
+    add_data_recipe_arguments(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("finetune", help="SFT or DPO of a checkpoint on sharegpt data (one stage)")
@@ -130,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands import register_commands
 
     register_commands(sub)
+    from .training.dpo_pairs import register_dpo_pairs_command
+
+    register_dpo_pairs_command(sub)
 
     p = sub.add_parser("inspect", help="parameters per module, dtypes, layout problems, memory estimates")
     p.add_argument(
@@ -138,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id (default: main)")
     p.add_argument("--preset", default=None, help="describe a preset's architecture instead (e.g. vargpt-v1.1)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="estimate memory for a GPU or a CPU run")
+    t = p.add_argument_group("training memory plan (per rank; --train STAGE prints it instead of the inference table)")
+    from .training.memory_plan import SHARDINGS
+    from .training.stages import STAGES
+
+    t.add_argument("--train", default=None, choices=sorted(STAGES), metavar="STAGE", help="training stage to plan")
+    t.add_argument("--gpus", type=int, default=1, help="data-parallel ranks (default: %(default)s)")
+    t.add_argument("--zero", default="none", choices=SHARDINGS, help="2 / 3: DeepSpeed ZeRO; fsdp: full shard")
+    t.add_argument("--resolution", type=int, default=512, help="generated image side in px (default: %(default)s)")
+    t.add_argument("--batch", type=int, default=1, help="micro-batch per GPU (default: %(default)s)")
+    t.add_argument("--lora", action="store_true", help="train LoRA adapters on the stage's linear layers")
+    t.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in backward")
+    t.add_argument("--quantize", default=None, choices=("int4",), help="NF4 base weights under LoRA (QLoRA)")
+    t.add_argument("--prompt-tokens", type=int, default=64, help="text tokens before the image (default: %(default)s)")
     p.set_defaults(func=_inspect)
     return parser
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from .checkpoint import compare, read_tensor_shapes
 from .configuration import PRESETS, VARGPTConfig
 from .hub import resolve_checkpoint
 from .memory_plan import format_memory_table
+
+if TYPE_CHECKING:
+    from .training.memory_plan import TrainingSetup
 
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}  # quantized sizes: the memory table (only some layers are)
 
@@ -79,3 +83,20 @@ def inspect_checkpoint(
     extra.append(format_memory_table(config, device))
     where = path if Path(path) == directory else f"{path} ({directory})"
     return format_report(on_disk, f"checkpoint {where}", extra)
+
+
+def inspect_training(
+    path: str | None, setup: TrainingSetup, full_size: str | None = None, *, revision: str | None = None
+) -> str:
+    """The per-rank training memory plan of a preset's architecture or of a checkpoint's config."""
+    from .training.memory_plan import format_training_memory
+
+    if path is not None and path in PRESETS and not Path(path).is_dir():
+        full_size = full_size or path
+    if full_size:
+        config = VARGPTConfig.from_preset(full_size)
+    elif path is None:
+        raise ValueError("give a checkpoint folder, shipped model name or Hub repo id, or --preset NAME")
+    else:
+        config = VARGPTConfig.from_pretrained(resolve_checkpoint(path, revision=revision))
+    return format_training_memory(config, setup)

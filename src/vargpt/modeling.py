@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VisionTransformerPretrainedModel,
     Qwen2VLTextModel,
@@ -513,7 +514,11 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             # looks for among modules only; they are placed all the same
             warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
             converts = kwargs.get("quantization_config") is not None or dtype != storage_dtype("auto", config)
-            if converts:  # read each tensor once instead of keeping every mapped shard page resident
+            # A converting load reads each tensor once instead of keeping every mapped shard page resident. Not
+            # under DeepSpeed ZeRO-3 or FSDP's CPU-RAM-efficient loading: there transformers partitions (or, off
+            # rank 0, skips) each shard as it reads it, and a state dict read up front would hold the whole model
+            # in every process.
+            if converts and not (is_deepspeed_zero3_enabled() or is_fsdp_enabled()):
                 with ShardReader(path) as shards:
                     model = super().from_pretrained(
                         None, *model_args, config=config, state_dict=shards.state_dict, **kwargs

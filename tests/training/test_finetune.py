@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from vargpt.data.shapes_dataset import write_sharegpt_dataset
 
@@ -82,3 +83,45 @@ def test_sigkilled_run_resumes_and_ends_where_an_uninterrupted_run_ends(generati
     a = load_file(str(killed / "final" / "model.safetensors"))
     b = load_file(str(reference / "final" / "model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_lora_finetune_saves_the_adapter_and_a_merged_model_in_the_original_layout(
+    tiny_checkpoint, generation_data, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from vargpt.modeling import VARGPTForConditionalGeneration
+    from vargpt.training.finetune import FinetuneArgs, run_finetune
+
+    out = tmp_path / "lora"
+    args = FinetuneArgs(
+        model=str(tiny_checkpoint), data=[str(generation_data)], out=str(out), steps=3, batch_size=2,
+        learning_rate=0.05, cpu=True, quiet=True, lora=True, lora_rank=4, lora_parts="decoder", no_image_noise=True,
+    )  # fmt: skip
+    result = run_finetune(args)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    report = VARGPTForConditionalGeneration.check_checkpoint(out / "final")
+    assert report.ok, report.describe()
+    before, after = (
+        load_file(str(tiny_checkpoint / "model.safetensors")),
+        load_file(str(out / "final/model.safetensors")),
+    )
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    # the merged update lands in the decoder blocks' linear weights only, and the adapter is a small share
+    assert changed and all(name.startswith("vargpt_gen.block_chunks.") for name in changed)
+    assert 0 < result["trainable"] < 0.2 * sum(t.numel() for t in before.values())
+
+
+def test_contradictory_or_unsupported_plans_are_refused_before_loading(monkeypatch, generation_data, tmp_path):
+    from vargpt.training.finetune import FinetuneArgs, run_finetune
+
+    common = {"model": "tiny", "data": [str(generation_data)], "out": str(tmp_path / "x"), "cpu": True}
+    with pytest.raises(ValueError, match="--quantize trains adapters"):
+        run_finetune(FinetuneArgs(**common, quantize="int4"))
+    with pytest.raises(ValueError, match="drop --trainable"):
+        run_finetune(FinetuneArgs(**common, lora=True, trainable=["vargpt_gen."]))
+    if not torch.cuda.is_available():
+        # accelerate would silently train these CPU processes as DDP replicas
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        with pytest.raises(ValueError, match="FSDP and DeepSpeed need GPUs"):
+            run_finetune(FinetuneArgs(**common))

@@ -58,10 +58,11 @@ def apply_stage(model: nn.Module, plan: StagePlan) -> dict[str, int]:
     for name, param in model.named_parameters():
         train = name.startswith(plan.trainable)
         param.requires_grad_(train)
+        count = getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partitioned parameter is empty here
         if train:
-            trainable += param.numel()
+            trainable += count
         else:
-            frozen += param.numel()
+            frozen += count
     if trainable == 0:
         raise ValueError(f"stage {plan.name!r} trains nothing: no parameter starts with {plan.trainable}")
     return {"trainable": trainable, "frozen": frozen}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,7 +53,10 @@ class InfinityDecoder(nn.Module):
         _check_config(config)
         self.config = config
         C, ctx = config.embed_dim, config.context_dim
+        # transformers' `gradient_checkpointing_enable` (on the whole model) finds this flag, sets it and replaces
+        # `_gradient_checkpointing_func` with its own `checkpoint` partial (so its kwargs and offloading apply here)
         self.gradient_checkpointing = False
+        self._gradient_checkpointing_func: Callable[..., Any] = partial(checkpoint, use_reentrant=False)
 
         self.cfg_uncond = nn.Parameter(torch.zeros(config.cfg_uncond_length, ctx))
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
@@ -195,10 +199,11 @@ class InfinityDecoder(nn.Module):
         cos_Lp, sin_Lp = rope_cos_sin(positions, self.head_dim, self.config.rope_theta, h_BLC.dtype)
         attn_mask_LL = block_causal_mask(grids, device)
         shared_gss = self._shared_gss(cond_BD)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             args = (x_BLC, shared_gss, cos_Lp, sin_Lp, context_BNC, context_mask_BN, attn_mask_LL)
-            if self.gradient_checkpointing and self.training:
-                x_BLC, _, _ = checkpoint(block, *args, use_reentrant=False)
+            if recompute:
+                x_BLC, _, _ = self._gradient_checkpointing_func(block, *args)
             else:
                 x_BLC, _, _ = block(*args)
         return self._logits(x_BLC, cond_BD)
