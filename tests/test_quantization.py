@@ -87,3 +87,23 @@ def test_quantized_pipeline_chats_and_draws_and_refuses_to_save(checkpoint, tmp_
 def test_unknown_quantization_mode_is_one_clear_error(checkpoint):
     with pytest.raises(ValueError, match="quantization must be one of int8, int4"):
         VARGPTForConditionalGeneration.from_pretrained(checkpoint, quantization="int3")
+
+
+def test_the_int8_cast_notice_is_logged_once_not_per_matmul(caplog):
+    import logging
+
+    from vargpt.quantization import INT8_CAST_NOTICE, _OnceFilter, log_int8_cast_once
+
+    log_int8_cast_once()
+    log_int8_cast_once()
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    assert sum(isinstance(f, _OnceFilter) for f in bnb_logger.filters) == 1  # installing twice adds one filter
+    logger = logging.getLogger("vargpt.tests.once")  # a fresh filter on a fresh logger: nothing seen yet
+    logger.addFilter(_OnceFilter(INT8_CAST_NOTICE))
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        for _ in range(3):
+            logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.bfloat16")
+        logger.warning("another bitsandbytes warning")
+    messages = [r.getMessage() for r in caplog.records if r.name == logger.name]
+    assert sum(m.startswith(INT8_CAST_NOTICE) for m in messages) == 1
+    assert "another bitsandbytes warning" in messages

@@ -15,6 +15,7 @@ Norms have no linear layers and are never touched.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -86,6 +87,34 @@ def is_quantized(model: nn.Module) -> bool:
     return getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False)
 
 
+class _OnceFilter(logging.Filter):
+    """Lets a record whose message starts with `prefix` through the first time only.
+
+    bitsandbytes' 8-bit matmul logs "inputs will be cast from torch.bfloat16 to float16" on every call: a full-size
+    int8 image (hundreds of thousands of matmuls) buried the run's own output under that one line."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+INT8_CAST_NOTICE = "MatMul8bitLt: inputs will be cast"
+
+
+def log_int8_cast_once() -> None:
+    """Install `_OnceFilter` on bitsandbytes' matmul logger (idempotent): the notice is still seen, once."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) and f.prefix == INT8_CAST_NOTICE for f in logger.filters):
+        logger.addFilter(_OnceFilter(INT8_CAST_NOTICE))
+
+
 def quantization_load_kwargs(model_class: type, config: Any, mode: str, dtype: Any) -> dict[str, Any]:
     """The `from_pretrained` keyword arguments that load `model_class(config)` with `mode` weights.
 
@@ -94,6 +123,8 @@ def quantization_load_kwargs(model_class: type, config: Any, mode: str, dtype: A
     matmul casts fp32 inputs to fp16 anyway, and a quantized model is chosen to save memory).
     """
     check_quantization_available(mode)
+    if mode == "int8":
+        log_int8_cast_once()
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if not isinstance(dtype, torch.dtype):
