@@ -8,7 +8,8 @@ high-water mark (VmHWM) after the steps minus the resident set before the model:
 state, activations and whatever the Trainer and the allocator add. The child runs with glibc's mmap threshold
 fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_), so that a freed tensor goes back to the system and the high-water mark
 follows the live tensors instead of heap blocks freed in an earlier phase. It is compared with the plan's total
-less its runtime term (the process that was already there).
+less its runtime term (the process that was already there), planned for the batch's prompt length and the
+positions its text loss reads (the only rows the LM head runs on).
 
     python benchmarks/train_memory.py                  # tiny and bench-100m, stage3-decoder and stage2-llm
     python benchmarks/train_memory.py --presets tiny --steps 2
@@ -71,7 +72,13 @@ def measure(preset: str, stage: str, resolution: int, batch: int, checkpointing:
     processor = preset_processor(tokenizer_of)
     pads = sequence_lengths(config, resolution, prompt_tokens=1)["pads"]
     collator = SFTCollator(processor, image_gen_resolution=resolution, num_image_gen_pad_tokens=pads)
-    lengths = [collator([dataset[i]])["input_ids"].shape[1] for i in range(len(dataset))]
+    samples = [collator([dataset[i]]) for i in range(len(dataset))]
+    lengths = [sample["input_ids"].shape[1] for sample in samples]
+    # positions the text loss reads (the LM head runs on these rows only): labelled next token, not an image slot
+    read = [
+        int(((s["labels"][:, 1:] != -100) & (s["input_ids"][:, 1:] != config.image_gen_pad_token_id)).sum())
+        for s in samples
+    ]
 
     before_kb = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from here
@@ -99,7 +106,12 @@ def measure(preset: str, stage: str, resolution: int, batch: int, checkpointing:
     trainer = VARGPTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.train()
     peak_kb = _status_kb("VmHWM")
-    return {"peak_bytes": (peak_kb - before_kb) * 1024, "llm_tokens": max(lengths), "pads": pads}
+    return {
+        "peak_bytes": (peak_kb - before_kb) * 1024,
+        "llm_tokens": max(lengths),
+        "pads": pads,
+        "answer_tokens": max(read),
+    }
 
 
 def plan(preset: str, stage: str, resolution: int, batch: int, checkpointing: bool, measured: dict) -> int:
@@ -113,6 +125,7 @@ def plan(preset: str, stage: str, resolution: int, batch: int, checkpointing: bo
         gradient_checkpointing=checkpointing,
         precision="fp32",
         prompt_tokens=measured["llm_tokens"] - measured["pads"] - 2,
+        answer_tokens=measured["answer_tokens"],
         device="cpu",
     )
     m = training_memory(VARGPTConfig.from_preset(preset), setup)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from tests.reference_keys import load_reference_keys
 from vargpt import VARGPTConfig, VARGPTForConditionalGeneration
@@ -130,7 +131,7 @@ def test_text_loss_ignores_image_pad_slots(tiny_model):
     ids, labels = generation_sample(tiny_model)
     target = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        out = tiny_model(input_ids=ids, labels=labels, pixel_gen_values=target)
+        out = tiny_model(input_ids=ids, labels=labels, pixel_gen_values=target, return_logits=True)
         # only the tokens outside the pad slots count: recompute by hand
         logits = out.logits[0, :-1]
         tgt = labels[0, 1:].clone()
@@ -521,3 +522,136 @@ def test_forward_positions_setting_sets_forward_s_default(tiny_model, tmp_path):
         VARGPTConfig.from_preset("tiny", forward_positions="1d")
     with pytest.raises(ValueError, match="positions must be one of"):
         tiny_model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, positions="1d")
+
+
+# -- the text loss reads the LM head only where labels are -------------------------------------------------
+
+
+def mixed_batch(model) -> dict:
+    """Three right-padded rows: understanding (one image, answer labelled), generation (prompt unlabelled,
+    image block labelled), and a short text-only row with padding labelled -100."""
+    ids_u, _, pixels, grid = image_prompt(model)
+    understanding = ids_u[0].tolist()
+    labels_u = [-100] * (len(understanding) - 2) + understanding[-2:]  # the answer "88 99"
+    ids_g, labels_g = generation_sample(model)
+    text = [IM_START, 117, 10, 72, IM_END, IM_START, 97, 10, 55, 66, IM_END]
+    labels_t = [-100] * 8 + text[8:]
+    rows = [(understanding, labels_u), (ids_g[0].tolist(), labels_g[0].tolist()), (text, labels_t)]
+    length = max(len(r) for r, _ in rows)
+    pad = model.config.text_config.pad_token_id
+    ids = torch.tensor([r + [pad] * (length - len(r)) for r, _ in rows])
+    labels = torch.tensor([lab + [-100] * (length - len(lab)) for _, lab in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r, _ in rows])
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "pixel_values": pixels[: pixels.shape[0] // 2],
+        "image_grid_thw": grid[:1],
+        "pixel_gen_values": torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1,
+        "image_noise": False,
+    }
+
+
+def full_logits_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, text, image) by the previous method: the head on every position, then cross-entropy with
+    ignore_index over the shifted labels, pad slots masked."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, return_logits=True)
+    masked = batch["labels"].clone()
+    masked[batch["input_ids"] == PAD] = -100
+    logits = out.logits[:, :-1].float()
+    text = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), masked[:, 1:].reshape(-1), ignore_index=-100
+    )
+    return text + model.config.image_loss_weight * out.image_loss, text, out.image_loss
+
+
+def gradients(model) -> dict[str, torch.Tensor | None]:
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_text_loss_on_the_read_rows_equals_full_logits_loss_and_gradients():
+    model = make_tiny_model(3)
+    batch = mixed_batch(model)
+    loss, text, image = full_logits_losses(model, batch)
+    loss.backward()
+    expected = gradients(model)
+    out = model(**batch)
+    out.loss.backward()
+    got = gradients(model)
+    assert out.logits is None  # labels given and no logits asked for
+    torch.testing.assert_close(out.text_loss, text)
+    torch.testing.assert_close(out.image_loss, image)
+    torch.testing.assert_close(out.loss, loss)
+    assert {n for n, g in got.items() if g is None} == {n for n, g in expected.items() if g is None}
+    trained = [n for n, g in expected.items() if g is not None]
+    assert "lm_head.weight" in trained and any(n.startswith("visual.") for n in trained)
+    for name in trained:
+        torch.testing.assert_close(got[name], expected[name], msg=name)
+
+
+def _saved_bytes(run) -> int:
+    """Bytes of the distinct storages autograd saves while `run()` builds its graph, parameters excluded."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+def test_a_generation_row_saves_no_vocabulary_rows_for_its_image_slots():
+    model = make_tiny_model(4)
+    ids, labels = generation_sample(model)
+    batch = {
+        "input_ids": ids,
+        "labels": labels,
+        "pixel_gen_values": torch.rand(1, 3, 32, 32) * 2 - 1,
+        "image_noise": False,
+    }
+    old = _saved_bytes(lambda: full_logits_losses(model, batch))
+    new = _saved_bytes(lambda: model(**batch))
+    read = int(((labels[0, 1:] != -100) & (ids[0, 1:] != PAD)).sum())  # <|image_gen_start|>, end, <|im_end|>
+    assert read == 3
+    # the previous method kept an fp32 log-softmax row for every position; now only the read rows
+    vocab = model.config.text_config.vocab_size
+    assert old - new >= (ids.shape[1] - 1 - read) * vocab * 4, (old, new)
+
+
+def test_logits_are_returned_as_asked(tiny_model):
+    ids, labels = generation_sample(tiny_model)
+    with torch.no_grad():
+        full = tiny_model(input_ids=ids).logits
+        assert full.shape == (1, ids.shape[1], tiny_model.config.text_config.vocab_size)
+        assert tiny_model(input_ids=ids, return_logits=False).logits is None
+        with_labels = tiny_model(input_ids=ids, labels=labels, return_logits=True)
+        assert torch.equal(with_labels.logits, full) and with_labels.text_loss is not None
+        torch.testing.assert_close(tiny_model(input_ids=ids, logits_to_keep=1).logits, full[:, -1:])
+        positions = torch.tensor([0, 5, 7])
+        torch.testing.assert_close(tiny_model(input_ids=ids, logits_to_keep=positions).logits, full[:, positions])
+        # a row with no labelled position has no text loss (the head still runs, on zero rows)
+        none = tiny_model(input_ids=ids, labels=torch.full_like(labels, -100))
+        assert none.text_loss is None and none.loss is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"logits_to_keep": -1}, "logits_to_keep must be an int >= 0"),
+        ({"logits_to_keep": torch.tensor([[0, 1]])}, "1-D integer positions"),
+        ({"logits_to_keep": torch.tensor([True, False])}, "1-D integer positions"),
+        ({"labels": torch.zeros(1, 3, dtype=torch.long)}, "labels must be"),
+    ],
+)
+def test_bad_logits_and_labels_arguments_are_clear_errors(tiny_model, kwargs, message):
+    ids, _ = generation_sample(tiny_model)
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        tiny_model(input_ids=ids, **kwargs)

@@ -9,6 +9,7 @@ from .generation_config import IMAGE_PRESETS, ImageGenerationConfig
 from .modeling import VARGPTForConditionalGeneration
 from .processing import VARGPTProcessor
 from .registration import register_auto_classes
+from .teacher_forcing import ScaleScores, encode_image_bits, score_image, score_image_bits
 
 register_auto_classes()
 
@@ -19,8 +20,12 @@ __version__ = "0.1.0"
 __all__ = [
     "IMAGE_PRESETS",
     "ImageGenerationConfig",
+    "ScaleScores",
     "VARGPTConfig",
     "VARGPTForConditionalGeneration",
     "VARGPTPipeline",
     "VARGPTProcessor",
+    "encode_image_bits",
+    "score_image",
+    "score_image_bits",
 ]

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .commands import add_model_arguments, model_load_kwargs
-from .evaluation.teacher_forced import SWAPS
-from .generation_config import UNCOND_MODES
+from .evaluation.teacher_forced import SWAPS, THROUGH
+from .generation_config import POSITION_MODES, UNCOND_MODES
 from .pipeline import default_model_name
 from .rope_index import FORWARD_POSITIONS
 
@@ -170,6 +170,10 @@ def _fit(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         swap=args.swap,
         positions=args.positions,
+        through=args.through,
+        cfg_scale=args.cfg_scale,
+        tau=args.tau,
+        uncond_mode=args.uncond_mode,
         progress=not args.quiet,
     )
     if args.json:
@@ -213,7 +217,9 @@ def register_eval_commands(eval_subparsers) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_dpg_score)
 
-    p = eval_subparsers.add_parser("fit", help="teacher-forced bit cross-entropy and bit error per scale")
+    p = eval_subparsers.add_parser(
+        "fit", help="teacher-forced bit cross-entropy and bit error per scale (training forward or inference loop)"
+    )
     add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument("--data", nargs="+", required=True, help="sharegpt JSON/JSONL rows with <image_gen> targets")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
@@ -226,11 +232,35 @@ def register_eval_commands(eval_subparsers) -> None:
         help="give each row the next row's understanding images or prompt (how much the fit depends on them)",
     )
     p.add_argument(
+        "--through",
+        default="forward",
+        choices=THROUGH,
+        help="forward: the training forward, one pass (the model's own image loss); inference: generate's KV-cached "
+        "scale loop on the targets' bits, with the sampler's --cfg and --tau (default: %(default)s)",
+    )
+    p.add_argument(
         "--positions",
         default=None,
-        choices=FORWARD_POSITIONS,
-        help="LLM rotary positions: mrope (as generate) or sequential (as the original's training forward); "
-        "default: the model's forward_positions",
+        choices=(*FORWARD_POSITIONS, *(m for m in POSITION_MODES if m not in FORWARD_POSITIONS)),
+        help="LLM rotary positions: mrope (as generate), sequential (the original's training forward; forward "
+        "only) or cache (the original's inference; inference only); default: the model's forward_positions on "
+        "the forward, mrope on the inference loop",
+    )
+    p.add_argument(
+        "--cfg",
+        dest="cfg_scale",
+        type=float,
+        default=1.0,
+        help="guidance scale of the scored distribution (--through inference; default: %(default)s, none)",
+    )
+    p.add_argument(
+        "--tau", type=float, default=1.0, help="sampling temperature (--through inference; default: %(default)s)"
+    )
+    p.add_argument(
+        "--uncond-mode",
+        default="original",
+        choices=UNCOND_MODES,
+        help="guidance's unconditional branch (--through inference with --cfg other than 1)",
     )
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--strict-data", action="store_true", help="fail on the first bad row instead of skipping")

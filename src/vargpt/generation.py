@@ -7,6 +7,9 @@ tokens enter the LLM cache in the training layout (`<|image_gen_start|>` + pad s
 and text continues until EOS. Rows that did not ask for an image take part in the batched calls with their
 tokens masked out of their own history. Images come back as tensors; nothing is written anywhere.
 
+`forced_scale_loop` runs the same image path with given bits in place of drawn ones (teacher forcing on the
+inference path; `vargpt.teacher_forcing` is its public face), so the logits it returns are the sampler's own.
+
 A caller that may lose interest (a server whose client timed out) wraps the call in `stop_when(check)`: the
 loop asks `check()` once per text token and once per scale step and raises `GenerationCancelled` when it says
 so, so abandoned work ends within one step instead of running to the end.
@@ -231,6 +234,30 @@ class _DecodingState:
         return hidden
 
 
+@dataclass
+class ScaleLoopResult:
+    """What one run of the scale loop saw, per scale k (coarsest first), for the B rows that drew an image.
+
+    * `bits[k]` `[B, h*w, d]` long: the bits drawn (or, teacher-forced, the bits given) at scale k.
+    * `cond_logits[k]` `[B, h*w, d, 2]` float32: the conditional branch's head logits, before tau and CFG
+      (what the training forward computes at the same positions).
+    * `uncond_logits[k]`: the unconditional branch's, or None without guidance (cfg_scale 1).
+    * `sampler_logits[k]`: `cfg * cond / tau + (1 - cfg) * uncond / tau` (`cond / tau` without guidance): the
+      logits the sampler's top-k / top-p filter and multinomial draw act on.
+    * `latent` `[B, d, H, W]`: the summed codes of all scales, what the VAE decodes.
+    * `images` `[B, 3, H', W']` in [-1, 1], or None when the loop was asked not to decode.
+    * `num_pads`: `<|image_gen_pad|>` slots of the image block.
+    """
+
+    bits: list[torch.Tensor]
+    cond_logits: list[torch.Tensor]
+    uncond_logits: list[torch.Tensor] | None
+    sampler_logits: list[torch.Tensor]
+    latent: torch.Tensor
+    images: torch.Tensor | None
+    num_pads: int
+
+
 def _image_events(
     model,
     state: _DecodingState,
@@ -239,13 +266,17 @@ def _image_events(
     generator,
     continue_text: bool = True,
     null_prompt_ids: torch.Tensor | None = None,
-):
+    forced_bits: Sequence[torch.Tensor] | None = None,
+    decode: bool = True,
+) -> ScaleLoopResult:
     """Run the scale loop for rows `rows_B` (their `<|image_gen_start|>` is the last cached token).
 
-    Returns `(images_B3HW, bits_per_scale, cond_logits, num_pads)`; when text continues, the LLM cache
-    afterwards holds the remaining pad slots too (when it does not, feeding them would be wasted work).
-    With `uncond_mode="null_prompt"` the unconditional rows are a second decoding state over
-    `null_prompt_ids` (+ `<|image_gen_start|>`), stepped scale by scale beside the conditional one.
+    When text continues, the LLM cache afterwards holds the remaining pad slots too (when it does not,
+    feeding them would be wasted work). With `uncond_mode="null_prompt"` the unconditional rows are a second
+    decoding state over `null_prompt_ids` (+ `<|image_gen_start|>`), stepped scale by scale beside the
+    conditional one. `forced_bits` (one `[B, h*w, d]` tensor per scale) replaces every draw by the given
+    bits, so the loop scores them (teacher forcing on the inference path) with everything else unchanged;
+    `decode=False` skips the VAE.
     """
     cfg = model.config
     B = state.batch
@@ -301,6 +332,8 @@ def _image_events(
     latent = None
     bits_per_scale: list[torch.Tensor] = []
     cond_logits: list[torch.Tensor] = []
+    uncond_logits: list[torch.Tensor] = []
+    sampler_logits: list[torch.Tensor] = []
     fed = 0
     for k, (h, w) in enumerate(schedule):
         _raise_if_stopped()
@@ -331,11 +364,18 @@ def _image_events(
             h_RlC, cond_BD, context, context_mask, schedule, k, dec_cache, run_block=run_block
         ).float()
         cond_logits.append(logits[:B])
+        if use_cfg:
+            uncond_logits.append(logits[B:])
         logits = logits / settings.tau
         if use_cfg:
             logits = settings.cfg_scale * logits[:B] + (1.0 - settings.cfg_scale) * logits[B:]
-        greedy = settings.top_k == 1
-        bits = logits.argmax(-1) if greedy else _sample_rows(logits, settings.top_p, generator)
+        sampler_logits.append(logits)
+        if forced_bits is not None:
+            bits = _forced_scale_bits(forced_bits, k, logits)
+        elif settings.top_k == 1:
+            bits = logits.argmax(-1)
+        else:
+            bits = _sample_rows(logits, settings.top_p, generator)
         bits_per_scale.append(bits)
         if latent is None:
             latent = torch.zeros(B, bits.shape[-1], *schedule[-1], dtype=torch.float32, device=device)
@@ -360,12 +400,77 @@ def _image_events(
         state.step(filler.to(state.dtype), rows_B)
     # one image at a time: convolution kernels may sum in another order for another batch size, and an
     # image must not depend on the rest of its batch (one pixel byte differed on some CPUs)
-    vae_dtype = model.vae_local.decoder.conv_in.conv.weight.dtype
-    images = []
-    for b in range(B):
-        _raise_if_stopped()
-        images.append(model.vae_local.decode(latent[b : b + 1].to(vae_dtype)))
-    return torch.cat(images).float(), bits_per_scale, torch.cat(cond_logits, dim=1), num_pads
+    images = None
+    if decode:
+        vae_dtype = model.vae_local.decoder.conv_in.conv.weight.dtype
+        decoded = []
+        for b in range(B):
+            _raise_if_stopped()
+            decoded.append(model.vae_local.decode(latent[b : b + 1].to(vae_dtype)))
+        images = torch.cat(decoded).float()
+    return ScaleLoopResult(
+        bits=bits_per_scale,
+        cond_logits=cond_logits,
+        uncond_logits=uncond_logits if use_cfg else None,
+        sampler_logits=sampler_logits,
+        latent=latent,
+        images=images,
+        num_pads=num_pads,
+    )
+
+
+def _forced_scale_bits(forced_bits: Sequence[torch.Tensor], k: int, logits_Bld2: torch.Tensor) -> torch.Tensor:
+    """The given bits of scale k as the loop uses drawn ones: long, shaped and placed like the draws would be."""
+    if k >= len(forced_bits):
+        raise ValueError(f"bits were given for {len(forced_bits)} scales, but the schedule has more (scale {k})")
+    bits, shape = forced_bits[k], tuple(logits_Bld2.shape[:3])
+    if tuple(bits.shape) != shape:
+        raise ValueError(f"the bits of scale {k} must be shaped {shape}, got {tuple(bits.shape)}")
+    return bits.to(device=logits_Bld2.device, dtype=torch.long)
+
+
+@torch.no_grad()
+def forced_scale_loop(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    pixel_values: torch.Tensor | None,
+    image_grid_thw: torch.Tensor | None,
+    bits_per_scale: Sequence[torch.Tensor],
+    image_config: ImageGenerationConfig,
+    null_prompt_ids: torch.Tensor | None = None,
+) -> ScaleLoopResult:
+    """`generate(generation_mode="image")`'s path with the given bits in place of drawn ones.
+
+    The same prefill, the same forced `<|image_gen_start|>` step and the same `_image_events` call as
+    sampling (eager caches), so the logits are the ones the sampler would have seen had it drawn these bits.
+    The VAE is not run (`result.latent` is what it would decode). Inputs are on the model's device;
+    `vargpt.teacher_forcing.score_image_bits` is the checked public entry.
+    """
+    B = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    num_scales = len(model.generation_schedule(image_config.resolution, image_config.aspect_ratio))
+    if len(bits_per_scale) != num_scales:
+        raise ValueError(
+            f"bits were given for {len(bits_per_scale)} scales, but the schedule of this resolution and aspect "
+            f"ratio has {num_scales}"
+        )
+    state = _DecodingState(model, input_ids, attention_mask, pixel_values, image_grid_thw)
+    every_row = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    start = torch.full((B,), model.config.image_gen_start_token_id, dtype=torch.long, device=input_ids.device)
+    state.step(model.model.embed_tokens(start).unsqueeze(1), every_row)
+    return _image_events(
+        model,
+        state,
+        every_row,
+        image_config,
+        generator=None,
+        continue_text=False,
+        null_prompt_ids=null_prompt_ids,
+        forced_bits=bits_per_scale,
+        decode=False,
+    )
 
 
 def _null_prompt_state(
@@ -513,7 +618,7 @@ def generate_interleaved(
         wants_image = active & (next_B == cfg.image_gen_start_token_id)
         if bool(wants_image.any()):
             more_text = new_tokens < text_config.max_new_tokens
-            imgs, bits, logits_BLd2, num_pads = _image_events(
+            loop = _image_events(
                 model,
                 state,
                 wants_image,
@@ -522,6 +627,8 @@ def generate_interleaved(
                 continue_text=more_text,
                 null_prompt_ids=null_prompt_ids,
             )
+            bits, num_pads = loop.bits, loop.num_pads
+            logits_BLd2 = torch.cat(loop.cond_logits, dim=1)
             if on_image_step is not None:
                 on_image_step(len(bits))
             pads = torch.where(
@@ -536,7 +643,7 @@ def generate_interleaved(
                 hidden = state.step(embed(end_B).unsqueeze(1), wants_image)
                 state.logits_BV = torch.where(wants_image.view(B, 1), model.lm_head(hidden[:, -1]).float(), kept_logits)
             for b in wants_image.nonzero().flatten().tolist():
-                images[b].append(imgs[b])
+                images[b].append(loop.images[b])
                 image_bits[b].append([s[b] for s in bits])
                 image_logits[b].append(logits_BLd2[b])
     return VARGPTGenerateOutput(sequences=sequences, images=images, image_bits=image_bits, image_logits=image_logits)

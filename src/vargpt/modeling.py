@@ -75,6 +75,8 @@ class VARGPTOutput(ModelOutput):
     """Losses and logits of one forward pass.
 
     `loss` is `text_loss + image_loss_weight * image_loss` over whatever the batch contains;
+    `logits` are the text head's `[B, kept positions, vocab]`, None where the forward was given `labels` and not
+    asked for them (`return_logits`): training never materialises them;
     `image_logits` are per-bit 2-way logits `[num_generated_images, L, bits, 2]` and `image_labels` the bits
     they were trained against.
     """
@@ -123,6 +125,20 @@ def inputs_from_bits(labels_NLd: torch.Tensor, schedule: Sequence[tuple[int, int
     if not inputs:
         return labels_NLd.new_zeros(N, 0, d, dtype=torch.float32)
     return torch.cat(inputs, dim=1)
+
+
+def _kept_positions(logits_to_keep: int | torch.Tensor) -> slice | torch.Tensor:
+    """The sequence positions `logits_to_keep` selects (transformers' convention: 0 keeps all)."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dim() != 1 or logits_to_keep.is_floating_point() or logits_to_keep.dtype == torch.bool:
+            raise ValueError(
+                f"logits_to_keep as a tensor must be 1-D integer positions, got {logits_to_keep.dtype} of shape "
+                f"{tuple(logits_to_keep.shape)}"
+            )
+        return logits_to_keep
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 or a 1-D index tensor, got {logits_to_keep!r}")
+    return slice(-logits_to_keep if logits_to_keep else 0, None)
 
 
 def _mark_self_initialised(root: nn.Module) -> None:
@@ -246,10 +262,11 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         image_gen_resolution: int | None = None,
         use_cache: bool | None = None,
         cache_position: torch.LongTensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         image_noise_generator: torch.Generator | None = None,
         image_noise: bool | None = None,
         positions: str | None = None,
+        return_logits: bool | None = None,
         **kwargs,
     ) -> VARGPTOutput:
         """One causal pass over a batch that may mix understanding, generation and editing samples.
@@ -264,6 +281,14 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         the model sampled) at `image_gen_resolution` (default: the model's), with no bit flips.
         Without `position_ids`, `positions` ("mrope" or "sequential"; default `config.forward_positions`) picks
         the rotary positions: they differ on rows holding understanding images (see `VARGPTConfig`).
+
+        Text logits: the text loss applies the LM head only to the positions it reads (those whose next label is
+        not -100 and whose next token is not an `<|image_gen_pad|>`), so a training step never holds the
+        full-vocabulary logits of the image slots. `logits` in the output are therefore computed only when asked
+        for: `return_logits` defaults to True without `labels` (scoring, tests) and to False with them (training;
+        `logits` is then None). When computed, they cover the positions `logits_to_keep` selects, as in
+        transformers: 0 = every position, an int k = the last k, a 1-D index tensor = those positions; the loss
+        never reads them, whatever they cover.
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids (or inputs_embeds)")
@@ -308,17 +333,10 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-
-        text_loss = None
-        if labels is not None:
-            masked = labels.clone()
-            if input_ids is not None:
-                masked[input_ids == self.config.image_gen_pad_token_id] = -100
-            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-            shift_labels = masked[:, 1:].reshape(-1)
-            if (shift_labels != -100).any():
-                text_loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        if return_logits is None:
+            return_logits = labels is None
+        logits = self.lm_head(hidden[:, _kept_positions(logits_to_keep)]) if return_logits else None
+        text_loss = self._text_loss(hidden, labels, input_ids) if labels is not None else None
 
         image_loss = image_logits = image_labels = None
         if generation is not None:
@@ -346,6 +364,32 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             hidden_states=hidden,
             rope_deltas=rope_deltas,
         )
+
+    def _text_loss(
+        self, hidden_BLH: torch.Tensor, labels_BL: torch.Tensor, input_ids_BL: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Mean next-token cross-entropy over the labelled positions, with the head applied to those rows only.
+
+        Equal to cross-entropy with `ignore_index=-100` over full logits, but autograd keeps the fp32
+        log-softmax of the `n` read rows `[n, vocab]` instead of `[B, L - 1, vocab]` (and, where the head trains,
+        its input rows `[n, hidden]`): one 512 px image alone brings 2,560 pad slots that no text loss reads.
+        The head runs even when no position is labelled (on zero rows), so that every rank of a ZeRO-3 run
+        gathers its weight in the same order.
+        """
+        if labels_BL.shape != hidden_BLH.shape[:2]:
+            raise ValueError(
+                f"labels must be [batch, length] = {tuple(hidden_BLH.shape[:2])} like the inputs, got "
+                f"{tuple(labels_BL.shape)}"
+            )
+        targets_BL = labels_BL[:, 1:].to(hidden_BLH.device)
+        read_BL = targets_BL != -100
+        if input_ids_BL is not None:  # image slots are trained by the bit loss, never by the text head
+            read_BL &= input_ids_BL[:, 1:].to(hidden_BLH.device) != self.config.image_gen_pad_token_id
+        hidden_NH = hidden_BLH[:, :-1][read_BL]
+        logits_NV = self.lm_head(hidden_NH).float()
+        if logits_NV.shape[0] == 0:
+            return None
+        return F.cross_entropy(logits_NV, targets_BL[read_BL].to(logits_NV.device))
 
     def forward_position_ids(
         self,

@@ -148,7 +148,8 @@ def test_positions_reach_the_forward_and_matter_for_edits_only(pipe, rows):
     )
     with torch.no_grad():
         edits = {
-            mode: model(**collate(rows[4:]), image_noise=False, positions=mode) for mode in ("mrope", "sequential")
+            mode: model(**collate(rows[4:]), image_noise=False, positions=mode, return_logits=True)
+            for mode in ("mrope", "sequential")
         }
     # small on random weights, whose decoder barely reads its context; the LLM's own logits move more
     assert (edits["mrope"].image_logits - edits["sequential"].image_logits).abs().max() > 1e-6

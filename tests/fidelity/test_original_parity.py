@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from vargpt import VARGPTConfig, VARGPTForConditionalGeneration
+from vargpt import VARGPTConfig, VARGPTForConditionalGeneration, score_image_bits
 from vargpt.configuration import PRESETS
 from vargpt.image_tokenizer import encode_to_bits
 from vargpt.processing import UNDERSTANDING_MAX_PIXELS, UNDERSTANDING_MIN_PIXELS, Qwen2VLImageProcessorPil
@@ -126,7 +126,9 @@ def test_teacher_forced_training_path_matches_original(model, golden):
     weighting = config.image_loss_scale_weighting
     config.image_loss_scale_weighting = "uniform"  # the original's loss is a plain mean over all bits
     try:
-        out = model(input_ids=ids, pixel_gen_values=golden["tf.pixel_gen_values"], labels=ids.clone())
+        out = model(
+            input_ids=ids, pixel_gen_values=golden["tf.pixel_gen_values"], labels=ids.clone(), return_logits=True
+        )
     finally:
         config.image_loss_scale_weighting = weighting
     assert torch.equal(out.image_labels.long(), golden["tf.gen_labels"])
@@ -136,33 +138,49 @@ def test_teacher_forced_training_path_matches_original(model, golden):
     assert max_abs(out.image_logits.flatten(2), golden["asis.tf.gen_logits"]) <= BF16_CAST_ATOL
 
 
-def run_scale_loop(model, golden, name: str, cfg_scale: float, position_mode: str):
-    """Our image generation in the original-code mode; returns (output, head logits per scale, VAE decoder input)."""
-    heads: list[torch.Tensor] = []
-    decoder_inputs: list[torch.Tensor] = []
-    hooks = [
-        model.vargpt_gen.head.register_forward_hook(lambda _m, _i, out: heads.append(out.clone())),
-        model.vae_local.decoder.register_forward_hook(lambda _m, inp, _o: decoder_inputs.append(inp[0].clone())),
-    ]
-    images = {}
-    if f"{name}.pixel_values" in golden:
-        images = {"pixel_values": golden[f"{name}.pixel_values"], "image_grid_thw": golden[f"{name}.image_grid_thw"]}
-    try:
-        out = model.generate(
-            golden[f"{name}.input_ids"],
-            generation_mode="image",
-            seed=SEED,
-            cfg_scale=cfg_scale,
-            tau=0.5,
-            image_top_p=0.97,
-            max_new_tokens=1,
-            position_mode=position_mode,
-            **images,
-        )
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return out, heads, decoder_inputs[-1]
+def understanding_images(golden, name: str) -> dict[str, torch.Tensor]:
+    if f"{name}.pixel_values" not in golden:
+        return {}
+    return {"pixel_values": golden[f"{name}.pixel_values"], "image_grid_thw": golden[f"{name}.image_grid_thw"]}
+
+
+def score_golden_bits(model, golden, name: str, cfg_scale: float, position_mode: str, bits_of: str | None = None):
+    """The original's draws (`bits_of`, default `name`) scored by our KV-cached scale loop in the original-code mode.
+
+    Teacher forcing on the inference path: the logits are checked whatever our sampler would have drawn, so a
+    logit mismatch and a sampling mismatch show up as separate failures."""
+    prefix = f"{bits_of or name}.bits."
+    bits = [golden[f"{prefix}{k}"] for k in range(sum(key.startswith(prefix) for key in golden))]
+    return score_image_bits(
+        model,
+        golden[f"{name}.input_ids"],
+        bits,
+        cfg_scale=cfg_scale,
+        tau=0.5,
+        position_mode=position_mode,
+        **understanding_images(golden, name),
+    )
+
+
+def head_logits(scores, k: int) -> torch.Tensor:
+    """Scale k's head output as the original's `head` returns it: [rows, h*w, 2 * bits], conditional rows first."""
+    branches = [scores.cond_logits[k]] + ([] if scores.uncond_logits is None else [scores.uncond_logits[k]])
+    return torch.cat(branches).flatten(2)
+
+
+def sample_image(model, golden, name: str, cfg_scale: float, position_mode: str):
+    """Our image generation in the original-code mode, seeded as the original was."""
+    return model.generate(
+        golden[f"{name}.input_ids"],
+        generation_mode="image",
+        seed=SEED,
+        cfg_scale=cfg_scale,
+        tau=0.5,
+        image_top_p=0.97,
+        max_new_tokens=1,
+        position_mode=position_mode,
+        **understanding_images(golden, name),
+    )
 
 
 def to_bgr_uint8(image_3HW: torch.Tensor) -> torch.Tensor:
@@ -179,17 +197,18 @@ def to_bgr_uint8(image_3HW: torch.Tensor) -> torch.Tensor:
     ],
 )
 def test_scale_loop_matches_original(model, golden, name, cfg_scale, position_mode):
-    out, heads, summed = run_scale_loop(model, golden, name, cfg_scale, position_mode)
-    assert len(heads) == 5
+    scores = score_golden_bits(model, golden, name, cfg_scale, position_mode)
+    assert len(scores.schedule) == 5
+    for k in range(5):
+        assert max_abs(head_logits(scores, k), golden[f"{name}.head_logits.{k}"]) <= FLOAT_ATOL, f"scale {k}"
+        sampler_logits = scores.logits[k].flatten(1, 2)  # [1, h*w*bits, 2]: the original's layout
+        assert max_abs(sampler_logits, golden[f"{name}.sampler_logits.{k}"]) <= 2 * FLOAT_ATOL, f"scale {k}"
+    assert max_abs(scores.latent, golden[f"{name}.summed_codes"]) <= 1e-6
+    out = sample_image(model, golden, name, cfg_scale, position_mode)
     bits = out.image_bits[0][0]
-    for k, head in enumerate(heads):
-        assert max_abs(head, golden[f"{name}.head_logits.{k}"]) <= FLOAT_ATOL, f"scale {k}"
-        logits = head.view(head.shape[0], -1, 2) / 0.5
-        if cfg_scale != 1.0:
-            logits = cfg_scale * logits[:1] + (1 - cfg_scale) * logits[1:]
-        assert max_abs(logits, golden[f"{name}.sampler_logits.{k}"]) <= 2 * FLOAT_ATOL, f"scale {k}"
-        assert torch.equal(bits[k].long(), golden[f"{name}.bits.{k}"][0]), f"scale {k}"
-    assert max_abs(summed, golden[f"{name}.summed_codes"]) <= 1e-6
+    assert len(bits) == 5
+    for k, bits_k in enumerate(bits):
+        assert torch.equal(bits_k.long(), golden[f"{name}.bits.{k}"][0]), f"scale {k}"
     image = out.images[0][0]
     assert max_abs(image, golden[f"{name}.decoder_out"][0].clamp(-1, 1)) <= IMAGE_ATOL
     assert torch.equal(to_bgr_uint8(image), golden[f"{name}.image_bgr_uint8"])
@@ -197,9 +216,11 @@ def test_scale_loop_matches_original(model, golden, name, cfg_scale, position_mo
 
 def test_scale_loop_close_to_unchanged_original(model, golden):
     """Against the original as published (bf16 cross-attention): same bits and pixels, logits within ~1e-3."""
-    out, heads, _ = run_scale_loop(model, golden, "gen_cfg", 3.0, "mrope")
-    for k, head in enumerate(heads):
-        assert max_abs(head, golden[f"asis.gen_cfg.head_logits.{k}"]) <= BF16_CAST_ATOL, f"scale {k}"
+    scores = score_golden_bits(model, golden, "gen_cfg", 3.0, "mrope", bits_of="asis.gen_cfg")
+    for k in range(5):
+        assert max_abs(head_logits(scores, k), golden[f"asis.gen_cfg.head_logits.{k}"]) <= BF16_CAST_ATOL, f"scale {k}"
+    out = sample_image(model, golden, "gen_cfg", 3.0, "mrope")
+    for k in range(5):
         assert torch.equal(out.image_bits[0][0][k].long(), golden[f"asis.gen_cfg.bits.{k}"][0]), f"scale {k}"
     assert torch.equal(to_bgr_uint8(out.images[0][0]), golden["asis.gen_cfg.image_bgr_uint8"])
 
@@ -225,9 +246,12 @@ def test_bf16_cast_setting_reproduces_the_unchanged_original(model_with_bf16_cas
     assert error.median().item() <= 1e-6
     assert error.mean().item() <= 5e-5
     assert error[:, :5].max().item() <= FLOAT_ATOL  # scales 1 and 2 (5 tokens): exact
-    loop, heads, _ = run_scale_loop(model, golden, "gen_cfg", 3.0, "mrope")
-    assert max_abs(heads[0], golden["asis.gen_cfg.head_logits.0"]) <= FLOAT_ATOL
-    for k, head in enumerate(heads):
-        assert (head - golden[f"asis.gen_cfg.head_logits.{k}"]).abs().mean().item() <= 1e-4, f"scale {k}"
+    scores = score_golden_bits(model, golden, "gen_cfg", 3.0, "mrope", bits_of="asis.gen_cfg")
+    assert max_abs(head_logits(scores, 0), golden["asis.gen_cfg.head_logits.0"]) <= FLOAT_ATOL
+    for k in range(5):
+        error = head_logits(scores, k) - golden[f"asis.gen_cfg.head_logits.{k}"]
+        assert error.abs().mean().item() <= 1e-4, f"scale {k}"
+    loop = sample_image(model, golden, "gen_cfg", 3.0, "mrope")
+    for k in range(5):
         assert torch.equal(loop.image_bits[0][0][k].long(), golden[f"asis.gen_cfg.bits.{k}"][0]), f"scale {k}"
     assert torch.equal(to_bgr_uint8(loop.images[0][0]), golden["asis.gen_cfg.image_bgr_uint8"])

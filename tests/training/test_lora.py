@@ -60,7 +60,7 @@ def randomise_adapters(model, seed: int = 0, std: float = 0.05) -> None:
 
 @torch.no_grad()
 def outputs(model, data) -> tuple[torch.Tensor, torch.Tensor]:
-    out = model.eval()(**data)
+    out = model.eval()(**data, return_logits=True)
     return out.logits.float(), out.image_logits.float()
 
 

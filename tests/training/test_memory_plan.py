@@ -146,6 +146,44 @@ def test_saved_activations_match_what_autograd_saves(config, tiny_model, stage, 
     assert abs(planned - measured) <= 0.1 * measured, (planned, measured)
 
 
+@pytest.mark.parametrize("stage", ["stage2-llm", "stage3-decoder"])
+def test_text_head_term_is_what_the_text_loss_saves(config, tiny_model, stage, tmp_path):
+    """The head's saved rows follow the labelled answer, not the image slots: the bytes autograd saves for the
+    text loss (with labels against without) are the plan's head term for the batch's labelled tokens."""
+    rows = write_sharegpt_dataset(tmp_path, "train", 0, 2, 0, image_size=32)
+    dataset, _ = load_sft_dataset([str(rows)])
+    pads = sequence_lengths(config, 32, 1)["pads"]
+    collator = SFTCollator(preset_processor("tiny"), image_gen_resolution=32, num_image_gen_pad_tokens=pads)
+    batch = collator([dataset[0], dataset[1]])
+    apply_stage(tiny_model, STAGES[stage])
+    tiny_model.train()
+    with_text = _saved_by_autograd(tiny_model, {**batch, "image_noise": False})
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    without = _saved_by_autograd(tiny_model, {**unlabelled, "image_noise": False, "return_logits": False})
+    ids, labels = batch["input_ids"], batch["labels"]
+    read = int(((labels[:, 1:] != -100) & (ids[:, 1:] != config.image_gen_pad_token_id)).sum())
+    assert read == 4  # two per generation sample: the planned default
+    prompt = ids.shape[1] - pads - 2
+
+    def planned(answer_tokens: int, resolution: int = 32) -> int:
+        setup = TrainingSetup(
+            stage=stage,
+            resolution=resolution,
+            batch=2,
+            precision="fp32",
+            prompt_tokens=prompt,
+            answer_tokens=answer_tokens,
+        )
+        return activation_bytes(config, setup, resolve_plan(setup))[0]
+
+    head = planned(2) - planned(0)
+    assert head >= 2 * 2 * 4 * config.text_config.vocab_size  # at least the fp32 log-softmax of the read rows
+    assert abs((with_text - without) - head) <= 0.05 * head, (with_text - without, head)
+    # four times the slots: the same rows, and one more mask byte per slot
+    more_slots = sequence_lengths(config, 64, prompt)["pads"] - pads
+    assert planned(2, resolution=64) - planned(0, resolution=64) == head + 2 * more_slots
+
+
 def test_table_names_every_part_and_the_gpus_it_fits():
     full = VARGPTConfig.from_preset("vargpt-v1.1")
     text = format_training_memory(full, TrainingSetup(stage="stage3-dpo", gpus=8, zero="3"))

@@ -9,6 +9,13 @@ loss does not rise when it sees another source image is not reading the source.
 
 Teacher forcing here is exact: no bitwise self-correction noise and no condition dropout, the model in eval
 mode, generation targets resized to the resolution without cropping.
+
+Two paths score the same targets. `through="forward"` (the default) is the training forward, one pass with the
+block-causal mask, so `image_loss` is the model's own training loss and `positions="sequential"` reproduces the
+original's training positions. `through="inference"` runs `generate`'s KV-cached scale loop on the targets' bits
+(`vargpt.teacher_forcing.score_image`), with the sampler's classifier-free guidance and temperature: its numbers
+are the per-bit negative log-likelihood and error of the distribution the sampler draws from (before top-k /
+top-p). At cfg 1 and tau 1 with M-RoPE positions the two paths agree to float rounding.
 """
 
 from __future__ import annotations
@@ -21,8 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collator import SFTCollator
+from ..generation_config import POSITION_MODES, UNCOND_MODES, ImageGenerationConfig
+from ..rope_index import FORWARD_POSITIONS
 
 SWAPS = ("none", "images", "prompts")
+THROUGH = ("forward", "inference")
 
 
 @dataclass(frozen=True)
@@ -76,18 +86,26 @@ def teacher_forced_fit(
     batch_size: int = 16,
     swap: str = "none",
     positions: str | None = None,
+    through: str = "forward",
+    cfg_scale: float = 1.0,
+    tau: float = 1.0,
+    uncond_mode: str = "original",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Per-scale fit of the rows' generation targets (rows as `load_sft_dataset` gives them). Rows without an
     `<image_gen>` target (understanding rows) are left out and counted in `rows_without_target`.
-    `positions` ("mrope" / "sequential", default the model's `config.forward_positions`) picks the LLM's
-    rotary positions; they matter for rows holding understanding images (editing).
+    `through` picks the path (see the module docstring). `positions` picks the LLM's rotary positions; they
+    matter for rows holding understanding images (editing): on the forward "mrope" or "sequential" (default the
+    model's `config.forward_positions`), on the inference loop "mrope" (default) or "cache" (the original
+    inference's). `cfg_scale`, `tau` and `uncond_mode` are the sampler's and apply to the inference loop only;
+    that path scores rows holding exactly one generation target (its prompt is the row up to that target's
+    `<|image_gen_start|>`).
 
-    Returns `{"rows", "rows_without_target", "images", "swap", "resolution", "image_loss", "cross_entropy",
-    "bit_error", "scales"}`:
-    `image_loss` is the model's own image loss (its per-scale token weights) averaged over images;
-    `cross_entropy` and `bit_error` weigh every token alike; `scales` lists a `ScaleFit` dict per scale,
-    coarsest first.
+    Returns `{"rows", "rows_without_target", "images", "swap", "resolution", "through", "positions",
+    "cfg_scale", "tau", "uncond_mode", "image_loss", "cross_entropy", "bit_error", "scales"}`:
+    `image_loss` is the model's own image loss (its per-scale token weights; on the inference loop, of the
+    sampler's logits) averaged over images; `cross_entropy` (the mean per-bit negative log-likelihood, nats)
+    and `bit_error` weigh every token alike; `scales` lists a `ScaleFit` dict per scale, coarsest first.
     """
     from tqdm.auto import tqdm
 
@@ -95,6 +113,17 @@ def teacher_forced_fit(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    positions = _checked_path(model, through, positions, cfg_scale, tau, uncond_mode)
+    image_config = ImageGenerationConfig(
+        cfg_scale=cfg_scale,
+        tau=tau,
+        resolution=resolution,
+        uncond_mode=uncond_mode,
+        position_mode=positions if through == "inference" else "mrope",
+    )
+    null_prompt_ids = None
+    if through == "inference" and uncond_mode == "null_prompt" and cfg_scale != 1.0:
+        null_prompt_ids = processor.null_prompt_ids()
     scored = [row for row in rows if row.get("gen_images")]
     if not scored:
         raise ValueError(f"none of the {len(rows)} rows has a generation target (<image_gen>): nothing to score")
@@ -117,8 +146,11 @@ def teacher_forced_fit(
         for start in tqdm(range(0, len(rows), batch_size), desc="teacher-forced fit", disable=not progress):
             batch = collate(rows[start : start + batch_size])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            out = model(**batch, image_noise=False, positions=positions)
-            logits_NLd2, bits_NLd = out.image_logits.float(), out.image_labels.long()
+            if through == "inference":
+                logits_NLd2, bits_NLd = _inference_logits(model, batch, image_config, null_prompt_ids)
+            else:
+                out = model(**batch, image_noise=False, positions=positions)
+                logits_NLd2, bits_NLd = out.image_logits.float(), out.image_labels.long()
             per_bit = F.cross_entropy(logits_NLd2.reshape(-1, 2), bits_NLd.reshape(-1), reduction="none")
             per_token_ce.append(per_bit.view(bits_NLd.shape).mean(-1).cpu())
             per_token_error.append((logits_NLd2.argmax(-1) != bits_NLd).float().mean(-1).cpu())
@@ -141,6 +173,11 @@ def teacher_forced_fit(
         "images": int(ce_NL.shape[0]),
         "swap": swap,
         "resolution": resolution,
+        "through": through,
+        "positions": positions,
+        "cfg_scale": cfg_scale,
+        "tau": tau,
+        "uncond_mode": uncond_mode,
         "image_loss": float(torch.cat(image_losses).mean()),
         "cross_entropy": float(ce_NL.mean()),
         "bit_error": float(error_NL.mean()),
@@ -148,11 +185,96 @@ def teacher_forced_fit(
     }
 
 
+def _checked_path(model: Any, through: str, positions: str | None, cfg_scale: float, tau: float, uncond: str) -> str:
+    """The positions the path will use, after refusing settings that path does not have."""
+    if through not in THROUGH:
+        raise ValueError(f"unknown path through={through!r}; choose one of {THROUGH}")
+    if through == "forward":
+        if (cfg_scale, tau, uncond) != (1.0, 1.0, "original"):
+            raise ValueError(
+                "cfg_scale, tau and uncond_mode are the sampler's settings: score with through='inference' to use them"
+            )
+        positions = positions or model.config.forward_positions
+        if positions not in FORWARD_POSITIONS:
+            raise ValueError(f"positions on the training forward must be one of {FORWARD_POSITIONS}, got {positions!r}")
+        return positions
+    if uncond not in UNCOND_MODES:
+        raise ValueError(f"uncond_mode must be one of {UNCOND_MODES}, got {uncond!r}")
+    positions = positions or "mrope"
+    if positions not in POSITION_MODES:
+        raise ValueError(
+            f"positions on the inference loop must be one of {POSITION_MODES}, got {positions!r} "
+            "('sequential' exists on the training forward only)"
+        )
+    return positions
+
+
+def _inference_logits(
+    model: Any, batch: Mapping[str, torch.Tensor], image_config: ImageGenerationConfig, null_prompt_ids
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's logits and the targets' bits, `[N, L, d, 2]` and `[N, L, d]`, of a collated batch: every row's
+    prompt up to its `<|image_gen_start|>` (with the understanding images in it), left padded, through the
+    KV-cached scale loop."""
+    from ..teacher_forcing import score_image
+
+    ids_BT, mask_BT = batch["input_ids"], batch["attention_mask"]
+    config = model.config
+    starts = (ids_BT == config.image_gen_start_token_id) & mask_BT.bool()
+    counts = starts.sum(dim=1)
+    if bool((counts != 1).any()):
+        row = int((counts != 1).nonzero()[0])
+        raise ValueError(
+            f"the inference path scores rows with exactly one generation target; a row in this batch (index {row}) "
+            f"has {int(counts[row])}: score such rows with through='forward'"
+        )
+    grids = batch.get("image_grid_thw")
+    merge = config.vision_config.spatial_merge_size
+    patches = [] if grids is None else grids.prod(dim=-1).tolist()
+    first_patch = [sum(patches[:i]) for i in range(len(patches) + 1)]
+    prefixes, kept_images, image = [], [], 0
+    for b in range(ids_BT.shape[0]):
+        real = ids_BT[b][mask_BT[b].bool()]
+        start = int((real == config.image_gen_start_token_id).nonzero()[0])
+        prefix = real[:start]
+        in_prefix = int((prefix == config.image_token_id).sum())
+        in_row = int((real == config.image_token_id).sum())
+        covered = 0
+        while covered < in_row:
+            if covered < in_prefix:
+                kept_images.append(image)
+            covered += patches[image] // merge**2
+            image += 1
+        if covered != in_row:
+            raise ValueError(f"the understanding images of row {b} do not match its {in_row} <|image_pad|> tokens")
+        prefixes.append(prefix)
+    width = max(p.shape[0] for p in prefixes)
+    pad_id = config.text_config.pad_token_id if config.text_config.pad_token_id is not None else 0
+    prompt_ids = ids_BT.new_full((len(prefixes), width), pad_id)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for b, prefix in enumerate(prefixes):
+        prompt_ids[b, width - prefix.shape[0] :] = prefix
+        prompt_mask[b, width - prefix.shape[0] :] = 1
+    images = {}
+    if kept_images:
+        rows = torch.cat([torch.arange(first_patch[i], first_patch[i + 1]) for i in kept_images])
+        images = {"pixel_values": batch["pixel_values"][rows.to(ids_BT.device)], "image_grid_thw": grids[kept_images]}
+    scores = score_image(
+        model,
+        prompt_ids,
+        batch["pixel_gen_values"],
+        attention_mask=prompt_mask,
+        image_config=image_config,
+        null_prompt_ids=null_prompt_ids,
+        **images,
+    )
+    return scores.all_logits(), scores.all_bits()
+
+
 def format_fit(report: Mapping[str, Any]) -> str:
     """A small table of a `teacher_forced_fit` report, one line per scale."""
     lines = [
-        f"{report['rows']} rows, {report['images']} images at {report['resolution']} px, swap={report['swap']}: "
-        f"image loss {report['image_loss']:.4f}, bit error {report['bit_error']:.3f}"
+        f"{report['rows']} rows, {report['images']} images at {report['resolution']} px, swap={report['swap']}, "
+        f"{_path_words(report)}: image loss {report['image_loss']:.4f}, bit error {report['bit_error']:.3f}"
         + (
             f" ({report['rows_without_target']} rows without a target left out)"
             if report["rows_without_target"]
@@ -164,3 +286,11 @@ def format_fit(report: Mapping[str, Any]) -> str:
         h, w = scale["grid"]
         lines.append(f"{f'{h}x{w}':<9} {scale['cross_entropy']:.4f}   {scale['bit_error']:.3f}")
     return "\n".join(lines)
+
+
+def _path_words(report: Mapping[str, Any]) -> str:
+    if report.get("through", "forward") == "forward":
+        return f"training forward ({report.get('positions')} positions)"
+    return f"inference loop (cfg {report['cfg_scale']:g}, tau {report['tau']:g}, {report['positions']} positions" + (
+        f", {report['uncond_mode']} unconditional branch)" if report["cfg_scale"] != 1.0 else ")"
+    )

@@ -18,15 +18,18 @@ What it assumes:
   LLM layer holds its RMSNorm inputs in fp32, q, k (repeated to every head), v and the attention output, the
   SwiGLU's gate, up and activation; the inputs of linear layers only where their weights (or LoRA adapters)
   train. Attention is a fused kernel (no score matrix; only the additive masks are square). A visual-decoder
-  block likewise. The full-vocabulary text head runs over every token (the forward computes the text loss on
-  the whole sequence): its fp32 log-softmax is saved and its gradient is the largest transient. Gradient
-  checkpointing keeps only each layer's input and recomputes one layer at a time.
+  block likewise. The full-vocabulary text head runs only on the rows the text loss reads (the forward gathers
+  the positions whose next label is set; the image slots never are): their fp32 log-softmax is saved, and
+  their gradient is a transient. A generation sample's answer labels `answer_tokens` tokens (the image
+  block's start and end; the prompt is unlabelled). Gradient checkpointing keeps only each layer's input and
+  recomputes one layer at a time.
 * a single process without sharding frees gradients between steps (Trainer zeroes them to None), so they
   and the activations peak at different times; DDP buckets and ZeRO partitions are allocated once and stay.
 * LoRA trains rank-r adapters on every linear layer of the stage's trained modules (not the text head);
   everything else is frozen. `quantize="int4"` stores the frozen base's block linears in NF4 (QLoRA).
 * DPO (`kind == "dpo"`) runs the policy on chosen and rejected images before one backward (twice the saved
-  activations) and keeps a frozen reference of the trained parameters only.
+  activations) and keeps a frozen reference of the trained parameters only. (Its forward still computes the
+  text loss of the answer's few labelled tokens, which the DPO loss then drops; they are counted all the same.)
 * samples are generation samples: `prompt_tokens` of text, then `<|image_gen_start|>`, the image's pad
   slots (`num_image_gen_pad_tokens` of the schedule) and `<|image_gen_end|>`; no understanding images.
 """
@@ -66,6 +69,7 @@ class TrainingSetup:
     quantize: str | None = None
     precision: str = "bf16"
     prompt_tokens: int = 64
+    answer_tokens: int = 2
     device: str = "cuda"
     trainable: tuple[str, ...] | None = field(default=None)
 
@@ -78,6 +82,8 @@ class TrainingSetup:
             raise ValueError(f"--batch must be at least 1, got {self.batch}")
         if self.prompt_tokens < 1:
             raise ValueError(f"prompt tokens must be at least 1, got {self.prompt_tokens}")
+        if self.answer_tokens < 0:
+            raise ValueError(f"answer tokens must be at least 0, got {self.answer_tokens}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.lora_rank is not None and self.lora_rank < 1:
@@ -185,8 +191,11 @@ def _block_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def sequence_lengths(config: VARGPTConfig, resolution: int, prompt_tokens: int) -> dict[str, int]:
-    """Tokens of one generation sample: LLM sequence, image tokens (decoder sequence), pad slots, context."""
+def sequence_lengths(
+    config: VARGPTConfig, resolution: int, prompt_tokens: int, answer_tokens: int = 2
+) -> dict[str, int]:
+    """Tokens of one generation sample: LLM sequence, image tokens (decoder sequence), pad slots, context, and
+    the rows the text loss reads (`answer_tokens`, at most the sample's non-slot tokens)."""
     stride = config.image_tokenizer_config.downsample_factor
     schedule = scale_schedule(resolution, stride=stride)
     image_tokens = sum(h * w for h, w in schedule)
@@ -197,6 +206,7 @@ def sequence_lengths(config: VARGPTConfig, resolution: int, prompt_tokens: int) 
         "image": image_tokens,
         "pads": pads,
         "context": prompt_tokens,
+        "text_loss": min(answer_tokens, prompt_tokens + 1),
     }
 
 
@@ -271,8 +281,8 @@ def activation_bytes(config: VARGPTConfig, setup: TrainingSetup, plan: StagePlan
     act = 2 if setup.precision == "bf16" else _FP32
     flow = _flow(plan, setup.lora_rank is not None)
     text, d = config.text_config, config.visual_decoder_config
-    seq = sequence_lengths(config, setup.resolution, setup.prompt_tokens)
-    L, T, N = seq["llm"], seq["image"], seq["context"]
+    seq = sequence_lengths(config, setup.resolution, setup.prompt_tokens, setup.answer_tokens)
+    L, T, N, read = seq["llm"], seq["image"], seq["context"], seq["text_loss"]
     head_dim = text.hidden_size // text.num_attention_heads
     layers, blocks = text.num_hidden_layers, d.depth
 
@@ -280,8 +290,12 @@ def activation_bytes(config: VARGPTConfig, setup: TrainingSetup, plan: StagePlan
     decoder_block = _decoder_block_bytes(config, flow, act, T, N) if flow.decoder_grad else 0
     # per forward: two square additive masks and the rotary tables of the LLM; the decoder's mask and tables
     once = 2 * _FP32 * L * L + 2 * act * L * head_dim + _FP32 * T * T + act * T * (d.embed_dim // d.num_heads)
-    # text head: its input where it trains, the fp32 log-softmax over the vocabulary of every token
-    head = (act * text.hidden_size * L if flow.head_weights else 0) + _FP32 * text.vocab_size * L
+    # text head, on the rows the text loss reads only: its input where it trains, their fp32 log-softmax over the
+    # vocabulary and the gather's boolean mask (a byte per position) where anything before the head trains
+    # (otherwise the text loss has no gradient)
+    head = act * text.hidden_size * read if flow.head_weights else 0
+    if read and (flow.llm_grad or flow.head_weights):
+        head += _FP32 * text.vocab_size * read + L
     # projectors (two-layer MLPs): input, hidden and GELU output where trained, else the GELU input
     C, H = d.embed_dim, text.hidden_size
     projectors = (3 if flow.projector_in else 1) * act * C * seq["pads"] * flow.llm_grad
@@ -294,7 +308,7 @@ def activation_bytes(config: VARGPTConfig, setup: TrainingSetup, plan: StagePlan
         kept = layers * llm_layer + blocks * decoder_block
         recompute = 0
     saved = kept + once + head + projectors + bit_logits
-    head_gradient = (2 * _FP32 + act) * text.vocab_size * L  # fp32 gradient, softmax temporary, 16-bit gradient
+    head_gradient = (2 * _FP32 + act) * text.vocab_size * read  # fp32 gradient, softmax temporary, 16-bit gradient
     # a recomputed layer's saved tensors and its backward's gradients
     transient = max(head_gradient, 2 * recompute)
     passes = 2 if plan.kind == "dpo" else 1  # chosen and rejected images before one backward
@@ -345,7 +359,7 @@ def training_memory(config: VARGPTConfig, setup: TrainingSetup) -> TrainingMemor
         step_transient=counts.largest_trained * _FP32,
         gradients_persist=not single,
         counts=counts,
-        sequence=sequence_lengths(config, setup.resolution, setup.prompt_tokens),
+        sequence=sequence_lengths(config, setup.resolution, setup.prompt_tokens, setup.answer_tokens),
     )
 
 
@@ -367,7 +381,8 @@ def format_training_memory(config: VARGPTConfig, setup: TrainingSetup) -> str:
         + ("mixed precision (fp32 master weights + 2 AdamW moments)" if setup.precision == "bf16" else "(AdamW)")
         + f", gradient checkpointing {'on' if setup.gradient_checkpointing else 'off'}",
         f"  sample: {seq['llm']} LLM tokens ({setup.prompt_tokens} prompt + {seq['pads']} image slots + 2), "
-        f"{seq['image']} decoder tokens; trained values {m.counts.trained:,} of {m.counts.total:,}",
+        f"{seq['image']} decoder tokens, text loss on {seq['text_loss']} tokens; trained values "
+        f"{m.counts.trained:,} of {m.counts.total:,}",
         f"  {'part':<34}{'GB':>8}",
     ]
     parts = [
