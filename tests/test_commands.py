@@ -232,3 +232,31 @@ def test_loading_options_that_cannot_apply_exit_2(tmp_path, capsys):
     assert "--max-memory needs --device-map auto" in capsys.readouterr().err
     assert vargpt(["chat", "hi", "--model", "tiny", "--device-map", "auto", "--max-memory", "lots"]) == 2
     assert "DEVICE=SIZE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("leave", ["/exit", "/quit", "exit", "Quit", "exit()"])
+def test_interactive_chat_opens_with_a_banner_and_leaves_without_a_turn(tmp_path, capsys, leave):
+    stdin = io.StringIO(f"{leave}\nnever read\n")
+    out = io.StringIO()
+    args = _chat_args(["--max-new-tokens", "4", "--out", str(tmp_path / "drawn")])
+    assert run_chat(args, stdin=stdin, stdout=out) == 0
+    banner = [line for line in capsys.readouterr().err.splitlines() if "/exit" in line]
+    assert banner == ["Chatting with tiny. Type /exit or /quit (or press Ctrl-D) to leave."]
+    assert out.getvalue() == ""  # no answer, no drawing
+    assert not (tmp_path / "drawn").exists()
+    assert stdin.readline() == "never read\n"
+
+
+def test_interactive_chat_ends_at_end_of_input_after_its_turns(tmp_path, capsys):
+    out = io.StringIO()
+    args = _chat_args(["--max-new-tokens", "4", "--no-images", "--out", str(tmp_path / "drawn")])
+    assert run_chat(args, stdin=io.StringIO("what is exit?\n"), stdout=out) == 0
+    assert out.getvalue().count("\n") == 1  # one turn: a line containing "exit" is a prompt like any other
+    assert "to leave" in capsys.readouterr().err
+    assert run_chat(args, stdin=io.StringIO(""), stdout=out) == 0  # EOF at once: banner, then nothing
+    assert out.getvalue().count("\n") == 1
+
+
+def test_a_one_shot_chat_prints_no_banner(capsys):
+    assert run_chat(_chat_args(["hello", "--max-new-tokens", "2"]), stdout=io.StringIO()) == 0
+    assert "to leave" not in capsys.readouterr().err

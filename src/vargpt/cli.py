@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.dpo_pairs import register_dpo_pairs_command
 
     register_dpo_pairs_command(sub)
+    from .data_commands import register_data_commands
+
+    register_data_commands(sub)
 
     p = sub.add_parser("inspect", help="parameters per module, dtypes, layout problems, memory estimates")
     p.add_argument(

@@ -19,11 +19,14 @@ from PIL import Image
 
 from .configuration import PRESETS
 from .generation_config import UNCOND_MODES
+from .model_card import ModelCard, model_card_of
 from .pipeline import default_model_name
 from .quantization import QUANTIZATION_MODES
 
 DEFAULT_MODEL = default_model_name()
 EXIT_COMMANDS = ("/exit", "/quit")
+# typed without the slash they still mean "leave", never a prompt (a drawing of "exit" helps nobody)
+BARE_EXIT_WORDS = ("exit", "quit", "exit()", "quit()")
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -123,7 +126,8 @@ def _image_arguments(p: argparse.ArgumentParser) -> None:
 
 # -- chat ---------------------------------------------------------------------------------------------------------
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    """One answer when a prompt is given, otherwise a conversation read line by line until EOF or /exit."""
+    """One answer when a prompt is given, otherwise a conversation read line by line: it opens with a banner saying
+    how to leave and ends at end of input or a line that `is_exit_command` (never drawing for it)."""
     from .image_io import load_image
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -135,21 +139,33 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     images = [load_image(_existing_file(path, "image")) for path in args.image]
     pipe = _load(args)
-    session = _ChatSession(pipe, args, stdout)
+    session = _ChatSession(pipe, args, stdout, model_card_of(pipe))
     if args.prompt is not None:
         session.turn(args.prompt, images)
         return 0
+    print(chat_banner(args.model), file=sys.stderr, flush=True)
     interactive = stdin.isatty()
     pending_images = images
     for line in _lines(stdin, "you> " if interactive else None):
         text = line.strip()
         if not text:
             continue
-        if text in EXIT_COMMANDS:
+        if is_exit_command(text):
             break
         session.turn(text, pending_images)
         pending_images = []
     return 0
+
+
+def chat_banner(model: str) -> str:
+    """The line an interactive chat opens with: whom you talk to and how to leave."""
+    return f"Chatting with {model}. Type /exit or /quit (or press Ctrl-D) to leave."
+
+
+def is_exit_command(text: str) -> bool:
+    """Whether a chat line asks to leave: /exit, /quit, or the bare words exit / quit (any case)."""
+    word = text.strip().lower()
+    return word in EXIT_COMMANDS or word in BARE_EXIT_WORDS
 
 
 class _ChatSession:
@@ -159,10 +175,11 @@ class _ChatSession:
     a second run into the same folder (the default one) keeps the first run's images.
     """
 
-    def __init__(self, pipe: Any, args: argparse.Namespace, stdout: TextIO) -> None:
+    def __init__(self, pipe: Any, args: argparse.Namespace, stdout: TextIO, card: ModelCard | None = None) -> None:
         self.pipe = pipe
         self.args = args
         self.stdout = stdout
+        self.card = card  # the model's card, if it has one: turns with words it never saw earn a warning
         self.history: list[dict] = []
         self.images: list[Image.Image] = []
         self.turns = 0
@@ -171,6 +188,8 @@ class _ChatSession:
     def turn(self, text: str, new_images: Sequence[Image.Image]) -> None:
         from .serving.engine import StreamDecoder, assistant_message, converse_batch, user_message
 
+        if self.card is not None:
+            _warn(self.card.warnings(text))
         message = user_message(text, len(new_images))
         decoder = StreamDecoder(self.pipe)
         image_start = self.pipe.model.config.image_gen_start_token_id
@@ -257,6 +276,9 @@ def run_generate(args: argparse.Namespace) -> int:
     settings = _image_config(args, pipe.image_config)
     _check_size(pipe, args.size)
     resolved = settings.updated(resolution=args.size or pipe.model.config.image_resolution)
+    card = model_card_of(pipe)
+    warnings = [] if card is None else card.warnings(prompts, resolved.resolution)
+    _warn(warnings)
     rows = [(i, p, s) for i, p in enumerate(prompts) for s in range(args.num_images)]
     batches = [rows[start : start + args.batch_size] for start in range(0, len(rows), args.batch_size)]
     out = Path(args.out)
@@ -296,6 +318,7 @@ def run_generate(args: argparse.Namespace) -> int:
             "batch; with --batch-size 1 it depends only on its prompt and seed"
         ),
         "contact_sheet": "contact_sheet.png",
+        "warnings": warnings,
         "images": records,
     }
     (out / "generations.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -358,11 +381,17 @@ def run_edit(args: argparse.Namespace) -> int:
     pipe = _load(args)
     settings = _image_config(args, pipe.image_config)
     _check_size(pipe, args.size)
+    card = model_card_of(pipe)
+    if card is not None:
+        _warn(card.warnings(args.instruction, args.size))
     changes = {k: v for k, v in settings.to_dict().items() if k != "resolution"}
     edited = pipe.edit(source, args.instruction, seed=args.seed, resolution=args.size, **changes)
     out.parent.mkdir(parents=True, exist_ok=True)
     edited.save(out)
     print(f"edited image written to {out}")
+    score = None if card is None else card.score_line("editing")
+    if score is not None:
+        print(f"note: {score}")
     return 0
 
 
@@ -380,6 +409,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 # -- shared -------------------------------------------------------------------------------------------------------
+def _warn(lines: Sequence[str]) -> None:
+    """Warnings of the model card: one line each on stderr, never an error (the command goes on)."""
+    for line in lines:
+        print(f"vargpt: warning: {line}", file=sys.stderr, flush=True)
+
+
 def _existing_file(path: str, what: str) -> str:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what} {path!r} does not exist or is not a file")

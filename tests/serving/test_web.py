@@ -264,3 +264,36 @@ def test_the_page_chats_about_an_uploaded_picture_draws_and_edits(served_demo, s
         with Image.open(path) as screenshot:
             assert screenshot.format == "PNG" and screenshot.width == 1200 and screenshot.height >= 900
             assert len(screenshot.convert("RGB").getcolors(maxcolors=1 << 20) or ()) > 50  # a page, not a blank
+
+
+# -- the model card's warnings (issue 28) ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shapes_handlers() -> _Handlers:
+    return _Handlers(VARGPTPipeline.from_pretrained("vargpt-shapes-tiny", device="cpu"))
+
+
+def test_unseen_words_and_untrained_sizes_warn_on_the_page_without_refusing(shapes_handlers):
+    with pytest.warns(UserWarning) as caught:
+        images = shapes_handlers.generate("a dog", 1, 0, "model defaults", 3.0, 1.0, 0.97, 16)
+    assert [image.size for image in images] == [(16, 16)]
+    words, size = (str(w.message) for w in caught)
+    assert "&#x27;dog&#x27;" in words and "16 px" in size  # escaped: Gradio shows it as HTML
+    with pytest.warns(UserWarning, match="pink"):
+        shapes_handlers.edit(demo_scene(), "make the circle pink", 0)
+    with pytest.warns(UserWarning, match="hello"):
+        shapes_handlers.chat({"text": "hello", "files": []}, [], [], max_new_tokens=2, seed=0)
+
+
+def test_known_words_and_card_less_models_warn_nothing(shapes_handlers, handlers, recwarn):
+    shapes_handlers.generate("a photo of a red circle", 1, 0, "model defaults", 3.0, 1.0, 0.97, 32)
+    handlers.generate("a dog", 1, 0, "paper", 1.5, 0.5, 0.95, 24)  # the tiny preset has no card
+    assert not [w for w in recwarn if w.category is UserWarning]
+
+
+def test_the_page_states_the_models_summary_and_editing_score(shapes_handlers, pipe):
+    def texts(demo: gr.Blocks) -> str:
+        return " ".join(str(b.value) for b in demo.blocks.values() if isinstance(b, gr.Markdown))
+
+    page = texts(build_web_demo(shapes_handlers.pipe))
+    assert "vargpt-shapes-tiny" in page and "measured editing score is 0.0" in page
+    assert "measured" not in texts(build_web_demo(pipe))

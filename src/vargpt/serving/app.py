@@ -20,6 +20,11 @@ Choices where OpenAI's API has no answer for this model:
   must be PNG, JPEG, WebP, GIF, BMP or TIFF (`SERVER_IMAGE_FORMATS`): other decoders never see untrusted bytes.
 * `images/generations` and `images/edits` answer `b64_json` whether or not `response_format` is given (as OpenAI's
   gpt-image models do); `response_format: "url"` is refused with a 400, since the server keeps no files to link.
+* A model whose folder holds a `model_card.json` (the shipped `vargpt-shapes-tiny` does; see `vargpt.model_card`)
+  gets warnings, never refusals: when the prompt (a chat's last user message) uses words the model never saw in
+  training, or asks for a `size` it was not trained at, the response carries a top-level `"warnings"` list of
+  one-line strings (in a streamed chat, on the first chunk). Without warnings, or without a card, the field is
+  absent and responses are as OpenAI's.
 
 One request cannot stall the others: prompts are refused by length before tokenising (`CHARS_PER_TOKEN_BOUND`)
 and tokenised off the event loop; a request whose client timed out or disconnected leaves the queue at once, or
@@ -52,6 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationCancelled, stop_when
 from ..image_io import ImageInputError, load_image
+from ..model_card import model_card_of
 from ..pipeline import VARGPTPipeline
 from .batching import BatchCancelledError, BatchingWorker, Job, QueueFullError
 from .engine import StreamDecoder, assistant_message, converse_batch, user_message
@@ -163,6 +169,7 @@ class _Service:
         self.started = int(time.time())
         self.context = pipe.model.config.text_config.max_position_embeddings
         self.native_resolution = pipe.model.config.image_resolution
+        self.card = model_card_of(pipe)  # None: a checkpoint without a card, which gets no warnings
         runners = {"chat": self._run_chat, "generate": self._run_generate, "edit": self._run_edit}
         runners = {kind: _stoppable(runner) for kind, runner in runners.items()}
         self.worker = BatchingWorker(runners, config.max_batch_size, config.queue_size)
@@ -172,6 +179,12 @@ class _Service:
         self.tokenizer = copy.deepcopy(pipe.processor.tokenizer)
 
     # -- checks ---------------------------------------------------------------------------------------------
+    def warnings(self, text: str, resolution: int | None = None) -> dict[str, list[str]]:
+        """`{"warnings": [...]}` for a response when the model's card finds unseen words in `text` or an
+        untrained `resolution`; `{}` otherwise (and always for a model without a card)."""
+        found = [] if self.card is None else self.card.warnings(text, resolution)
+        return {"warnings": found} if found else {}
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.config.model_name:
             raise APIError(
@@ -298,6 +311,7 @@ class _Service:
             self.pipe.processor.apply_chat_template, conversation, add_generation_prompt=True, tokenize=False
         )
         prompt_tokens = await self.check_tokens(text, max_new, "messages")
+        warnings = self.warnings(_last_user_text(body.messages))
         sampling: dict[str, Any] = {"max_new_tokens": max_new}
         if body.temperature:
             sampling |= {"do_sample": True, "temperature": body.temperature, "top_p": body.top_p or 1.0}
@@ -328,7 +342,7 @@ class _Service:
                 "model": self.config.model_name,
                 "choices": [choice],
                 "usage": usage,
-            }
+            } | warnings
         # Streaming: the events queue carries text deltas, then `_END` once the job's future has settled. The first
         # event is awaited before answering, so a request that never starts still gets a real 504.
         future.add_done_callback(lambda _: events.put_nowait(_END))
@@ -343,14 +357,23 @@ class _Service:
             await self.wait(job, future, deadline, request)  # raises the 504, or the job's error
         chunks = _ChunkWriter(reply_id, created, self.config.model_name)
         return StreamingResponse(
-            self.stream(job, future, events, first, deadline, chunks),
+            self.stream(job, future, events, first, deadline, chunks, warnings),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
 
-    async def stream(self, job: Job, future, events: asyncio.Queue, first, deadline: float, chunks: _ChunkWriter):
+    async def stream(
+        self,
+        job: Job,
+        future,
+        events: asyncio.Queue,
+        first,
+        deadline: float,
+        chunks: _ChunkWriter,
+        warnings: dict[str, list[str]],
+    ):
         try:
-            yield chunks.sse({"role": "assistant", "content": ""})
+            yield chunks.sse({"role": "assistant", "content": ""}, extra=warnings)
             item = first
             while item is not _END:
                 if item is not None:
@@ -475,7 +498,8 @@ class _Service:
         settings = self.image_settings(body.model_dump(), body.size)
         await self.check_tokens(body.prompt, 1, "prompt")
         payload = {"prompt": body.prompt}
-        return await self.run_images("generate", payload, body.n, body.seed, settings, request)
+        response = await self.run_images("generate", payload, body.n, body.seed, settings, request)
+        return response | self.warnings(body.prompt, settings["resolution"])
 
     async def edit(self, request: Request) -> dict:
         try:
@@ -502,7 +526,8 @@ class _Service:
             seed = _form_number(fields, "seed", int, None)
             await self.check_tokens(prompt, 1, "prompt")
             image = await self.decode_image(await files[0].read(), "image")
-        return await self.run_images("edit", {"prompt": prompt, "image": image}, n, seed, settings, request)
+        response = await self.run_images("edit", {"prompt": prompt, "image": image}, n, seed, settings, request)
+        return response | self.warnings(prompt, settings["resolution"])
 
     async def run_images(
         self, kind: str, payload: dict, n: int, seed: int | None, settings: dict, request: Request | None
@@ -575,6 +600,14 @@ def _form_number(fields: dict[str, str], name: str, kind: type, default: Any) ->
         return kind(fields[name])
     except ValueError:
         raise APIError(400, f"{name} must be a number, got {fields[name]!r}", param=name) from None
+
+
+def _last_user_text(messages: Sequence[ChatMessage]) -> str:
+    """The text of the last user message: the prompt a chat answers (earlier turns were warned about then)."""
+    users = [m for m in messages if m.role == "user"]
+    if not users:
+        return ""
+    return "\n".join(p["text"] or "" for p in _parts(users[-1]) if p["type"] == "text")
 
 
 def _parts(message: ChatMessage) -> list[dict]:
@@ -668,9 +701,9 @@ class _ChunkWriter:
     def __init__(self, reply_id: str, created: int, model: str) -> None:
         self.base = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model}
 
-    def sse(self, delta: dict, finish_reason: str | None = None) -> str:
+    def sse(self, delta: dict, finish_reason: str | None = None, extra: dict | None = None) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return _sse(self.base | {"choices": [choice]})
+        return _sse(self.base | {"choices": [choice]} | (extra or {}))
 
 
 class _GuardMiddleware:

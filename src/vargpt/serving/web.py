@@ -4,6 +4,10 @@ Gradio is not a dependency of vargpt (`pip install gradio`); only this module im
 for a person at the machine: it listens on loopback by default, sends no analytics, makes no share link
 unless asked and renders server-side nothing (no Node process). One pipeline holds one model whose
 generation is not re-entrant, so every event shares one queue slot: requests run one at a time, in order.
+
+A model with a card (`model_card.json`, see `vargpt.model_card`) gets a yellow one-line warning (`gr.Warning`)
+when a prompt uses words it never saw in training or asks for a size it was not trained at, and the page states
+its summary and, on the Edit tab, its measured editing score.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
 from ..generation_config import IMAGE_PRESETS
+from ..model_card import ModelCard, model_card_of
 
 if TYPE_CHECKING:
     from ..pipeline import ChatTurn, VARGPTPipeline
@@ -64,6 +69,12 @@ class _Handlers:
 
     def __init__(self, pipe: VARGPTPipeline) -> None:
         self.pipe = pipe
+        self.card = model_card_of(pipe)  # None: no warnings
+
+    def warn(self, text: str, resolution: int | None = None) -> None:
+        """The card's warnings as yellow notices on the page (outside an event: Python warnings); never a refusal."""
+        for line in [] if self.card is None else self.card.warnings(text, resolution):
+            gr.Warning(html.escape(line))
 
     def chat(
         self,
@@ -84,6 +95,7 @@ class _Handlers:
         if not text:
             raise _refusal("Type a question or an instruction first (a picture alone is not a prompt).")
         images = [_open_image(path) for path in paths]
+        self.warn(text)
         turn = _call(
             self.pipe.converse,
             text,
@@ -114,6 +126,8 @@ class _Handlers:
             raise _refusal("Describe the picture to draw first: the prompt is empty.")
         if preset != MODEL_DEFAULTS and preset not in IMAGE_PRESETS:
             raise _refusal(f"Unknown preset {preset!r}; choose {MODEL_DEFAULTS!r} or one of {sorted(IMAGE_PRESETS)}.")
+        size = _positive_int(resolution, "resolution")
+        self.warn(prompt, size)
         return _call(
             self.pipe.generate,
             prompt,
@@ -123,7 +137,7 @@ class _Handlers:
             cfg_scale=float(cfg_scale),
             tau=float(tau),
             top_p=float(top_p),
-            resolution=_positive_int(resolution, "resolution"),
+            resolution=size,
         )
 
     def edit(self, image: Image.Image | None, instruction: str, seed: float | None) -> Image.Image:
@@ -132,6 +146,7 @@ class _Handlers:
             raise _refusal("Upload the picture to edit first.")
         if not instruction:
             raise _refusal("Say how to change the picture: the instruction is empty.")
+        self.warn(instruction)
         return _call(self.pipe.edit, image.convert("RGB"), instruction, seed=_seed(seed))
 
     def preset_values(self, preset: str) -> tuple[float, float, float]:
@@ -155,7 +170,9 @@ def build_web_demo(pipe: VARGPTPipeline) -> gr.Blocks:
 
     # Uploads and drawn pictures are cached as files by Gradio: drop them after an hour, and all at shutdown.
     with gr.Blocks(title="vargpt", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown("# vargpt\nAsk about pictures, draw them and edit them with one model.")
+        gr.Markdown(
+            "# vargpt\nAsk about pictures, draw them and edit them with one model." + _card_summary(handlers.card)
+        )
         with gr.Tab("Chat", id="chat"):
             chatbot = gr.Chatbot(label="Conversation", elem_id="chat-box", height=420, feedback_options=None)
             history = gr.State([])
@@ -216,6 +233,8 @@ def build_web_demo(pipe: VARGPTPipeline) -> gr.Blocks:
                     edited = gr.Image(
                         type="pil", format="png", label="Edited", interactive=False, elem_id="edit-output"
                     )
+            if handlers.card is not None and handlers.card.score_line("editing"):
+                gr.Markdown(html.escape(handlers.card.score_line("editing")), elem_id="edit-score")
             apply.click(handlers.edit, [source, instruction, edit_seed], edited, **queued)
 
     demo.queue(default_concurrency_limit=1)
@@ -248,6 +267,13 @@ def launch_web_demo(
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+def _card_summary(card: ModelCard | None) -> str:
+    """The header's second paragraph: what the model is, from its card (nothing for a model without one)."""
+    if card is None or not card.facts.get("summary"):
+        return ""
+    return f"\n\n**{html.escape(card.model)}**: {html.escape(str(card.facts['summary']))}"
+
+
 def _refusal(message: str) -> gr.Error:
     """An error the page shows as a message. Expected, so no traceback in the log; escaped, because Gradio
     renders the message as HTML and it may quote a file name or a prompt."""

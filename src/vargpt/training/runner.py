@@ -43,7 +43,7 @@ from ..tokenization import (
 )
 from .checkpointing import CompleteCheckpointCallback, last_complete_checkpoint
 from .plots import image_rows, loss_curve
-from .recipe import TASKS, RecipeSpec, StageSpec
+from .recipe import RecipeSpec, StageSpec
 from .stages import STAGES, apply_stage
 from .tokenizer import TokenizerTrainingModel, psnr_db, reconstruct
 from .trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments
@@ -94,38 +94,19 @@ def learn_text_merges(spec: RecipeSpec, data: Path) -> list[tuple[str, str]]:
 
 
 def _world_config(spec: RecipeSpec):
-    from ..data.shapes_scene import ShapesWorldConfig
+    from ..data.recipe_splits import recipe_world_config
 
-    return ShapesWorldConfig(image_size=spec.data.image_size, generation_layout=spec.data.generation_layout)
+    return recipe_world_config(spec.data.image_size, spec.data.generation_layout)
 
 
 def prepare_data(spec: RecipeSpec, folder: Path) -> Path:
-    """Write the shapes-world splits once, plus one JSONL per task so stages can pick their mixture."""
-    from ..data.shapes_dataset import write_sharegpt_dataset
+    """Write the shapes-world splits once, plus one JSONL per task so stages can pick their mixture (the same
+    files `vargpt data shapes` writes)."""
+    from ..data.recipe_splits import write_recipe_splits
 
     if _done(folder):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split in ("train", "validation", "test"):
-        sizes = getattr(spec.data, split)
-        path = write_sharegpt_dataset(
-            folder,
-            split,
-            sizes.get("understanding", 0),
-            sizes.get("generation", 0),
-            sizes.get("editing", 0),
-            seed=spec.seed,
-            image_size=spec.data.image_size,
-            config=_world_config(spec),
-        )
-        by_task: dict[str, list[str]] = {t: [] for t in TASKS}
-        for line in path.read_text().splitlines():
-            by_task[json.loads(line)["meta"]["task"]].append(line)
-        for task, lines in by_task.items():
-            (folder / f"{split}-{task}.jsonl").write_text("".join(line + "\n" for line in lines))
-        counts[split] = {t: len(v) for t, v in by_task.items()}
-    _mark_done(folder, {"rows": counts})
+    _mark_done(folder, {"rows": write_recipe_splits(spec.data, spec.seed, folder)})
     return folder
 
 
