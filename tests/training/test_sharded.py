@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,18 @@ def run_worker(processes: int, mode: str, checkpoint: Path, data: Path) -> list[
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
         str(WORKER), "--mode", mode, "--checkpoint", str(checkpoint), "--data", str(data),
     ]  # fmt: skip
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    # its own session, so a hang takes torchrun's worker processes down with it, not only torchrun
+    proc = subprocess.Popen(
+        command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{mode} with {processes} processes did not finish in 300 s")
+    assert proc.returncode == 0, stderr[-3000:]
+    reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in reports) == list(range(processes))
     return sorted(reports, key=lambda r: r["rank"])
 
