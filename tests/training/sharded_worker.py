@@ -3,8 +3,8 @@
 Neither runs through `vargpt finetune` on a CPU-only machine (accelerate enables FSDP and DeepSpeed only on
 accelerators and runs CPU processes as DDP), so this worker drives the same pieces by hand: the distributed
 state exists before the model loads (as `run_finetune` builds `TrainingArguments` first), the checkpoint loads
-through `run_finetune`'s own `load_for_training`, and the model trains sharded. It prints one JSON line
-per rank: the losses (averaged over ranks) and the parameter bytes this rank held right after loading.
+through `run_finetune`'s own `load_for_training`, and the model trains sharded. It writes one JSON report
+per rank into a file: the losses (averaged over ranks) and the parameter bytes this rank held right after loading.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--report", required=True, help="folder for one rank<N>.json per process")
     args = parser.parse_args()
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     per_rank = GLOBAL_BATCH // world
@@ -110,7 +112,8 @@ def main() -> None:
         loss = outputs.loss.detach().clone()
         dist.all_reduce(loss)
         losses.append(float(loss) / world)
-    print(json.dumps({"rank": rank, "losses": losses, "parameter_bytes_after_loading": loaded_bytes}), flush=True)
+    report = {"rank": rank, "losses": losses, "parameter_bytes_after_loading": loaded_bytes}
+    (Path(args.report) / f"rank{rank}.json").write_text(json.dumps(report))  # a file each: stdout lines interleave
     dist.destroy_process_group()
 
 

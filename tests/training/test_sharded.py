@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,22 +26,23 @@ def generation_rows(tmp_path_factory) -> Path:
 
 
 def run_worker(processes: int, mode: str, checkpoint: Path, data: Path) -> list[dict]:
+    report = Path(tempfile.mkdtemp(prefix=f"{mode}-{processes}-"))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-        str(WORKER), "--mode", mode, "--checkpoint", str(checkpoint), "--data", str(data),
+        str(WORKER), "--mode", mode, "--checkpoint", str(checkpoint), "--data", str(data), "--report", str(report),
     ]  # fmt: skip
     # its own session, so a hang takes torchrun's worker processes down with it, not only torchrun
     proc = subprocess.Popen(
         command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        _, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail(f"{mode} with {processes} processes did not finish in 300 s")
     assert proc.returncode == 0, stderr[-3000:]
-    reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    reports = [json.loads(path.read_text()) for path in report.glob("rank*.json")]
     assert sorted(r["rank"] for r in reports) == list(range(processes))
     return sorted(reports, key=lambda r: r["rank"])
 
