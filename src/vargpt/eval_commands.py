@@ -105,16 +105,20 @@ def _dpg_sample(args: argparse.Namespace) -> int:
 
 
 def _geneval_score(args: argparse.Namespace) -> int:
-    from .evaluation.geneval import NO_FILTER, OFFICIAL_FILTER, ShapesDetector, score_geneval_folder
+    from .evaluation.geneval import NO_FILTER, OFFICIAL_FILTER, geneval_images, make_detector, score_geneval_folder
 
-    if args.detector != "shapes":
-        raise ValueError(f"unknown detector {args.detector!r}; built in: shapes (plug others in through the API)")
     folder = Path(args.images)
+    geneval_images(folder)  # a bad folder fails before any model loads
     results_path = Path(args.results) if args.results else folder / "results.jsonl"
-    detection_filter = OFFICIAL_FILTER if args.official_thresholds else NO_FILTER
+    # The geneval judge's scores are confidences, so its thresholds are always the official ones.
+    official = args.official_thresholds or args.detector == "geneval"
+    detection_filter = OFFICIAL_FILTER if official else NO_FILTER
+    detector = make_detector(
+        args.detector, detector_model=args.detector_model, clip_model=args.clip_model, device=args.device
+    )
     _, summary = score_geneval_folder(
         folder,
-        ShapesDetector(),
+        detector,
         detection_filter=detection_filter,
         results_path=results_path,
         progress=not args.quiet,
@@ -126,24 +130,27 @@ def _geneval_score(args: argparse.Namespace) -> int:
 
 
 def _dpg_score(args: argparse.Namespace) -> int:
-    from .evaluation.dpg import ShapesVQA, read_dpg_questions, score_dpg_folder
+    from .evaluation.dpg import read_dpg_questions, resolve_vqa, score_dpg_folder, write_category_csv
+    from .evaluation.dpg_judge import parse_vqa_spec
 
-    if args.vqa != "shapes":
-        raise ValueError(f"unknown VQA model {args.vqa!r}; built in: shapes (plug others in through the API)")
+    parse_vqa_spec(args.vqa)  # a bad --vqa fails before any file is read or model loaded
     folder = Path(args.images)
     results_path = Path(args.results) if args.results else folder.parent / f"{folder.name}_dpg_results.jsonl"
     tile = (args.resolution, args.resolution) if args.resolution else None
+    questions = read_dpg_questions(args.questions)
     _, summary = score_dpg_folder(
         folder,
-        read_dpg_questions(args.questions),
-        ShapesVQA(),
+        questions,
+        resolve_vqa(args.vqa, device=args.device),
         tiles=args.pic_num,
         tile_size=tile,
         results_path=results_path,
         progress=not args.quiet,
     )
+    summary["vqa"] = args.vqa
     summary_path = results_path.with_name(results_path.stem + "_summary.json")
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_category_csv(summary, results_path.with_name(results_path.stem + "_categories.csv"))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -197,7 +204,22 @@ def register_eval_commands(eval_subparsers) -> None:
 
     p = eval_subparsers.add_parser("geneval-score", help="score a GenEval-layout folder (results JSONL + summary)")
     p.add_argument("images", help="the folder geneval-sample wrote")
-    p.add_argument("--detector", default="shapes", help="built-in detector (default: %(default)s)")
+    p.add_argument(
+        "--detector",
+        default="shapes",
+        choices=("shapes", "geneval"),
+        help="'shapes' (exact shapes-world detector) or 'geneval' (the official judge's models: Mask2Former "
+        "COCO instances + CLIP colours, official thresholds always on) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--detector-model",
+        default=None,
+        help="geneval: Mask2Former Hub id or folder (default: facebook/mask2former-swin-small-coco-instance)",
+    )
+    p.add_argument(
+        "--clip-model", default=None, help="geneval: CLIP Hub id or folder (default: openai/clip-vit-large-patch14)"
+    )
+    p.add_argument("--device", default=None, help="geneval: cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--results", default=None, help="results JSONL (default: IMAGES/results.jsonl)")
     p.add_argument(
         "--official-thresholds",
@@ -210,7 +232,15 @@ def register_eval_commands(eval_subparsers) -> None:
     p = eval_subparsers.add_parser("dpg-score", help="score a DPG-Bench folder with a VQA model")
     p.add_argument("images", help="the folder dpg-sample wrote")
     p.add_argument("--questions", required=True, help="DPG-Bench question file (dpg_bench.csv)")
-    p.add_argument("--vqa", default="shapes", help="built-in VQA model (default: %(default)s)")
+    p.add_argument(
+        "--vqa",
+        default="shapes",
+        help="judge: 'shapes' (the shapes world's VQA) or 'hf:<Hub id or folder>', a transformers "
+        "AutoModelForVisualQuestionAnswering model, e.g. hf:Salesforce/blip-vqa-capfilt-large (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device", default=None, help="hf: judge's device: cpu, cuda, cuda:1 ... (default: cuda when available)"
+    )
     p.add_argument("--resolution", type=int, default=None, help="tile side in px (default: half the grid)")
     p.add_argument("--pic-num", type=int, default=4, help="tiles scored per grid (official default 4)")
     p.add_argument("--results", default=None, help="results JSONL (default: beside IMAGES)")

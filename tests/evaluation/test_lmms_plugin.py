@@ -1,5 +1,5 @@
 """The lmms-eval plugin: entry-point discovery, batched generate_until, loglikelihood, and the real lmms-eval CLI
-on a shapes-world VQA task reporting the same accuracy as `vargpt eval shapes`.
+on a shapes-world VQA task reporting the same accuracy as `vargpt eval shapes`, in one process and across two.
 
 Skipped when lmms-eval is not installed (the `lmms` extra).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -23,13 +24,15 @@ from lmms_eval.api.instance import Instance
 
 from vargpt import VARGPTPipeline
 from vargpt.data.shapes_dataset import write_sharegpt_dataset
-from vargpt.evaluation.lmms_plugin import VARGPTLmms, model_manifest
+from vargpt.evaluation.lmms_plugin import VARGPTLmms, launcher_ranks, model_manifest, process_device
 from vargpt.evaluation.lmms_tasks.shapes_vqa import shapes_vqa_documents, write_shapes_vqa_task
 from vargpt.evaluation.shapes_eval import evaluate_split
 from vargpt.evaluation.shapes_scoring import normalize_answer
 
 BATCH = 4
 MAX_NEW_TOKENS = 12  # what `vargpt eval shapes` and the task template both use
+TWO_PROCESS_LIMIT = 7  # odd: one rank gets a padding request, which must not reach the results
+CPU_2PROC_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "cpu-2proc.yaml"
 
 
 def _steer_to_constant_answer(pipe: VARGPTPipeline, answer: str) -> None:
@@ -77,12 +80,29 @@ def yes_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _start_lmms_eval(pretrained: str | Path, task_dir: Path, out: Path) -> subprocess.Popen:
-    """The real CLI in a subprocess (the two CLI tests' runs overlap to halve the wall time on 2+ cores)."""
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_lmms_eval(
+    pretrained: str | Path, task_dir: Path, out: Path, processes: int = 1, limit: int | None = None
+) -> subprocess.Popen:
+    """The real CLI in a subprocess (the two CLI tests' runs overlap to halve the wall time on 2+ cores).
+
+    Several processes go through `accelerate launch` with the CPU config (gloo), on a free port so that runs
+    side by side do not meet, and with GPUs hidden so the test means the same on a GPU machine.
+    """
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HOME": str(out / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        launcher += ["-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC_CONFIG)]
+        launcher += ["--num_processes", str(processes), "--main_process_port", str(_free_port())]
     command = [
-        sys.executable,
+        *launcher,
         "-m",
         "lmms_eval",
         "--model",
@@ -99,11 +119,13 @@ def _start_lmms_eval(pretrained: str | Path, task_dir: Path, out: Path) -> subpr
         "--output_path",
         str(out / "results"),
     ]
+    if limit is not None:
+        command += ["--limit", str(limit)]
     return subprocess.Popen(command, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish_lmms_eval(process: subprocess.Popen, out: Path) -> tuple[float, list[dict]]:
-    """(accuracy lmms-eval reports, its logged samples in document order)."""
+def _finish_lmms_eval(process: subprocess.Popen, out: Path) -> tuple[float, list[dict], str]:
+    """(accuracy lmms-eval reports, its logged samples in document order, its log)."""
     log, _ = process.communicate(timeout=600)
     assert process.returncode == 0, log[-5000:]
     # lmms-eval logs some failures (an incompatible dependency, say) and still exits 0: show its log then
@@ -113,21 +135,36 @@ def _finish_lmms_eval(process: subprocess.Popen, out: Path) -> tuple[float, list
     (results_file,), (samples_file,) = results_files, samples_files
     accuracy = json.loads(results_file.read_text())["results"]["shapes_vqa"]["accuracy,none"]
     samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
-    return accuracy, sorted(samples, key=lambda s: s["doc_id"])
+    return accuracy, sorted(samples, key=lambda s: s["doc_id"]), log
+
+
+def _run_all(starts: dict[str, tuple[Path, subprocess.Popen]]) -> dict[str, tuple[float, list[dict], str]]:
+    try:
+        return {name: _finish_lmms_eval(process, out) for name, (out, process) in starts.items()}
+    finally:
+        for _, process in starts.values():
+            if process.poll() is None:
+                process.kill()
 
 
 @pytest.fixture(scope="module")
-def cli_results(task_dir, yes_model_dir, tmp_path_factory) -> dict[str, tuple[float, list[dict]]]:
+def cli_results(task_dir, yes_model_dir, tmp_path_factory) -> dict[str, tuple[float, list[dict], str]]:
     """lmms-eval on the random `tiny` preset and on the always-"yes" model."""
-    outs = {name: tmp_path_factory.mktemp(f"lmms_{name}") for name in ("tiny", "yes")}
-    runs = {"tiny": _start_lmms_eval("tiny", task_dir, outs["tiny"])}
-    runs["yes"] = _start_lmms_eval(yes_model_dir, task_dir, outs["yes"])
-    try:
-        return {name: _finish_lmms_eval(process, outs[name]) for name, process in runs.items()}
-    finally:
-        for process in runs.values():
-            if process.poll() is None:
-                process.kill()
+    starts = {}
+    for name, pretrained in (("tiny", "tiny"), ("yes", yes_model_dir)):
+        out = tmp_path_factory.mktemp(f"lmms_{name}")
+        starts[name] = (out, _start_lmms_eval(pretrained, task_dir, out))
+    return _run_all(starts)
+
+
+@pytest.fixture(scope="module")
+def two_process_results(task_dir, yes_model_dir, tmp_path_factory) -> dict[str, tuple[float, list[dict], str]]:
+    """The same two models under `accelerate launch` with two CPU processes, on the first documents."""
+    starts = {}
+    for name, pretrained in (("tiny", "tiny"), ("yes", yes_model_dir)):
+        out = tmp_path_factory.mktemp(f"lmms_2proc_{name}")
+        starts[name] = (out, _start_lmms_eval(pretrained, task_dir, out, processes=2, limit=TWO_PROCESS_LIMIT))
+    return _run_all(starts)
 
 
 def _response(sample: dict) -> str:
@@ -253,12 +290,49 @@ def test_model_args_are_checked():
         VARGPTLmms(pretrained="tiny", batch_size="auto")
 
 
+# ---------------------------------------------------------------- several processes
+
+
+def test_launcher_ranks_read_torchrun_and_accelerate_variables():
+    assert launcher_ranks({}) == (0, 1, 0)
+    assert launcher_ranks({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (5, 8, 1)
+    assert launcher_ranks({"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2, 1)  # no LOCAL_RANK: one machine
+    with pytest.raises(ValueError, match="inconsistent launcher variables"):
+        launcher_ranks({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    with pytest.raises(ValueError, match="must be integers"):
+        launcher_ranks({"RANK": "one", "WORLD_SIZE": "2"})
+
+
+def test_each_process_gets_its_own_device():
+    cpu, cuda = torch.device("cpu"), torch.device
+    assert process_device(None, 0, 1, cuda_devices=2) is None  # one process: the pipeline's default
+    assert process_device("cuda:1", 0, 1, cuda_devices=2) == cuda("cuda", 1)
+    assert process_device(None, 1, 2, cuda_devices=2) == cuda("cuda", 1)
+    assert process_device("cuda", 1, 2, cuda_devices=2) == cuda("cuda", 1)
+    assert process_device(None, 1, 2, cuda_devices=0) == cpu
+    assert process_device("cpu", 1, 2, cuda_devices=2) == cpu
+    with pytest.raises(ValueError, match="would put all 2 processes on one device"):
+        process_device("cuda:0", 1, 2, cuda_devices=2)
+    with pytest.raises(ValueError, match="no GPU of its own"):
+        process_device(None, 2, 4, cuda_devices=2)
+
+
+def test_the_plugin_reports_the_launchers_rank(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    plugin = VARGPTLmms(pretrained="tiny", device="cpu")  # a device type is fine, all processes may use the CPU
+    assert (plugin.rank, plugin.world_size, plugin.device) == (1, 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="one device"):
+        VARGPTLmms(pretrained="tiny", device="cuda:0")
+
+
 # ---------------------------------------------------------------- the real lmms-eval CLI
 
 
 def test_lmms_eval_cli_answers_row_by_row_like_the_pipeline(split, cli_results):
     """A random model's answers depend on image and question: every row must match `chat_batch`'s answer."""
-    accuracy, samples = cli_results["tiny"]
+    accuracy, samples, _ = cli_results["tiny"]
     docs = shapes_vqa_documents(split)
     pipe = VARGPTPipeline.from_pretrained("tiny")
     expected = []
@@ -274,7 +348,7 @@ def test_lmms_eval_cli_answers_row_by_row_like_the_pipeline(split, cli_results):
 
 def test_lmms_eval_cli_accuracy_equals_vargpt_eval_shapes(split, yes_model_dir, cli_results):
     """A model that always says "yes" is right on exactly the yes-rows, under both harnesses."""
-    accuracy, samples = cli_results["yes"]
+    accuracy, samples, _ = cli_results["yes"]
     report = evaluate_split(VARGPTPipeline.from_pretrained(yes_model_dir), split, batch_size=BATCH, progress=False)
     docs = shapes_vqa_documents(split)
     hits = [float(normalize_answer(d["answer"]) == "yes") for d in docs]
@@ -282,3 +356,19 @@ def test_lmms_eval_cli_accuracy_equals_vargpt_eval_shapes(split, yes_model_dir, 
     assert 0.0 < accuracy < 1.0
     assert accuracy == pytest.approx(report["understanding"]["accuracy"], abs=1e-12)
     assert report["understanding"]["n"] == len(docs)
+
+
+def test_two_processes_give_the_one_process_results(cli_results, two_process_results):
+    """Each process reports its rank and sits on its own device; lmms-eval shards the documents (padding the
+    shorter rank) and gathers them: every document is answered once, as in one process, with the same metric."""
+    for name in ("tiny", "yes"):
+        accuracy, samples, log = two_process_results[name]
+        _, one_process_samples, _ = cli_results[name]
+        first = one_process_samples[:TWO_PROCESS_LIMIT]
+        assert "vargpt: process 0 of 2 on cpu" in log and "vargpt: process 1 of 2 on cpu" in log, log[-5000:]
+        assert [s["doc_id"] for s in samples] == list(range(TWO_PROCESS_LIMIT))
+        assert [_response(s) for s in samples] == [_response(s) for s in first]
+        assert [s["accuracy"] for s in samples] == [s["accuracy"] for s in first]
+        assert accuracy == pytest.approx(sum(s["accuracy"] for s in first) / len(first), abs=1e-12)
+    assert len({_response(s) for s in two_process_results["tiny"][1]}) > 1  # answers depend on each document
+    assert 0.0 < two_process_results["yes"][0] < 1.0  # a metric that could have come out differently

@@ -8,13 +8,19 @@ i.e. image 0 top left, 1 top right, 2 bottom left, 3 bottom right.
 Scoring as `compute_dpg_bench.py` does it, from its question file (`dpg_bench.csv`: item_id,
 proposition_id, dependency, tuple, question_natural_language, ...):
 
-* per tile, each question scores 1 when the VQA answer is exactly "yes"; then a question whose parent
-  (any id in `dependency`, 0 meaning none) scored 0 is set to 0; the tile's score is the mean over questions;
+* per tile, each question scores 1 when the VQA answer is exactly "yes"; then, walking the questions in
+  file order, a question whose parent (any id in `dependency`, 0 meaning none) has score 0 *at that point*
+  is set to 0, so zeroing cascades down a chain (1 <- 2 <- 3: a "no" to 1 zeroes 2, hence 3); the tile's
+  score is the mean over questions;
 * an image's score is the mean over its tiles; the DPG-Bench score is the mean over images, x100;
 * category scores (L2 = the tuple's text before "(", e.g. "entity - whole"; L1 = before the first "-":
   entity, attribute, relation, global, other) average the per-question answers of the *last* tile read,
   *before* dependency zeroing: that is what the official script aggregates (`qid2scores_orig`), kept so
-  numbers compare with published ones.
+  numbers compare with published ones. `write_category_csv` writes them with the overall score as one
+  table (level, category, score, questions).
+
+Judges: `resolve_vqa("shapes")` is the shapes-world VQA; `resolve_vqa("hf:ID_OR_DIR")` a transformers VQA
+model (`dpg_judge.TransformersVQA`, BLIP family) standing in for the official mPLUG-large.
 
 One deliberate difference: the official loader skips the CSV's first data row (`if i == 0: continue`
 after pandas has already consumed the header), which drops item 0's first question, after which its
@@ -24,6 +30,7 @@ children's parent lookup fails and the script leaves item 0 out. Here every row 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -236,13 +243,15 @@ class DPGItemResult:
 
 
 def apply_dependencies(raw: Mapping[int, float], questions: Sequence[DPGQuestion]) -> dict[int, float]:
-    """Zero every question one of whose parents scored 0 (parents are read from the raw scores)."""
+    """Zero every question one of whose parents has score 0, in question order and reading the scores as
+    they are being zeroed, like the official loop: a parent zeroed earlier in the file zeroes its children
+    too (a parent listed *after* its child is read before its own zeroing, as there)."""
     adjusted = dict(raw)
     for q in questions:
         for parent in q.parents:
-            if parent not in raw:
+            if parent not in adjusted:
                 raise ValueError(f"question {q.proposition_id} depends on {parent}, which the item does not have")
-            if raw[parent] == 0:
+            if adjusted[parent] == 0:
                 adjusted[q.proposition_id] = 0.0
                 break
     return adjusted
@@ -310,7 +319,47 @@ def summarize_dpg(results: Sequence[DPGItemResult], questions: Mapping[str, Sequ
         "images": len(results),
         "l1_categories": {k: mean100(v) for k, v in sorted(l1.items())},
         "l2_categories": {k: mean100(v) for k, v in sorted(l2.items())},
+        "l1_questions": {k: len(v) for k, v in sorted(l1.items())},
+        "l2_questions": {k: len(v) for k, v in sorted(l2.items())},
     }
+
+
+CATEGORY_CSV_FIELDS = ("level", "category", "score", "questions")
+
+
+def write_category_csv(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """The overall score and the L1 / L2 category scores (x100) as one CSV, the table papers report:
+    level "overall" (questions = images scored), "L1" and "L2" (questions = answers averaged)."""
+    for key in ("dpg_score", "images", "l1_categories", "l2_categories", "l1_questions", "l2_questions"):
+        if key not in summary:
+            raise ValueError(f"not a summarize_dpg summary: it lacks {key!r}")
+    rows = [("overall", "overall", summary["dpg_score"], summary["images"])]
+    for level in ("l1", "l2"):
+        counts = summary[f"{level}_questions"]
+        rows += [(level.upper(), name, score, counts[name]) for name, score in summary[f"{level}_categories"].items()]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CATEGORY_CSV_FIELDS)
+    writer.writerows((level, name, f"{score:.4f}", count) for level, name, score, count in rows)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(buffer.getvalue(), target)
+    return target
+
+
+def resolve_vqa(spec: str, *, device: str | None = None) -> VQAModel:
+    """The judge a `--vqa` value names: "shapes" (ShapesVQA) or "hf:<Hub id or local folder>" (a transformers
+    VQA model, see `dpg_judge`, on `device`: default cuda when available, else cpu)."""
+    from .dpg_judge import TransformersVQA, parse_vqa_spec
+
+    kind, target = parse_vqa_spec(spec)
+    if kind == "shapes":
+        return ShapesVQA()
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return TransformersVQA.from_pretrained(target, device=device)
 
 
 def score_dpg_folder(

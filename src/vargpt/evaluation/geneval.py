@@ -11,7 +11,8 @@ The rules (include / exclude clauses, colour, position, the six-category mean) a
 them, with the detector as a parameter:
 
 * `Detector`: image -> `ObjectDetection`s (class, colour, box, confidence). GenEval's own pipeline is
-  Mask2Former boxes + a CLIP colour classifier; a user who has those models wraps them in this protocol.
+  Mask2Former boxes + a CLIP colour classifier; `geneval_judge.Mask2FormerCLIPDetector` (`--detector geneval`)
+  runs them through transformers.
   `ShapesDetector` (the exact shapes-world detector) is built in.
 * `DetectionFilter`: the official confidence thresholds (0.3, or 0.9 for counting prompts), at most 16
   objects per class and optional box NMS (`max_overlap`, off at 1.0 as in the official default).
@@ -204,6 +205,32 @@ class ShapesDetector:
             ObjectDetection(d.shape, d.colour, tuple(float(v) * scale for v in d.bbox), d.score)
             for d in reading.detections
         ]
+
+
+DETECTOR_NAMES = ("shapes", "geneval")
+
+
+def make_detector(
+    name: str,
+    *,
+    detector_model: str | os.PathLike | None = None,
+    clip_model: str | os.PathLike | None = None,
+    device: str | None = None,
+) -> Detector:
+    """A built-in detector by name: `shapes` (exact, for the shapes world) or `geneval` (the official judge's
+    model families, `geneval_judge.Mask2FormerCLIPDetector`; model ids or folders default to the official
+    checkpoints' Hub ports)."""
+    if name == "shapes":
+        if detector_model is not None or clip_model is not None:
+            raise ValueError("the shapes detector takes no models; --detector-model/--clip-model need 'geneval'")
+        return ShapesDetector()
+    if name == "geneval":
+        from .geneval_judge import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR_MODEL, Mask2FormerCLIPDetector
+
+        return Mask2FormerCLIPDetector.from_pretrained(
+            detector_model or DEFAULT_DETECTOR_MODEL, clip_model or DEFAULT_CLIP_MODEL, device=device
+        )
+    raise ValueError(f"unknown detector {name!r}; built in: {', '.join(DETECTOR_NAMES)}")
 
 
 @dataclass(frozen=True)

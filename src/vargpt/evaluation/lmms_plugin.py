@@ -9,6 +9,14 @@ each entry point loads to a `ModelManifest` (or a callable returning one) naming
 
 after which `lmms-eval --model vargpt --model_args pretrained=DIR_OR_PRESET ...` works like any built-in model.
 Importing this module needs lmms-eval installed (the `lmms` extra).
+
+Several processes (`accelerate launch --num_processes=N -m lmms_eval ...` or `torchrun`): lmms-eval's evaluator
+shards the documents by rank itself (`build_all_requests(rank=, world_size=)`), pads the ranks to equal request
+counts and gathers the logged samples and metrics on rank 0. The model's share of that work is to report its
+`rank` / `world_size` and to sit on its own device; it must not split or gather requests again. One process per
+GPU on a machine with 8:
+
+    accelerate launch --num_processes=8 -m lmms_eval --model vargpt --model_args pretrained=DIR --tasks mmbench_en_dev
 """
 
 from __future__ import annotations
@@ -16,12 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+from loguru import logger as eval_logger
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -58,6 +67,9 @@ class VARGPTLmms(lmms):
     `max_new_tokens` is the default when a task's generation settings do not give one.
     `positions` ("mrope" / "sequential") sets the rotary positions of log-likelihood scoring; the default, the
     model's `forward_positions`, is "mrope": what `generate_until` uses, so both request types see one model.
+
+    Under several processes each one loads the model on its own device (see `process_device`): `device` may then
+    name a device type ("cuda", "cpu") but not one indexed device, which every process would share.
     """
 
     is_simple = True
@@ -87,7 +99,11 @@ class VARGPTLmms(lmms):
         if positions is not None and positions not in FORWARD_POSITIONS:
             raise ValueError(f"positions must be one of {FORWARD_POSITIONS}, got {positions!r}")
         self.positions = positions
+        self._rank, self._world_size, local_rank = launcher_ranks(os.environ)
+        device = process_device(device, local_rank, self._world_size, torch.cuda.device_count())
         self.pipe = VARGPTPipeline.from_pretrained(name, device=device, dtype=dtype, seed=int(seed))
+        if self._world_size > 1:
+            eval_logger.info(f"vargpt: process {self._rank} of {self._world_size} on {self.pipe.device}")
         self._batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 
@@ -214,6 +230,54 @@ class VARGPTLmms(lmms):
         return [u for u in until if u], max_new_tokens, settings
 
 
+def launcher_ranks(environ: Mapping[str, str]) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) of this process, from the variables torchrun and `accelerate launch` set.
+
+    These are what lmms-eval's evaluator reads to shard the documents, so model and evaluator always agree.
+    accelerate's `PartialState` is not asked: on a machine without GPUs it reports one process under a
+    multi-process launch unless built with `cpu=True`, and lmms-eval has already built it without.
+    """
+    try:
+        rank = int(environ.get("RANK", 0))
+        world_size = int(environ.get("WORLD_SIZE", 1))
+        local_rank = int(environ.get("LOCAL_RANK", rank if world_size > 1 else 0))
+    except ValueError as error:
+        raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers: {error}") from None
+    if world_size < 1 or not 0 <= rank < world_size or not 0 <= local_rank <= rank:
+        raise ValueError(
+            f"inconsistent launcher variables: RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank}"
+        )
+    return rank, world_size, local_rank
+
+
+def process_device(
+    requested: str | torch.device | None, local_rank: int, num_processes: int, cuda_devices: int
+) -> torch.device | None:
+    """The device this process loads the model on.
+
+    One process: `requested` as given (None: the pipeline's default, the first GPU or the CPU). Several processes
+    on one machine must not all land on the first GPU: without a request each takes `cuda:{local_rank}` where
+    GPUs exist, else the CPU; a device type without an index gets this process's index; an indexed device is
+    refused, since every process would load onto it.
+    """
+    if num_processes == 1:
+        return torch.device(requested) if requested is not None else None
+    device = torch.device(requested if requested is not None else ("cuda" if cuda_devices else "cpu"))
+    if device.index is not None:
+        raise ValueError(
+            f"device={requested} would put all {num_processes} processes on one device: leave device out "
+            f"(each process then takes {device.type}:<local rank>) or give the device type {device.type!r}"
+        )
+    if device.type in ("cpu", "mps", "meta"):
+        return device
+    if device.type == "cuda" and local_rank >= cuda_devices:
+        raise ValueError(
+            f"process with local rank {local_rank} has no GPU of its own: this machine has {cuda_devices}; "
+            "launch at most that many processes per machine"
+        )
+    return torch.device(device.type, local_rank)
+
+
 def _group_by_generation_kwargs(requests: Sequence[Instance]) -> Iterator[list[int]]:
     """Indices of requests grouped by their generation settings, groups and members in first-seen order."""
     groups: dict[str, list[int]] = {}
@@ -259,4 +323,4 @@ def _visuals(visuals: Any) -> list[Image.Image | str]:
     return flat
 
 
-__all__ = ["MODEL_ID", "VARGPTLmms", "model_manifest"]
+__all__ = ["MODEL_ID", "VARGPTLmms", "launcher_ranks", "model_manifest", "process_device"]
