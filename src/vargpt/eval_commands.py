@@ -164,15 +164,18 @@ def _fit(args: argparse.Namespace) -> int:
         print(f"data: {report}")
     if len(rows) == 0:
         raise ValueError(f"no usable rows in {args.data}: {report}")
+    rows = [rows[i] for i in range(len(rows))]
     if args.limit is not None:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        rows = rows.select(range(min(args.limit, len(rows))))
+        # the first N rows that have a generation target: a split that opens with understanding rows would
+        # otherwise leave nothing to score
+        rows = [row for row in rows if row.get("gen_images")][: args.limit]
     pipe, _ = _pipeline(args)
     fit = teacher_forced_fit(
         pipe.model,
         pipe.processor,
-        [rows[i] for i in range(len(rows))],
+        rows,
         resolution=args.resolution,
         batch_size=args.batch_size,
         swap=args.swap,
@@ -252,7 +255,7 @@ def register_eval_commands(eval_subparsers) -> None:
     )
     add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument("--data", nargs="+", required=True, help="sharegpt JSON/JSONL rows with <image_gen> targets")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows with a generation target")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--resolution", type=int, default=None, help="generation-target pixels (default: the model's)")
     p.add_argument(

@@ -189,3 +189,16 @@ def test_the_command_prints_a_table_and_writes_json(data, tmp_path, capsys):
     assert "6 rows, 6 images" in out and "bit error" in out
     fit = json.loads(report.read_text())
     assert fit["rows"] == 6 and fit["swap"] == "none" and len(fit["scales"]) >= 2
+
+
+def test_the_command_limits_rows_with_a_target_not_rows(tmp_path, capsys):
+    """A split that opens with understanding rows (as the shapes test split does) still gets N scored rows."""
+    path = write_sharegpt_dataset(tmp_path, "test", 6, 3, 0, seed=2)
+    first_rows = [json.loads(line) for line in path.read_text().splitlines()[:6]]
+    assert all("<image_gen>" not in json.dumps(row["messages"]) for row in first_rows)  # the premise
+    report = tmp_path / "fit.json"
+    assert (
+        main(["eval", "fit", "--model", "tiny", "--data", str(path), "--limit", "2", "--quiet", "--json", str(report)])
+        == 0
+    )
+    assert json.loads(report.read_text())["rows"] == 2
