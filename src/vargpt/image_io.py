@@ -176,3 +176,36 @@ def load_image(
     if not isinstance(source, (str, os.PathLike, bytes)):
         raise ImageInputError(f"expected a path, bytes or a PIL image, got {type(source).__name__}")
     return to_rgb(_upright(_open(source, max_pixels, formats)))
+
+
+# A video given as frames: a sequence of images (paths, bytes or PIL) or one uint8 array [T, H, W, 3].
+VideoSource = Sequence[ImageSource] | np.ndarray
+
+
+def load_video_frames(video: VideoSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Image.Image]:
+    """Decode a video's frames to RGB PIL images of one size, in order.
+
+    Qwen2-VL pairs consecutive frames into one temporal patch, so frames of different sizes cannot form a video:
+    that is an error here rather than a silent resize. A torch tensor works where it converts to numpy.
+    """
+    if hasattr(video, "numpy") and not isinstance(video, np.ndarray):
+        video = video.detach().cpu().numpy()
+    if isinstance(video, np.ndarray):
+        if video.ndim != 4 or video.shape[-1] != 3:
+            raise ImageInputError(f"a video array must be [frames, height, width, 3], got shape {video.shape}")
+        if video.dtype != np.uint8:
+            raise ImageInputError(f"a video array must hold uint8 pixels, got {video.dtype}")
+        frames = [Image.fromarray(np.ascontiguousarray(frame)) for frame in video]
+    elif isinstance(video, (list, tuple)):
+        frames = [load_image(frame, max_pixels=max_pixels) for frame in video]
+    else:
+        raise ImageInputError(
+            f"a video must be a list of frames or a [frames, height, width, 3] array, got {type(video).__name__}"
+        )
+    if not frames:
+        raise ImageInputError("a video needs at least one frame")
+    sizes = {frame.size for frame in frames}
+    if len(sizes) > 1:
+        raise ImageInputError(f"all frames of a video must have one size, got {sorted(sizes)}")
+    _check_size(frames[0].size, max_pixels, "video frame")
+    return frames

@@ -7,6 +7,7 @@ renaming and `save_pretrained` writes the same layout back.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -141,6 +142,55 @@ def _kept_positions(logits_to_keep: int | torch.Tensor) -> slice | torch.Tensor:
     return slice(-logits_to_keep if logits_to_keep else 0, None)
 
 
+def videos_as_images(
+    input_ids_BL: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    image_grid_thw_N3: torch.Tensor | None,
+    pixel_values_videos: torch.Tensor,
+    video_grid_thw_N3: torch.Tensor,
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rewrite a prompt with videos as the same prompt with images: `(input_ids, pixel_values, image_grid_thw)`.
+
+    In Qwen2-VL a video differs from an image only by its placeholder token and its grid's t: the ViT reads both
+    kinds of patches alike and M-RoPE gives both (t, row, column) positions. So relabelling `<|video_pad|>` as
+    `<|image_pad|>` and merging the patch lists in reading order leaves the model's computation unchanged; the
+    decoding loop, which knows only images, then serves videos too.
+    """
+    image_grids = image_grid_thw_N3.tolist() if image_grid_thw_N3 is not None else []
+    video_grids = video_grid_thw_N3.tolist()
+    image_chunks = list(pixel_values.split([math.prod(g) for g in image_grids])) if image_grids else []
+    video_chunks = list(pixel_values_videos.split([math.prod(g) for g in video_grids]))
+    if sum(c.shape[0] for c in video_chunks) != pixel_values_videos.shape[0]:
+        raise ValueError("pixel_values_videos do not match video_grid_thw")
+    merge_area = spatial_merge_size**2
+    sources = {image_token_id: (image_grids, image_chunks), video_token_id: (video_grids, video_chunks)}
+    used = dict.fromkeys(sources, 0)
+    pixels, grids = [], []
+    for row in input_ids_BL.tolist():
+        i = 0
+        while i < len(row):
+            token_id = row[i]
+            if token_id not in sources:
+                i += 1
+                continue
+            kind_grids, kind_chunks = sources[token_id]
+            if used[token_id] >= len(kind_grids):
+                kind = "image" if token_id == image_token_id else "video"
+                raise ValueError(f"more {kind} placeholder blocks than entries in {kind}_grid_thw")
+            grids.append(kind_grids[used[token_id]])
+            pixels.append(kind_chunks[used[token_id]])
+            used[token_id] += 1
+            i += math.prod(grids[-1]) // merge_area
+    if used[video_token_id] != len(video_grids) or used[image_token_id] != len(image_grids):
+        raise ValueError("the prompts hold fewer image/video placeholder blocks than grids were given")
+    input_ids_BL = input_ids_BL.masked_fill(input_ids_BL == video_token_id, image_token_id)
+    grid_N3 = torch.tensor(grids, dtype=torch.long, device=video_grid_thw_N3.device)
+    return input_ids_BL, torch.cat(pixels, dim=0), grid_N3
+
+
 def _mark_self_initialised(root: nn.Module) -> None:
     for module in root.modules():
         module._vargpt_self_initialised = True
@@ -210,18 +260,53 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         return self.vargpt_gen.condition(row.unsqueeze(0).expand(batch_size, 1, -1))
 
     def embed_understanding_images(
-        self, inputs_embeds_BLH: torch.Tensor, input_ids_BL: torch.Tensor, pixel_values, image_grid_thw
+        self,
+        inputs_embeds_BLH: torch.Tensor,
+        input_ids_BL: torch.Tensor,
+        pixel_values,
+        image_grid_thw,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Write the ViT's merged patch features into the `<|image_pad|>` slots."""
-        features = self.visual(pixel_values.to(self.visual.get_dtype()), grid_thw=image_grid_thw)
+        """Write the ViT's merged patch features into the `<|image_pad|>` (and `<|video_pad|>`) slots.
+
+        As in Qwen2-VL, a video's patches (pairs of frames) run through the same ViT call as an image's; only the
+        grid's t and the placeholder token differ."""
+        if pixel_values is not None:
+            inputs_embeds_BLH = self._scatter_vision_features(
+                inputs_embeds_BLH, input_ids_BL, pixel_values, image_grid_thw, self.config.image_token_id, "image"
+            )
+        if pixel_values_videos is not None:
+            if video_grid_thw is None:
+                raise ValueError("pixel_values_videos need video_grid_thw")
+            inputs_embeds_BLH = self._scatter_vision_features(
+                inputs_embeds_BLH,
+                input_ids_BL,
+                pixel_values_videos,
+                video_grid_thw,
+                self.config.video_token_id,
+                "video",
+            )
+        return inputs_embeds_BLH
+
+    def _scatter_vision_features(
+        self,
+        inputs_embeds_BLH: torch.Tensor,
+        input_ids_BL: torch.Tensor,
+        pixels: torch.Tensor,
+        grid_thw: torch.Tensor,
+        token_id: int,
+        kind: str,
+    ) -> torch.Tensor:
+        features = self.visual(pixels.to(self.visual.get_dtype()), grid_thw=grid_thw)
         features = getattr(features, "pooler_output", features)
         if isinstance(features, (list, tuple)):
             features = torch.cat(list(features), dim=0)
-        slots = input_ids_BL == self.config.image_token_id
+        slots = input_ids_BL == token_id
         if int(slots.sum()) != features.shape[0]:
             raise ValueError(
-                f"the prompt has {int(slots.sum())} <|image_pad|> tokens but the images give {features.shape[0]} "
-                "features; build inputs with VARGPTProcessor so each image is expanded to its patch count"
+                f"the prompt has {int(slots.sum())} <|{kind}_pad|> tokens but the {kind}s give {features.shape[0]} "
+                f"features; build inputs with VARGPTProcessor so each {kind} is expanded to its patch count"
             )
         return inputs_embeds_BLH.masked_scatter(slots.unsqueeze(-1), features.to(inputs_embeds_BLH.dtype))
 
@@ -257,6 +342,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
         pixel_gen_values: torch.Tensor | None = None,
         image_gen_labels: torch.Tensor | None = None,
         image_gen_resolution: int | None = None,
@@ -281,6 +368,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         the model sampled) at `image_gen_resolution` (default: the model's), with no bit flips.
         Without `position_ids`, `positions` ("mrope" or "sequential"; default `config.forward_positions`) picks
         the rotary positions: they differ on rows holding understanding images (see `VARGPTConfig`).
+        `pixel_values_videos` / `video_grid_thw` (from `VARGPTProcessor(videos=...)`) fill the `<|video_pad|>`
+        slots through the ViT, and their grids give those slots M-RoPE positions with t = temporal patch.
 
         Text logits: the text loss applies the LM head only to the positions it reads (those whose next label is
         not -100 and whose next token is not an `<|image_gen_pad|>`), so a training step never holds the
@@ -294,10 +383,12 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             raise ValueError("pass input_ids (or inputs_embeds)")
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
-            if pixel_values is not None:
-                if image_grid_thw is None:
-                    raise ValueError("pixel_values need image_grid_thw")
-                inputs_embeds = self.embed_understanding_images(inputs_embeds, input_ids, pixel_values, image_grid_thw)
+            if pixel_values is not None and image_grid_thw is None:
+                raise ValueError("pixel_values need image_grid_thw")
+            if pixel_values is not None or pixel_values_videos is not None:
+                inputs_embeds = self.embed_understanding_images(
+                    inputs_embeds, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+                )
         B, L = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(B, L, dtype=torch.long, device=inputs_embeds.device)
@@ -322,7 +413,11 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
 
         rope_deltas = None
         if position_ids is None and past_key_values is None and input_ids is not None:
-            position_ids, rope_deltas = self.forward_position_ids(input_ids, attention_mask, image_grid_thw, positions)
+            # (video grids are passed only when present, so that wrappers of the older signature keep working)
+            video_kwargs = {} if video_grid_thw is None else {"video_grid_thw_N3": video_grid_thw}
+            position_ids, rope_deltas = self.forward_position_ids(
+                input_ids, attention_mask, image_grid_thw, positions, **video_kwargs
+            )
         outputs = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -397,6 +492,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         attention_mask_BL: torch.Tensor | None,
         image_grid_thw_N3: torch.Tensor | None,
         positions: str | None = None,
+        video_grid_thw_N3: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(position_ids_3BL, rope_deltas_B1)` that `forward` uses for a prompt passed without positions.
 
@@ -414,6 +510,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             image_grid_thw_N3,
             self.config.image_token_id,
             self.config.vision_config.spatial_merge_size,
+            video_grid_thw_N3=video_grid_thw_N3,
+            video_token_id=self.config.video_token_id,
         )
 
     def _prepare_generation_targets(
@@ -601,6 +699,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         *,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
         generation_mode: str = "text",
         image_config: ImageGenerationConfig | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -636,6 +736,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         `cache_implementation="static"` preallocates the LLM's KV cache (fixed shapes per step) and
         `compile=True` (which implies it) runs the LLM calls and decoder blocks through `torch.compile`, CUDA
         graphs on CUDA: equal to the default path up to float summation order (see `fast_decoding`).
+        `pixel_values_videos` / `video_grid_thw` (from `VARGPTProcessor(videos=...)`) are understood through
+        Qwen2-VL's video path (see `videos_as_images`); the returned prompt ids keep their `<|video_pad|>` tokens.
         """
         from .fast_decoding import FastDecoding
         from .generation import TextSamplingConfig, generate_interleaved
@@ -648,6 +750,20 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             None if t is None else t.to(device)
             for t in (input_ids, attention_mask, pixel_values, image_grid_thw, null_prompt_ids)
         )
+        prompt_ids = input_ids
+        if (pixel_values_videos is None) != (video_grid_thw is None):
+            raise ValueError("give pixel_values_videos and video_grid_thw together")
+        if pixel_values_videos is not None:
+            input_ids, pixel_values, image_grid_thw = videos_as_images(
+                input_ids,
+                pixel_values,
+                image_grid_thw,
+                pixel_values_videos.to(device),
+                video_grid_thw.to(device),
+                self.config.image_token_id,
+                self.config.video_token_id,
+                self.config.vision_config.spatial_merge_size,
+            )
         renamed = {"image_top_k": "top_k", "image_top_p": "top_p"}
         image_config = (image_config or ImageGenerationConfig()).updated(
             **{renamed.get(k, k): v for k, v in image_settings.items()}
@@ -683,6 +799,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             null_prompt_ids=null_prompt_ids,
             fast=FastDecoding.from_flags(cache_implementation, compile),
         )
+        if pixel_values_videos is not None:
+            out.sequences[:, : prompt_ids.shape[1]] = prompt_ids
         if generation_mode == "text" and not return_dict_in_generate:
             return out.sequences
         return out

@@ -18,8 +18,9 @@ from .configuration import PRESETS, VARGPTConfig
 from .generation_config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
 from .hub import SHIPPED_MODELS as SHIPPED_MODELS  # re-exported: importable from here as before
 from .hub import resolve_checkpoint, shipped_model_path
+from .image_io import VideoSource
 from .modeling import VARGPTForConditionalGeneration
-from .processing import VARGPTProcessor
+from .processing import VARGPTProcessor, is_video
 from .quantization import is_quantized
 
 ImageInput = str | os.PathLike | bytes | Image.Image
@@ -129,9 +130,16 @@ class VARGPTPipeline:
         self.image_config.save_pretrained(directory)
 
     # -- the three calls -------------------------------------------------------------------------------
-    def chat(self, text: str, images: Sequence[ImageInput] | None = None, **settings: Any) -> str:
-        """Answer a question, optionally about images. Returns the answer's text."""
-        return self.converse(text, images=images, **settings).text
+    def chat(
+        self,
+        text: str,
+        images: Sequence[ImageInput] | None = None,
+        videos: Sequence[VideoSource] | None = None,
+        **settings: Any,
+    ) -> str:
+        """Answer a question, optionally about images and videos (each a list of frames or a uint8 [T, H, W, 3]
+        array, read through Qwen2-VL's video path). Returns the answer's text."""
+        return self.converse(text, images=images, videos=videos, **settings).text
 
     def chat_batch(
         self,
@@ -167,6 +175,7 @@ class VARGPTPipeline:
         self,
         text: str,
         images: Sequence[ImageInput] | None = None,
+        videos: Sequence[VideoSource] | None = None,
         *,
         history: Sequence[dict] | None = None,
         allow_images: bool = True,
@@ -176,8 +185,10 @@ class VARGPTPipeline:
     ) -> ChatTurn:
         """One turn in which the model may answer with text and images (when it decides to draw)."""
         messages = [*history] if history else []
-        messages.append(_user_message(text, len(images or [])))
-        inputs = self._encode([messages], [list(images or [])])
+        if videos is not None and (not isinstance(videos, (list, tuple)) or not all(map(is_video, videos))):
+            raise ValueError("videos must be a list of videos, each a list of frames or a [T, H, W, 3] array")
+        messages.append(_user_message(text, len(images or []), len(videos or [])))
+        inputs = self._encode([messages], [list(images or [])], videos=list(videos or []))
         mode = "interleaved" if allow_images else "text"
         config = self.image_config.updated(**{k: v for k, v in settings.items() if k in _IMAGE_SETTING_NAMES})
         settings = {k: v for k, v in settings.items() if k not in _IMAGE_SETTING_NAMES}
@@ -256,7 +267,7 @@ class VARGPTPipeline:
             return None
         return self.processor.null_prompt_ids()  # `model.generate` moves inputs to the model's device
 
-    def _encode(self, conversations, images, editing: bool = False):
+    def _encode(self, conversations, images, editing: bool = False, videos: Sequence[VideoSource] = ()):
         texts = [
             self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in conversations
         ]
@@ -265,11 +276,19 @@ class VARGPTPipeline:
         enc = self.processor(
             text=texts,
             images=flat or None,
+            videos=list(videos) or None,
             return_tensors="pt",
             max_length=self.model.config.text_config.max_position_embeddings,
             **kwargs,
         )
-        keep = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+        keep = (
+            "input_ids",
+            "attention_mask",
+            "pixel_values",
+            "image_grid_thw",
+            "pixel_values_videos",
+            "video_grid_thw",
+        )
         return {k: v for k, v in enc.items() if k in keep and v is not None}  # generate() moves them
 
     def _segments(self, out, prompt_len: int, row: int) -> ChatTurn:
@@ -343,10 +362,11 @@ def default_model_name() -> str:
     return "vargpt-shapes-tiny" if shipped_model_path("vargpt-shapes-tiny") is not None else "tiny"
 
 
-def _user_message(text: str, num_images: int) -> dict:
+def _user_message(text: str, num_images: int, num_videos: int = 0) -> dict:
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the prompt is empty: give some text")
     content: list[dict] = [{"type": "image"} for _ in range(num_images)]
+    content.extend({"type": "video"} for _ in range(num_videos))
     content.append({"type": "text", "text": text})
     return {"role": "user", "content": content}
 

@@ -6,6 +6,9 @@ A generation target appears as `<|image_gen_start|>` + `<|image_gen_pad|>` x L +
 template writes an empty start/end pair and `__call__` fills in L pads when asked (training), or leaves the pair
 alone. Generation targets themselves are pixels in [-1, 1] for the image tokenizer (`preprocess_generation_target`),
 and generated images come back to PIL with the original's truncating conversion (`postprocess_generated`).
+Videos take Qwen2-VL's video path without torchvision (see `_process_videos`): each frame goes through the same PIL
+image processor, and consecutive frames are paired into temporal patches as `Qwen2VLVideoProcessor.patchify` does;
+a video appears as `<|vision_start|>` + `<|video_pad|>` x N + `<|vision_end|>`, N = grid_t*grid_h*grid_w/merge**2.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from .configuration import IMAGE_GEN_END, IMAGE_GEN_PAD, IMAGE_GEN_START
 from .hub import resolve_checkpoint
-from .image_io import ImageSource, load_image
+from .image_io import ImageSource, VideoSource, load_image, load_video_frames
 from .tokenization import (
     CHAT_TEMPLATE,
     IMAGE_PAD,
@@ -38,6 +41,9 @@ UNDERSTANDING_MIN_PIXELS = 56 * 56
 UNDERSTANDING_MAX_PIXELS = 28 * 28 * 1280
 # The original pipeline shrinks every input image to at most 512 x 512 pixels; editing inputs use this cap.
 EDIT_MAX_PIXELS = 512 * 512
+# Qwen2-VL's video processor defaults: pixels per frame after smart resize.
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
 # Generation targets: the short side is resized to round(1.125 * resolution) before cropping (original's mid_reso).
 GENERATION_RESIZE_RATIO = 1.125
 
@@ -148,6 +154,39 @@ def _flatten_images(images: Any) -> list[ImageSource]:
     return [images]
 
 
+def is_video(item: Any) -> bool:
+    """A video is an array [T, H, W, 3] or a list of frames; a list of videos (per-prompt nesting) is not."""
+    if hasattr(item, "ndim"):
+        return True
+    return (
+        isinstance(item, (list, tuple))
+        and bool(item)
+        and not isinstance(item[0], (list, tuple))
+        and not hasattr(item[0], "ndim")
+    )
+
+
+def _flatten_videos(videos: Any) -> list[VideoSource]:
+    """Accept one video array, a list of videos, or a list of per-prompt lists of videos."""
+    if videos is None:
+        return []
+    if hasattr(videos, "ndim"):
+        return [videos]
+    if not isinstance(videos, (list, tuple)):
+        raise ValueError(f"videos must be a list of videos (each a list of frames or an array), got {type(videos)}")
+    flat: list[VideoSource] = []
+    for item in videos:
+        if is_video(item):
+            flat.append(item)
+        elif isinstance(item, (list, tuple)):
+            flat.extend(_flatten_videos(item))
+        else:
+            raise ValueError(
+                f"each video must be a list of frames or a [frames, height, width, 3] array, got {type(item).__name__}"
+            )
+    return flat
+
+
 def _pil_image_processor(image_processor: Any) -> Qwen2VLImageProcessorPil:
     """The PIL backend with `image_processor`'s settings.
 
@@ -175,6 +214,8 @@ class VARGPTProcessor(ProcessorMixin):
         chat_template: str | None = None,
         padding_side: str = "left",
         edit_max_pixels: int = EDIT_MAX_PIXELS,
+        video_min_pixels: int = VIDEO_MIN_PIXELS,
+        video_max_pixels: int = VIDEO_MAX_PIXELS,
     ):
         if tokenizer is None:
             raise ValueError("VARGPTProcessor needs a tokenizer (see vargpt.tokenization.build_qwen2_tokenizer)")
@@ -188,8 +229,17 @@ class VARGPTProcessor(ProcessorMixin):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if not isinstance(edit_max_pixels, int) or edit_max_pixels <= 0:
             raise ValueError(f"edit_max_pixels must be a positive integer, got {edit_max_pixels!r}")
+        for name, value in (("video_min_pixels", video_min_pixels), ("video_max_pixels", video_max_pixels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if video_min_pixels > video_max_pixels:
+            raise ValueError(f"video_min_pixels ({video_min_pixels}) exceeds video_max_pixels ({video_max_pixels})")
         self.padding_side = padding_side
         self.edit_max_pixels = edit_max_pixels
+        self.video_min_pixels = video_min_pixels
+        self.video_max_pixels = video_max_pixels
+        self.video_token = VIDEO_PAD
+        self.video_token_id = self._token_id(tokenizer, VIDEO_PAD)
         self.image_token = IMAGE_PAD
         self.image_token_id = self._token_id(tokenizer, IMAGE_PAD)
         self.vision_start_token_id = self._token_id(tokenizer, VISION_START)
@@ -251,7 +301,15 @@ class VARGPTProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"]
+        return [
+            "input_ids",
+            "attention_mask",
+            "mm_token_type_ids",
+            "pixel_values",
+            "image_grid_thw",
+            "pixel_values_videos",
+            "video_grid_thw",
+        ]
 
     def null_prompt_ids(self) -> torch.Tensor:
         """1-D ids of the empty conversation up to the assistant header (`uncond_mode="null_prompt"`): the same
@@ -285,8 +343,10 @@ class VARGPTProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Tokenize prompts, expand image placeholders and pad into a batch.
 
-        Returns `input_ids`, `attention_mask`, `mm_token_type_ids` (1 on `<|image_pad|>`, 0 elsewhere) and, with
-        images, `pixel_values` and `image_grid_thw`. Each `<|image_pad|>` becomes grid_t*grid_h*grid_w/merge**2
+        Returns `input_ids`, `attention_mask`, `mm_token_type_ids` (1 on `<|image_pad|>`, 2 on `<|video_pad|>`, 0
+        elsewhere, as Qwen2-VL marks them) and, with images, `pixel_values` and `image_grid_thw`; with `videos`
+        (each a list of frames or a uint8 [T, H, W, 3] array, matched to `<|video_pad|>` placeholders in order),
+        `pixel_values_videos` and `video_grid_thw`. Each `<|image_pad|>` becomes grid_t*grid_h*grid_w/merge**2
         copies for the next image (images are matched to placeholders in order across the batch; paths, bytes or
         PIL images, possibly nested per prompt). With `image_gen_num_tokens`, every empty
         `<|image_gen_start|><|image_gen_end|>` pair gets that many `<|image_gen_pad|>` between. `max_pixels`
@@ -298,8 +358,8 @@ class VARGPTProcessor(ProcessorMixin):
                 raise TypeError(f"VARGPTProcessor.__call__ got an unexpected keyword argument {key!r}")
             if value:
                 raise ValueError("VARGPTProcessor does not support audio inputs")
-        if videos is not None or audio is not None:
-            raise ValueError("VARGPTProcessor supports text and images only, not videos or audio")
+        if audio is not None:
+            raise ValueError("VARGPTProcessor supports text, images and videos, not audio")
         texts = self._check_texts(text)
         if padding not in _PADDING_CHOICES:
             raise ValueError(f"padding must be one of {_PADDING_CHOICES}, got {padding!r}")
@@ -316,6 +376,13 @@ class VARGPTProcessor(ProcessorMixin):
             raise ValueError(
                 f"the prompts hold {num_placeholders} {IMAGE_PAD} placeholder(s) but {len(sources)} image(s) were given"
             )
+        videos_flat = _flatten_videos(videos)
+        num_video_placeholders = sum(sample.count(VIDEO_PAD) for sample in texts)
+        if num_video_placeholders != len(videos_flat):
+            raise ValueError(
+                f"the prompts hold {num_video_placeholders} {VIDEO_PAD} placeholder(s) but {len(videos_flat)} "
+                "video(s) were given; pass one entry of `videos` (a list of frames or an array) per placeholder"
+            )
         image_inputs: dict[str, Any] = {}
         tokens_per_image: list[int] = []
         if sources:
@@ -323,9 +390,14 @@ class VARGPTProcessor(ProcessorMixin):
                 sources, max_pixels=self.edit_max_pixels if editing and max_pixels is None else max_pixels
             )
 
+        tokens_per_video: list[int] = []
+        if videos_flat:
+            video_inputs, tokens_per_video = self._process_videos(videos_flat)
+            image_inputs.update(video_inputs)
+
         encoded = self.tokenizer(texts, add_special_tokens=False, padding=False, truncation=False)["input_ids"]
-        image_counts = iter(tokens_per_image)
-        sequences = [self._expand(ids, image_counts, image_gen_num_tokens) for ids in encoded]
+        image_counts, video_counts = iter(tokens_per_image), iter(tokens_per_video)
+        sequences = [self._expand(ids, image_counts, image_gen_num_tokens, video_counts) for ids in encoded]
         if max_length is not None:
             for index, ids in enumerate(sequences):
                 if len(ids) > max_length:
@@ -347,8 +419,6 @@ class VARGPTProcessor(ProcessorMixin):
         for index, sample in enumerate(texts):
             if not sample.strip():
                 raise ValueError(f"prompt {index} is empty or whitespace only")
-            if VIDEO_PAD in sample:
-                raise ValueError(f"prompt {index} holds {VIDEO_PAD}: VARGPTProcessor does not support videos")
         return texts
 
     def _process_understanding_images(
@@ -369,11 +439,50 @@ class VARGPTProcessor(ProcessorMixin):
             "image_grid_thw": processed["image_grid_thw"],
         }, tokens_per_image
 
-    def _expand(self, ids: list[int], image_counts: Any, image_gen_num_tokens: int | None) -> list[int]:
+    def _process_videos(self, videos: list[VideoSource]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Qwen2-VL's video features from the PIL image processor, one frame at a time.
+
+        `Qwen2VLVideoProcessor` needs torchvision. Its math is: smart-resize every frame to one size (within
+        `video_min_pixels`..`video_max_pixels`), rescale and normalise, repeat the last frame up to a multiple of
+        `temporal_patch_size`, then cut patches laid out as (t, block row, block column, merge row, merge column,
+        channel, frame in pair, patch row, patch column). The image processor gives each frame exactly that layout
+        with the frame repeated in the pair slot, so taking one copy per frame and pairing consecutive frames
+        rebuilds the video layout. Resizing is PIL's bicubic (as for images here), not torchvision's.
+        """
+        processor = self.image_processor
+        temporal, patch, merge = processor.temporal_patch_size, processor.patch_size, processor.merge_size
+        size = {"shortest_edge": self.video_min_pixels, "longest_edge": self.video_max_pixels}
+        pixels, grids, tokens = [], [], []
+        for video in videos:
+            frames = load_video_frames(video)
+            frames.extend([frames[-1]] * (-len(frames) % temporal))
+            processed = processor(frames, return_tensors="pt", size=size)
+            _, grid_h, grid_w = processed["image_grid_thw"][0].tolist()
+            channels = processed["pixel_values"].shape[-1] // (temporal * patch * patch)
+            # [T * N, C * temporal * p * p] -> one copy of each frame: [T, N, C, p, p]
+            per_frame = processed["pixel_values"].view(len(frames), grid_h * grid_w, channels, temporal, patch, patch)
+            per_frame = per_frame[:, :, :, 0]
+            grid_t = len(frames) // temporal
+            # pair frames: [grid_t, temporal, N, C, p, p] -> [grid_t, N, C, temporal, p, p]
+            paired = per_frame.view(grid_t, temporal, grid_h * grid_w, channels, patch, patch).permute(0, 2, 3, 1, 4, 5)
+            pixels.append(paired.reshape(grid_t * grid_h * grid_w, channels * temporal * patch * patch))
+            grids.append([grid_t, grid_h, grid_w])
+            tokens.append(grid_t * grid_h * grid_w // merge**2)
+        return {
+            "pixel_values_videos": torch.cat(pixels, dim=0),
+            "video_grid_thw": torch.tensor(grids, dtype=torch.long),
+        }, tokens
+
+    def _expand(
+        self, ids: list[int], image_counts: Any, image_gen_num_tokens: int | None, video_counts: Any
+    ) -> list[int]:
         expanded: list[int] = []
         for position, token_id in enumerate(ids):
             if token_id == self.image_token_id:
                 expanded.extend([self.image_token_id] * next(image_counts))
+                continue
+            if token_id == self.video_token_id:
+                expanded.extend([self.video_token_id] * next(video_counts))
                 continue
             expanded.append(token_id)
             is_empty_gen_pair = (
@@ -410,7 +519,8 @@ class VARGPTProcessor(ProcessorMixin):
         data: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "mm_token_type_ids": []}
         for ids in sequences:
             fill = 0 if target is None else target - len(ids)
-            types = [int(token_id == self.image_token_id) for token_id in ids]
+            kinds = {self.image_token_id: 1, self.video_token_id: 2}
+            types = [kinds.get(token_id, 0) for token_id in ids]
             pad_ids, pad_zeros = [self.tokenizer.pad_token_id] * fill, [0] * fill
             if side == "left":
                 data["input_ids"].append(pad_ids + ids)
