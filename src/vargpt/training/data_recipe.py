@@ -32,7 +32,6 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from ..data.sources import (
     parse_source,
     plain_files,
 )
+from .recipe import read_recipe_text
 from .stages import STAGES
 
 RECIPE_KIND = "finetune"
@@ -162,17 +162,7 @@ class ScaleDown:
 
 def read_recipe_json(name_or_path: str | Path) -> tuple[dict[str, Any], Path | None]:
     """The JSON of a packaged recipe (by name) or of a file, and the file's path (None when packaged)."""
-    path = Path(str(name_or_path))
-    if path.suffix == ".json" and path.is_file():
-        text, origin = path.read_text(encoding="utf-8"), path
-    else:
-        packaged = resources.files("vargpt").joinpath("recipes", f"{name_or_path}.json")
-        if not packaged.is_file():
-            known = sorted(
-                p.name.removesuffix(".json") for p in resources.files("vargpt").joinpath("recipes").iterdir()
-            )
-            raise FileNotFoundError(f"no recipe {name_or_path!r}: give a JSON file or one of {known}")
-        text, origin = packaged.read_text(encoding="utf-8"), None
+    text, origin = read_recipe_text(name_or_path)
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as error:

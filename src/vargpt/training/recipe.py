@@ -176,19 +176,22 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
     return spec
 
 
-def load_recipe(name_or_path: str | Path) -> RecipeSpec:
-    """A packaged recipe by name (e.g. "shapes-tiny") or a JSON file path."""
+def read_recipe_text(name_or_path: str | Path) -> tuple[str, Path | None]:
+    """A recipe's JSON text and the file it came from: a `.json` path, or a packaged recipe by name (no file
+    path: it lives inside the installed package)."""
     path = Path(str(name_or_path))
     if path.suffix == ".json" and path.is_file():
-        text = path.read_text()
-    else:
-        packaged = resources.files("vargpt").joinpath("recipes", f"{name_or_path}.json")
-        if not packaged.is_file():
-            known = sorted(
-                p.name.removesuffix(".json") for p in resources.files("vargpt").joinpath("recipes").iterdir()
-            )
-            raise FileNotFoundError(f"no recipe {name_or_path!r}: give a JSON file or one of {known}")
-        text = packaged.read_text()
+        return path.read_text(encoding="utf-8"), path
+    packaged = resources.files("vargpt").joinpath("recipes", f"{name_or_path}.json")
+    if not packaged.is_file():
+        known = sorted(p.name.removesuffix(".json") for p in resources.files("vargpt").joinpath("recipes").iterdir())
+        raise FileNotFoundError(f"no recipe {name_or_path!r}: give a JSON file or one of {known}")
+    return packaged.read_text(encoding="utf-8"), None
+
+
+def load_recipe(name_or_path: str | Path) -> RecipeSpec:
+    """A packaged recipe by name (e.g. "shapes-tiny") or a JSON file path."""
+    text, _ = read_recipe_text(name_or_path)
     raw = json.loads(text)
     try:
         spec = RecipeSpec(
