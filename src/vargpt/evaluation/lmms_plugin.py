@@ -21,6 +21,7 @@ GPU on a machine with 8:
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -104,6 +105,7 @@ class VARGPTLmms(lmms):
         self.pipe = VARGPTPipeline.from_pretrained(name, device=device, dtype=dtype, seed=int(seed))
         if self._world_size > 1:
             eval_logger.info(f"vargpt: process {self._rank} of {self._world_size} on {self.pipe.device}")
+            atexit.register(release_process_group)
         self._batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 
@@ -228,6 +230,19 @@ class VARGPTLmms(lmms):
         if ignored:
             logger.warning("vargpt ignores these generation settings: %s", ", ".join(ignored))
         return [u for u in until if u], max_new_tokens, settings
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if one is still up, before the interpreter tears down.
+
+    lmms-eval leaves it to interpreter teardown, where gloo's worker threads can be destroyed while joinable: a rank
+    that had finished its work then died of SIGABRT ("terminate called without an active exception", seen once in
+    CI with two CPU processes) and the launcher reported the whole run failed. Registered with `atexit` (once per
+    process: registering the same function again only repeats a no-op)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launcher_ranks(environ: Mapping[str, str]) -> tuple[int, int, int]:
