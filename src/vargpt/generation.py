@@ -124,6 +124,8 @@ class _DecodingState:
         image_grid_thw,
         fast: FastDecoding | None = None,
         capacity: int = 0,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.fast = fast or FastDecoding()
@@ -132,14 +134,18 @@ class _DecodingState:
         self.batch = B
         self.device = input_ids.device
         embeds = model.model.embed_tokens(input_ids)
-        if pixel_values is not None:
-            embeds = model.embed_understanding_images(embeds, input_ids, pixel_values, image_grid_thw)
+        if pixel_values is not None or pixel_values_videos is not None:
+            embeds = model.embed_understanding_images(
+                embeds, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
         positions, deltas = mrope_positions(
             input_ids,
             attention_mask,
             image_grid_thw,
             model.config.image_token_id,
             model.config.vision_config.spatial_merge_size,
+            video_grid_thw_N3=video_grid_thw,
+            video_token_id=model.config.video_token_id,
         )
         self.mask_BT = attention_mask.to(torch.long)
         out = model.model(
@@ -420,13 +426,12 @@ def _image_events(
 
 
 def _forced_scale_bits(forced_bits: Sequence[torch.Tensor], k: int, logits_Bld2: torch.Tensor) -> torch.Tensor:
-    """The given bits of scale k as the loop uses drawn ones: long, shaped and placed like the draws would be."""
-    if k >= len(forced_bits):
-        raise ValueError(f"bits were given for {len(forced_bits)} scales, but the schedule has more (scale {k})")
+    """The given bits of scale k, checked against the shape the draw would have had (`forced_scale_loop` checks
+    the number of scales; `score_image_bits` moves the bits to the device as long)."""
     bits, shape = forced_bits[k], tuple(logits_Bld2.shape[:3])
     if tuple(bits.shape) != shape:
         raise ValueError(f"the bits of scale {k} must be shaped {shape}, got {tuple(bits.shape)}")
-    return bits.to(device=logits_Bld2.device, dtype=torch.long)
+    return bits
 
 
 @torch.no_grad()
@@ -546,9 +551,13 @@ def generate_interleaved(
     on_image_step: Callable[[int], None] | None = None,
     null_prompt_ids: torch.Tensor | None = None,
     fast: FastDecoding | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
 ) -> VARGPTGenerateOutput:
     """Decode a batch of prompts (left padded). See the module docstring for the semantics.
 
+    `pixel_values_videos` / `video_grid_thw`: understanding videos (`VARGPTProcessor(videos=...)`), read by the
+    prefill like images.
     `null_prompt_ids`: token ids of the empty conversation, needed by `uncond_mode="null_prompt"` guidance.
     `fast`: static LLM cache and compiled calls (see `fast_decoding`); None decodes eagerly."""
     if generation_mode not in GENERATION_MODES:
@@ -570,7 +579,17 @@ def generate_interleaved(
     B = input_ids.shape[0]
     device = input_ids.device
     capacity = _static_capacity(model, input_ids.shape[1], generation_mode, text_config, image_config)
-    state = _DecodingState(model, input_ids, attention_mask, pixel_values, image_grid_thw, fast, capacity)
+    state = _DecodingState(
+        model,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        image_grid_thw,
+        fast,
+        capacity,
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
+    )
     procs = text_config.processors()
     sequences = input_ids.clone()
     finished = torch.zeros(B, dtype=torch.bool, device=device)

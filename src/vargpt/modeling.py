@@ -7,7 +7,6 @@ renaming and `save_pretrained` writes the same layout back.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -140,55 +139,6 @@ def _kept_positions(logits_to_keep: int | torch.Tensor) -> slice | torch.Tensor:
     if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
         raise ValueError(f"logits_to_keep must be an int >= 0 or a 1-D index tensor, got {logits_to_keep!r}")
     return slice(-logits_to_keep if logits_to_keep else 0, None)
-
-
-def videos_as_images(
-    input_ids_BL: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-    image_grid_thw_N3: torch.Tensor | None,
-    pixel_values_videos: torch.Tensor,
-    video_grid_thw_N3: torch.Tensor,
-    image_token_id: int,
-    video_token_id: int,
-    spatial_merge_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rewrite a prompt with videos as the same prompt with images: `(input_ids, pixel_values, image_grid_thw)`.
-
-    In Qwen2-VL a video differs from an image only by its placeholder token and its grid's t: the ViT reads both
-    kinds of patches alike and M-RoPE gives both (t, row, column) positions. So relabelling `<|video_pad|>` as
-    `<|image_pad|>` and merging the patch lists in reading order leaves the model's computation unchanged; the
-    decoding loop, which knows only images, then serves videos too.
-    """
-    image_grids = image_grid_thw_N3.tolist() if image_grid_thw_N3 is not None else []
-    video_grids = video_grid_thw_N3.tolist()
-    image_chunks = list(pixel_values.split([math.prod(g) for g in image_grids])) if image_grids else []
-    video_chunks = list(pixel_values_videos.split([math.prod(g) for g in video_grids]))
-    if sum(c.shape[0] for c in video_chunks) != pixel_values_videos.shape[0]:
-        raise ValueError("pixel_values_videos do not match video_grid_thw")
-    merge_area = spatial_merge_size**2
-    sources = {image_token_id: (image_grids, image_chunks), video_token_id: (video_grids, video_chunks)}
-    used = dict.fromkeys(sources, 0)
-    pixels, grids = [], []
-    for row in input_ids_BL.tolist():
-        i = 0
-        while i < len(row):
-            token_id = row[i]
-            if token_id not in sources:
-                i += 1
-                continue
-            kind_grids, kind_chunks = sources[token_id]
-            if used[token_id] >= len(kind_grids):
-                kind = "image" if token_id == image_token_id else "video"
-                raise ValueError(f"more {kind} placeholder blocks than entries in {kind}_grid_thw")
-            grids.append(kind_grids[used[token_id]])
-            pixels.append(kind_chunks[used[token_id]])
-            used[token_id] += 1
-            i += math.prod(grids[-1]) // merge_area
-    if used[video_token_id] != len(video_grids) or used[image_token_id] != len(image_grids):
-        raise ValueError("the prompts hold fewer image/video placeholder blocks than grids were given")
-    input_ids_BL = input_ids_BL.masked_fill(input_ids_BL == video_token_id, image_token_id)
-    grid_N3 = torch.tensor(grids, dtype=torch.long, device=video_grid_thw_N3.device)
-    return input_ids_BL, torch.cat(pixels, dim=0), grid_N3
 
 
 def _mark_self_initialised(root: nn.Module) -> None:
@@ -657,9 +607,9 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             warnings.filterwarnings("ignore", message="The following device_map keys do not match any submodules")
             converts = kwargs.get("quantization_config") is not None or dtype != storage_dtype("auto", config)
             # A converting load reads each tensor once instead of keeping every mapped shard page resident. Not
-            # under DeepSpeed ZeRO-3 or FSDP's CPU-RAM-efficient loading: there transformers partitions (or, off
-            # rank 0, skips) each shard as it reads it, and a state dict read up front would hold the whole model
-            # in every process.
+            # under DeepSpeed ZeRO-3, where transformers partitions each shard as it reads it, nor under FSDP's
+            # CPU-RAM-efficient loading: a state dict read up front would hold the whole model in the process (the
+            # other ranks do not load at all: `training.finetune.load_for_training` builds them on meta).
             if converts and not (is_deepspeed_zero3_enabled() or is_fsdp_enabled()):
                 with ShardReader(path) as shards:
                     model = super().from_pretrained(
@@ -737,7 +687,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         `compile=True` (which implies it) runs the LLM calls and decoder blocks through `torch.compile`, CUDA
         graphs on CUDA: equal to the default path up to float summation order (see `fast_decoding`).
         `pixel_values_videos` / `video_grid_thw` (from `VARGPTProcessor(videos=...)`) are understood through
-        Qwen2-VL's video path (see `videos_as_images`); the returned prompt ids keep their `<|video_pad|>` tokens.
+        the prefill through Qwen2-VL's video path (the ViT and M-RoPE time positions), as in `forward`.
         """
         from .fast_decoding import FastDecoding
         from .generation import TextSamplingConfig, generate_interleaved
@@ -750,20 +700,10 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             None if t is None else t.to(device)
             for t in (input_ids, attention_mask, pixel_values, image_grid_thw, null_prompt_ids)
         )
-        prompt_ids = input_ids
         if (pixel_values_videos is None) != (video_grid_thw is None):
             raise ValueError("give pixel_values_videos and video_grid_thw together")
         if pixel_values_videos is not None:
-            input_ids, pixel_values, image_grid_thw = videos_as_images(
-                input_ids,
-                pixel_values,
-                image_grid_thw,
-                pixel_values_videos.to(device),
-                video_grid_thw.to(device),
-                self.config.image_token_id,
-                self.config.video_token_id,
-                self.config.vision_config.spatial_merge_size,
-            )
+            pixel_values_videos, video_grid_thw = pixel_values_videos.to(device), video_grid_thw.to(device)
         renamed = {"image_top_k": "top_k", "image_top_p": "top_p"}
         image_config = (image_config or ImageGenerationConfig()).updated(
             **{renamed.get(k, k): v for k, v in image_settings.items()}
@@ -798,9 +738,9 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
             on_token=on_token,
             null_prompt_ids=null_prompt_ids,
             fast=FastDecoding.from_flags(cache_implementation, compile),
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
         )
-        if pixel_values_videos is not None:
-            out.sequences[:, : prompt_ids.shape[1]] = prompt_ids
         if generation_mode == "text" and not return_dict_in_generate:
             return out.sequences
         return out
