@@ -11,6 +11,8 @@ import pytest
 
 from vargpt.cli import main
 from vargpt.data.recipe_splits import write_recipe_splits
+from vargpt.data.shapes_dataset import write_sharegpt_dataset
+from vargpt.data.shapes_scene import ShapesWorldConfig
 from vargpt.training.recipe import DataSpec, load_recipe
 from vargpt.training.runner import prepare_data
 
@@ -33,14 +35,34 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_it_writes_the_recipe_data_steps_rows_images_and_task_files(tmp_path):
+    """Checked against the pieces the data step is made of, not against itself (the runner's `prepare_data` calls
+    `write_recipe_splits`): each split is `write_sharegpt_dataset` with the recipe's seed and world, and each task
+    file holds exactly that split's rows of the task, in order."""
+    spec = _small_spec()
+    counts = write_recipe_splits(spec.data, spec.seed, tmp_path / "command")
+    world = ShapesWorldConfig(image_size=spec.data.image_size, generation_layout=spec.data.generation_layout)
+    for split, sizes in SMALL.items():
+        expected = write_sharegpt_dataset(
+            tmp_path / "direct", split, sizes["understanding"], sizes["generation"], sizes["editing"],
+            seed=spec.seed, image_size=spec.data.image_size, config=world,
+        )  # fmt: skip
+        written = tmp_path / "command" / f"{split}.jsonl"
+        assert written.read_bytes() == expected.read_bytes()
+        rows = written.read_text().splitlines()
+        for task in ("understanding", "generation", "editing"):
+            task_rows = (tmp_path / "command" / f"{split}-{task}.jsonl").read_text().splitlines()
+            assert task_rows == [r for r in rows if json.loads(r)["meta"]["task"] == task]
+    direct, command = _files(tmp_path / "direct"), _files(tmp_path / "command")
+    images = {name for name in direct if name.startswith("images/")}
+    assert images and all(direct[name] == command[name] for name in images)
+    assert counts == {split: SMALL[split] for split in ("train", "validation", "test")}
+
+
+def test_the_recipe_run_writes_the_same_data_folder(tmp_path):
     spec = _small_spec()
     prepare_data(spec, tmp_path / "recipe")
-    counts = write_recipe_splits(spec.data, spec.seed, tmp_path / "command")
-    recipe, command = _files(tmp_path / "recipe"), _files(tmp_path / "command")
-    assert sorted(recipe) == sorted(command)
-    assert recipe == command
-    assert counts == {split: SMALL[split] for split in ("train", "validation", "test")}
-    assert "test-generation.jsonl" in command and "images/test/000001.png" in command
+    write_recipe_splits(spec.data, spec.seed, tmp_path / "command")
+    assert _files(tmp_path / "recipe") == _files(tmp_path / "command")
 
 
 def test_one_split_alone_equals_that_split_of_the_whole_step(tmp_path):

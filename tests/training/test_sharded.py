@@ -58,7 +58,6 @@ def test_fsdp_two_processes_follow_one_and_only_rank0_reads_the_weights(tiny_che
     one = run_worker(1, "fsdp", tiny_checkpoint, generation_rows)
     two = run_worker(2, "fsdp", tiny_checkpoint, generation_rows)
     assert two[0]["losses"] == pytest.approx(one[0]["losses"], rel=1e-5)
-    assert two[1]["losses"] == two[0]["losses"]
     assert one[0]["losses"][-1] < one[0]["losses"][0]
     # rank 0 reads the checkpoint; rank 1 builds on the meta device and receives its shards
     assert two[0]["parameter_bytes_after_loading"] == pytest.approx(full_bytes(tiny_checkpoint), rel=0.01)
