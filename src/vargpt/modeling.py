@@ -363,10 +363,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
 
         rope_deltas = None
         if position_ids is None and past_key_values is None and input_ids is not None:
-            # (video grids are passed only when present, so that wrappers of the older signature keep working)
-            video_kwargs = {} if video_grid_thw is None else {"video_grid_thw_N3": video_grid_thw}
             position_ids, rope_deltas = self.forward_position_ids(
-                input_ids, attention_mask, image_grid_thw, positions, **video_kwargs
+                input_ids, attention_mask, image_grid_thw, positions, video_grid_thw_N3=video_grid_thw
             )
         outputs = self.model(
             inputs_embeds=inputs_embeds,

@@ -218,9 +218,9 @@ def test_finetune_trains_with_the_positions_asked_for_and_saves_them(tmp_path, m
     modes = []
     original = VARGPTForConditionalGeneration.forward_position_ids
 
-    def recording(self, ids, mask, grid, positions=None):
+    def recording(self, ids, mask, grid, positions=None, **video):
         modes.append(positions or self.config.forward_positions)
-        return original(self, ids, mask, grid, positions)
+        return original(self, ids, mask, grid, positions, **video)
 
     monkeypatch.setattr(VARGPTForConditionalGeneration, "forward_position_ids", recording)
     data = write_sharegpt_dataset(tmp_path / "data", "validation", 0, 0, 2, seed=3)
