@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vargpt import VARGPTConfig
-from vargpt.cli import main as vargpt
+from vargpt.cli.main import main as vargpt
 from vargpt.config_validation import MAX_PARAMETERS, ConfigFileError, estimated_parameters
 
 

@@ -14,7 +14,7 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 from vargpt import VARGPTForConditionalGeneration, VARGPTPipeline, VARGPTProcessor
-from vargpt.cli import main
+from vargpt.cli.main import main
 from vargpt.hub import resolve_checkpoint, shipped_model_path
 
 REPO = "vargpt-tests/tiny"

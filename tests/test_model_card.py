@@ -11,13 +11,13 @@ import shutil
 import pytest
 
 from vargpt import VARGPTPipeline
-from vargpt.commands import register_commands, run_chat
-from vargpt.data.recipe_splits import write_recipe_splits
-from vargpt.data.shapes_language import GENEVAL_CATEGORIES, enumerate_prompts
-from vargpt.data.shapes_scene import ShapesWorldConfig
-from vargpt.demo import demo_scene
+from vargpt.cli.demo import demo_scene
+from vargpt.cli.inference import register_commands, run_chat
 from vargpt.model_card import MODEL_CARD_FILE, ModelCard, model_card_of, prompt_words, training_vocabulary
 from vargpt.pipeline import shipped_model_path
+from vargpt.shapes.language import GENEVAL_CATEGORIES, enumerate_prompts
+from vargpt.shapes.scene import ShapesWorldConfig
+from vargpt.shapes.splits import write_recipe_splits
 from vargpt.training.recipe import load_recipe
 
 NAME = "vargpt-shapes-tiny"

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vargpt import VARGPTPipeline
-from vargpt.demo import demo_scene
+from vargpt.cli.demo import demo_scene
 from vargpt.image_io import ImageInputError
 
 
@@ -118,7 +118,7 @@ def test_an_image_does_not_depend_on_the_rest_of_its_batch(pipe):
 
 
 def test_a_checkpoint_ships_its_own_image_settings(pipe, tmp_path):
-    from vargpt.generation_config import IMAGE_GENERATION_CONFIG_NAME
+    from vargpt.generation.config import IMAGE_GENERATION_CONFIG_NAME
 
     pipe.image_config = pipe.image_config.updated(cfg_scale=1.0, top_p=0.9)
     try:

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from tests.live_server import free_port, running_server
-from vargpt.cli import main
+from vargpt.cli.demo import demo_scene
+from vargpt.cli.main import main
 from vargpt.configuration import VARGPTConfig
-from vargpt.data.shapes_dataset import write_sharegpt_dataset
-from vargpt.demo import demo_scene
 from vargpt.modeling import VARGPTForConditionalGeneration
+from vargpt.shapes.dataset import write_sharegpt_dataset
 from vargpt.tokenization import build_tiny_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from vargpt import VARGPTPipeline
-from vargpt.data.shapes_scene import Scene, ShapeInstance
-from vargpt.evaluation.shapes_detector import read_scene
 from vargpt.pipeline import default_model_name, shipped_model_path
+from vargpt.shapes.detector import read_scene
+from vargpt.shapes.scene import Scene, ShapeInstance
 
 NAME = "vargpt-shapes-tiny"
 
@@ -55,8 +55,8 @@ def test_it_draws_varied_scenes_of_its_world(pipe):
 
 
 def test_it_answers_about_an_image_in_words(pipe):
-    from vargpt.data.shapes_render import render
-    from vargpt.data.shapes_scene import ShapesWorldConfig
+    from vargpt.shapes.render import render
+    from vargpt.shapes.scene import ShapesWorldConfig
 
     scene = render(Scene((ShapeInstance((1, 1), "square", "green", "large"),)), ShapesWorldConfig(), 32)
     answer = pipe.chat("Which shape is the green object?", images=[scene], max_new_tokens=8)

@@ -173,7 +173,7 @@ def test_bad_inputs_are_named(model):
 def fit_rows(tmp_path_factory):
     """Three text-to-image rows, then three editing rows (an understanding image before the target)."""
     from vargpt.data.formats import load_sft_dataset
-    from vargpt.data.shapes_dataset import write_sharegpt_dataset
+    from vargpt.shapes.dataset import write_sharegpt_dataset
 
     path = write_sharegpt_dataset(tmp_path_factory.mktemp("fit"), "validation", 0, 3, 3, seed=4)
     dataset, _ = load_sft_dataset(path)
@@ -245,7 +245,7 @@ def test_fit_settings_a_path_does_not_have_are_refused(pipe, fit_rows):
 def test_the_fit_command_scores_through_the_inference_loop(fit_rows, tmp_path, capsys):
     import json
 
-    from vargpt.cli import main
+    from vargpt.cli.main import main
 
     path, _ = fit_rows
     report = tmp_path / "fit.json"

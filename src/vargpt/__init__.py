@@ -5,7 +5,7 @@ Importing the package registers the model with transformers' Auto classes (model
 """
 
 from .configuration import VARGPTConfig
-from .generation_config import IMAGE_PRESETS, ImageGenerationConfig
+from .generation.config import IMAGE_PRESETS, ImageGenerationConfig
 from .modeling import VARGPTForConditionalGeneration
 from .processing import VARGPTProcessor
 from .registration import register_auto_classes

@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .configuration import VARGPTConfig
 from .device_map import resolve_device_map, storage_dtype
-from .generation_config import ImageGenerationConfig
+from .generation.config import ImageGenerationConfig
 from .hub import resolve_checkpoint
 from .image_tokenizer import (
     BSQVAE,
@@ -687,8 +687,8 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         `pixel_values_videos` / `video_grid_thw` (from `VARGPTProcessor(videos=...)`) are understood through
         the prefill through Qwen2-VL's video path (the ViT and M-RoPE time positions), as in `forward`.
         """
-        from .fast_decoding import FastDecoding
-        from .generation import TextSamplingConfig, generate_interleaved
+        from .generation.decoding import TextSamplingConfig, generate_interleaved
+        from .generation.static_cache import FastDecoding
 
         if input_ids is None:
             raise ValueError("generate needs input_ids (build them with VARGPTProcessor)")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .configuration import PRESETS, VARGPTConfig
-from .generation_config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
+from .generation.config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
 from .hub import SHIPPED_MODELS as SHIPPED_MODELS  # re-exported: importable from here as before
 from .hub import resolve_checkpoint, shipped_model_path
 from .image_io import VideoSource

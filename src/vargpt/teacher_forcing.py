@@ -5,7 +5,7 @@ time on LLM and decoder KV caches, with classifier-free guidance and a temperatu
 holds them to it), but only this path answers questions about the sampler itself: how likely is this image
 under the distribution `generate` draws from at cfg 3 and tau 0.5, which scale of a sample is improbable, do
 two implementations of the loop see the same logits. `score_image_bits` runs exactly `generate`'s image path
-(`vargpt.generation.forced_scale_loop`: same prefill, same forced `<|image_gen_start|>`, same per-scale calls)
+(`vargpt.generation.decoding.forced_scale_loop`: same prefill, same forced `<|image_gen_start|>`, same per-scale calls)
 and feeds the given bits where the sampler would feed its draws.
 
 What the log-likelihood is: at scale k every bit j of token i is drawn from the two-way softmax of the
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .generation import forced_scale_loop
-from .generation_config import ImageGenerationConfig
+from .generation.config import ImageGenerationConfig
+from .generation.decoding import forced_scale_loop
 from .image_tokenizer import encode_to_bits, schedule_image_size
 
 

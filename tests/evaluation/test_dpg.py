@@ -4,8 +4,6 @@ import json
 import pytest
 from PIL import Image
 
-from vargpt.data.shapes_render import render
-from vargpt.data.shapes_scene import Scene, ShapeInstance, ShapesWorldConfig
 from vargpt.evaluation.dpg import (
     DPGQuestion,
     ShapesVQA,
@@ -19,6 +17,8 @@ from vargpt.evaluation.dpg import (
     score_dpg_folder,
     summarize_dpg,
 )
+from vargpt.shapes.render import render
+from vargpt.shapes.scene import Scene, ShapeInstance, ShapesWorldConfig
 
 from .test_geneval import CountingPipe, SingleProcess
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vargpt.cli import main
+from vargpt.cli.main import main
 from vargpt.evaluation.dpg import (
     DPGQuestion,
     apply_dependencies,

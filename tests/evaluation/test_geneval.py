@@ -5,9 +5,6 @@ from contextlib import contextmanager
 import pytest
 from PIL import Image
 
-from vargpt.benchmarking.sampling import MANIFEST_NAME
-from vargpt.data.shapes_render import render
-from vargpt.data.shapes_scene import Scene, ShapeInstance, ShapesWorldConfig
 from vargpt.evaluation.geneval import (
     NO_FILTER,
     OFFICIAL_FILTER,
@@ -20,6 +17,9 @@ from vargpt.evaluation.geneval import (
     score_geneval_folder,
     summarize_geneval,
 )
+from vargpt.evaluation.sampling import MANIFEST_NAME
+from vargpt.shapes.render import render
+from vargpt.shapes.scene import Scene, ShapeInstance, ShapesWorldConfig
 
 SIZE = (300, 300)
 
@@ -44,7 +44,7 @@ class CountingPipe:
     """Stands in for VARGPTPipeline: solid images, and a record of every prompt it drew."""
 
     def __init__(self, size: int = 32) -> None:
-        from vargpt.generation_config import ImageGenerationConfig
+        from vargpt.generation.config import ImageGenerationConfig
 
         self.image_config = ImageGenerationConfig()
         self.model = type("M", (), {"config": type("C", (), {"image_resolution": size})()})()

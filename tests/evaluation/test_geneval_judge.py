@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vargpt.cli import main
+from vargpt.cli.main import main
 from vargpt.evaluation.geneval import OFFICIAL_FILTER, ObjectDetection, make_detector, score_detections
 from vargpt.evaluation.geneval_judge import (
     GENEVAL_COLOUR_PROMPTS,

@@ -23,11 +23,11 @@ pytest.importorskip("lmms_eval")
 from lmms_eval.api.instance import Instance
 
 from vargpt import VARGPTPipeline
-from vargpt.data.shapes_dataset import write_sharegpt_dataset
 from vargpt.evaluation.lmms_plugin import VARGPTLmms, launcher_ranks, model_manifest, process_device
 from vargpt.evaluation.lmms_tasks.shapes_vqa import shapes_vqa_documents, write_shapes_vqa_task
-from vargpt.evaluation.shapes_eval import evaluate_split
-from vargpt.evaluation.shapes_scoring import normalize_answer
+from vargpt.shapes.dataset import write_sharegpt_dataset
+from vargpt.shapes.evaluate import evaluate_split
+from vargpt.shapes.scoring import normalize_answer
 
 BATCH = 4
 MAX_NEW_TOKENS = 12  # what `vargpt eval shapes` and the task template both use

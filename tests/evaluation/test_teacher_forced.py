@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vargpt.cli import main
+from vargpt.cli.main import main
 from vargpt.data.formats import load_sft_dataset
-from vargpt.data.shapes_dataset import write_sharegpt_dataset
 from vargpt.evaluation.teacher_forced import swapped_rows, teacher_forced_fit
 from vargpt.pipeline import VARGPTPipeline
+from vargpt.shapes.dataset import write_sharegpt_dataset
 
 
 @pytest.fixture(scope="module")

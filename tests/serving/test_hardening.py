@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.serving.errors import assert_openai_error
-from vargpt.demo import demo_scene
+from vargpt.cli.demo import demo_scene
 from vargpt.image_io import ImageInputError, load_image
 from vargpt.pipeline import VARGPTPipeline
 from vargpt.serving import ServerConfig, create_app

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.live_server import free_port, running_server
-from vargpt.demo import demo_scene
+from vargpt.cli.demo import demo_scene
 
 KEY = "load-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -24,7 +24,7 @@ from PIL import Image
 
 from tests.live_server import free_port, running_server
 from tests.serving.errors import assert_openai_error
-from vargpt.demo import demo_scene
+from vargpt.cli.demo import demo_scene
 
 API_KEY = "test-key"
 

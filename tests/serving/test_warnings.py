@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from vargpt import VARGPTPipeline
-from vargpt.demo import demo_scene
+from vargpt.cli.demo import demo_scene
 from vargpt.serving import ServerConfig, create_app
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 gr = pytest.importorskip("gradio", reason="the web demo needs gradio (pip install gradio)")
 
 from tests.live_server import free_port, stop  # noqa: E402
-from vargpt.demo import demo_scene  # noqa: E402
+from vargpt.cli.demo import demo_scene  # noqa: E402
 from vargpt.pipeline import ChatTurn, VARGPTPipeline  # noqa: E402
 from vargpt.serving.web import (  # noqa: E402
     EMPTY_ANSWER,

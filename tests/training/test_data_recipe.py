@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vargpt.data.shapes_dataset import write_sharegpt_dataset
+from vargpt.shapes.dataset import write_sharegpt_dataset
 from vargpt.training.data_recipe import (
     ScaleDown,
     is_data_recipe,

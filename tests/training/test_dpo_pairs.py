@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from vargpt import VARGPTPipeline
-from vargpt.cli import main
+from vargpt.cli.main import main
 from vargpt.data.collator import PreferenceCollator
 from vargpt.data.formats import load_preference_dataset
-from vargpt.data.shapes import ShapesWorld
-from vargpt.evaluation.shapes_scoring import GENEVAL_CATEGORIES
+from vargpt.shapes.scoring import GENEVAL_CATEGORIES
+from vargpt.shapes.world import ShapesWorld
 from vargpt.training.dpo_pairs import (
     LOSER_SATISFIES_PROMPT,
     NO_WINNER,

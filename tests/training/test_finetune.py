@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vargpt.data.shapes_dataset import write_sharegpt_dataset
+from vargpt.shapes.dataset import write_sharegpt_dataset
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
 

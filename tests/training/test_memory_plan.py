@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from vargpt import VARGPTForConditionalGeneration
-from vargpt.cli import main
+from vargpt.cli.main import main
 from vargpt.configuration import VARGPTConfig
 from vargpt.data.collator import SFTCollator
 from vargpt.data.formats import load_sft_dataset
-from vargpt.data.shapes_dataset import write_sharegpt_dataset
 from vargpt.pipeline import preset_processor
+from vargpt.shapes.dataset import write_sharegpt_dataset
 from vargpt.training.memory_plan import (
     TrainingSetup,
     activation_bytes,

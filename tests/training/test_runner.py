@@ -150,7 +150,7 @@ def test_every_stage_writes_metrics_plots_and_a_checkpoint(finished_run):
 
 def test_final_model_loads_in_the_pipeline_and_eval_command_runs(finished_run, tmp_path):
     from vargpt import VARGPTPipeline
-    from vargpt.cli import main
+    from vargpt.cli.main import main
 
     _, run, _ = finished_run
     pipe = VARGPTPipeline.from_pretrained(run / "final")
@@ -419,7 +419,7 @@ class _PipelineDrawingMagenta:
 def test_mixed_dpo_losers_take_another_prompts_scene_where_the_models_sample_is_right(tmp_path, monkeypatch, losers):
     from PIL import Image
 
-    from vargpt.evaluation import shapes_scoring
+    from vargpt.shapes import scoring as shapes_scoring
     from vargpt.training import runner
 
     real_scorer = shapes_scoring.evaluate_generated_image

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vargpt.data.shapes_dataset import write_sharegpt_dataset
+from vargpt.shapes.dataset import write_sharegpt_dataset
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -12,8 +12,8 @@ from tests.test_modeling import generation_sample, make_tiny_model
 from vargpt.image_tokenizer import BSQVAE
 from vargpt.image_tokenizer.schedules import schedule_token_count
 from vargpt.training.stages import apply_stage, get_stage
-from vargpt.training.tokenizer import TokenizerTrainingModel, reconstruction_psnr
 from vargpt.training.trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments, dpo_loss, image_log_probs
+from vargpt.training.vae_training import TokenizerTrainingModel, reconstruction_psnr
 
 
 def targets(n: int, seed: int) -> torch.Tensor:
@@ -211,8 +211,8 @@ def test_finetune_trains_with_the_positions_asked_for_and_saves_them(tmp_path, m
     and is written to the saved config.json, so later scoring of that model uses it too."""
     import json
 
-    from vargpt.data.shapes_dataset import write_sharegpt_dataset
     from vargpt.modeling import VARGPTForConditionalGeneration
+    from vargpt.shapes.dataset import write_sharegpt_dataset
     from vargpt.training.finetune import FinetuneArgs, run_finetune
 
     modes = []

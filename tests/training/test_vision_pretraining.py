@@ -8,9 +8,9 @@ from transformers import TrainingArguments
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vargpt.configuration import VARGPTConfig
-from vargpt.data.shapes import ShapesWorld
-from vargpt.data.shapes_scene import Scene, ShapeInstance
 from vargpt.modeling import VARGPTForConditionalGeneration
+from vargpt.shapes.scene import Scene, ShapeInstance
+from vargpt.shapes.world import ShapesWorld
 from vargpt.training.trainer import VARGPTTrainer
 from vargpt.training.vision_pretraining import (
     IGNORE,

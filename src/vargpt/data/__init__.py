@@ -1,5 +1,5 @@
 """Training data: reading and validating data files, and collating rows into model batches.
 
-The shapes world (`vargpt.data.shapes`, `vargpt.data.shapes_dataset`) generates such data procedurally, with an
-exact symbolic description of every picture.
+The shapes world (`vargpt.shapes`) generates such data procedurally, with an exact symbolic description of
+every picture.
 """

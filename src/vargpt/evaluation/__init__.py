@@ -1,26 +1,4 @@
-"""Evaluation: the exact shapes-world detector and its GenEval, VQA and editing scores."""
+"""Evaluation of any model: GenEval and DPG-Bench (sampling and judges), teacher-forced fit, lmms-eval.
 
-from .shapes_detector import Detection, SceneReading, detect, read_scene
-from .shapes_scoring import (
-    edit_check,
-    edit_correct,
-    evaluate_generated_image,
-    evaluate_geneval,
-    geneval_summary,
-    normalize_answer,
-    vqa_accuracy,
-)
-
-__all__ = [
-    "Detection",
-    "SceneReading",
-    "detect",
-    "edit_check",
-    "edit_correct",
-    "evaluate_generated_image",
-    "evaluate_geneval",
-    "geneval_summary",
-    "normalize_answer",
-    "read_scene",
-    "vqa_accuracy",
-]
+The shapes world's exact detector and scores live in `vargpt.shapes`.
+"""

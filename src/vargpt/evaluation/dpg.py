@@ -44,7 +44,11 @@ from typing import Any, Protocol
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..benchmarking.sampling import (
+from ..shapes.detector import Detection
+from ..shapes.scene import SUPPORTED_SHAPES, ShapesWorldConfig
+from ..shapes.scoring import relative_position
+from .geneval import ShapesDetector
+from .sampling import (
     ProcessState,
     PromptJob,
     is_readable_png,
@@ -52,10 +56,6 @@ from ..benchmarking.sampling import (
     save_png_atomic,
     write_text_atomic,
 )
-from ..data.shapes_scene import SUPPORTED_SHAPES, ShapesWorldConfig
-from .geneval import ShapesDetector
-from .shapes_detector import Detection
-from .shapes_scoring import relative_position
 
 GRID_SIDE = 2
 IMAGES_PER_PROMPT = GRID_SIDE * GRID_SIDE
@@ -66,7 +66,7 @@ IMAGES_PER_PROMPT = GRID_SIDE * GRID_SIDE
 
 def default_prompts_path() -> Path:
     """The packaged copy of DPG-Bench's 1,065 prompts as {"id", "prompt"} lines."""
-    return Path(str(resources.files("vargpt.evaluation").joinpath("benchmark_data", "dpg_bench", "prompts.jsonl")))
+    return Path(str(resources.files("vargpt.evaluation").joinpath("prompt_sets", "dpg_bench", "prompts.jsonl")))
 
 
 def read_dpg_prompts(path: str | os.PathLike | None = None, limit: int | None = None) -> list[dict[str, str]]:

@@ -7,7 +7,7 @@ Layout (djghosh13/geneval README, "Image generation"; read by its `evaluation/ev
     OUT/00001/...                 folders are the prompt's index in the metadata file, zero padded to 5
 
 The rules (include / exclude clauses, colour, position, the six-category mean) are those of
-`vargpt.evaluation.shapes_scoring.evaluate_geneval`; this module adds what the official evaluator does before
+`vargpt.shapes.scoring.evaluate_geneval`; this module adds what the official evaluator does before
 them, with the detector as a parameter:
 
 * `Detector`: image -> `ObjectDetection`s (class, colour, box, confidence). GenEval's own pipeline is
@@ -38,7 +38,10 @@ from typing import Any, Protocol
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..benchmarking.sampling import (
+from ..shapes.detector import Detection, SceneReading, read_scene
+from ..shapes.scene import ShapesWorldConfig
+from ..shapes.scoring import evaluate_geneval, geneval_summary
+from .sampling import (
     ProcessState,
     PromptJob,
     is_readable_png,
@@ -46,9 +49,6 @@ from ..benchmarking.sampling import (
     save_png_atomic,
     write_text_atomic,
 )
-from ..data.shapes_scene import ShapesWorldConfig
-from .shapes_detector import Detection, SceneReading, read_scene
-from .shapes_scoring import evaluate_geneval, geneval_summary
 
 FOLDER_DIGITS = 5
 SAMPLE_DIGITS = 4
@@ -61,7 +61,7 @@ _SAMPLE_PATTERN = re.compile(r"\d+\.png")  # the official evaluator's re.match o
 def default_metadata_path() -> Path:
     """The packaged copy of GenEval's evaluation_metadata.jsonl (553 prompts)."""
     return Path(
-        str(resources.files("vargpt.evaluation").joinpath("benchmark_data", "geneval", "evaluation_metadata.jsonl"))
+        str(resources.files("vargpt.evaluation").joinpath("prompt_sets", "geneval", "evaluation_metadata.jsonl"))
     )
 
 

@@ -62,7 +62,7 @@ MMDET_TEST_SIZE = {"shortest_edge": 800, "longest_edge": 1333}
 
 def geneval_object_names() -> list[str]:
     """GenEval's names of the 80 COCO classes, in COCO's index order (packaged `object_names.txt`)."""
-    path = resources.files("vargpt.evaluation").joinpath("benchmark_data", "geneval", "object_names.txt")
+    path = resources.files("vargpt.evaluation").joinpath("prompt_sets", "geneval", "object_names.txt")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.collator import SFTCollator
-from ..generation_config import POSITION_MODES, UNCOND_MODES, ImageGenerationConfig
+from ..generation.config import POSITION_MODES, UNCOND_MODES, ImageGenerationConfig
 from ..rope_index import FORWARD_POSITIONS
 
 SWAPS = ("none", "images", "prompts")

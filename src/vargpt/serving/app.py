@@ -55,12 +55,12 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generation import GenerationCancelled, stop_when
+from ..conversation import StreamDecoder, assistant_message, converse_batch, user_message
+from ..generation.decoding import GenerationCancelled, stop_when
 from ..image_io import ImageInputError, load_image
 from ..model_card import model_card_of
 from ..pipeline import VARGPTPipeline
 from .batching import BatchCancelledError, BatchingWorker, Job, QueueFullError
-from .engine import StreamDecoder, assistant_message, converse_batch, user_message
 from .schemas import APIError, ChatCompletionRequest, ChatMessage, ImageGenerationRequest, error_body
 from .validation import check_length, check_text, image_settings, square_size
 

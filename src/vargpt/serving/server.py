@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..commands import add_model_arguments, model_load_kwargs
+from ..cli.inference import add_model_arguments, model_load_kwargs
 from ..pipeline import default_model_name
 
 DEFAULT_MODEL = default_model_name()

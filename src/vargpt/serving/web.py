@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from ..generation_config import IMAGE_PRESETS
+from ..generation.config import IMAGE_PRESETS
 from ..model_card import ModelCard, model_card_of
 
 if TYPE_CHECKING:

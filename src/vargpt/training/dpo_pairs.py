@@ -78,7 +78,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from ..benchmarking.sampling import save_png_atomic, write_text_atomic
+from ..evaluation.sampling import save_png_atomic, write_text_atomic
 from ..tokenization import (
     IMAGE_GEN_SPECIAL_TOKENS,
     QWEN2_VL_SPECIAL_TOKENS,
@@ -307,7 +307,7 @@ class ShapesScorer:
             )
 
     def __call__(self, image: Image.Image, row: PromptRow) -> bool:
-        from ..evaluation.shapes_scoring import evaluate_generated_image
+        from ..shapes.scoring import evaluate_generated_image
 
         correct, _ = evaluate_generated_image(image, row.metadata, self.world_config)
         return correct
@@ -718,8 +718,8 @@ def merge_parts(folder: PairsFolder, rows: Sequence[PromptRow], config: DPOPairs
 
 def register_dpo_pairs_command(subparsers: argparse._SubParsersAction) -> None:
     """Add `dpo-pairs` to a `vargpt` sub-command parser."""
-    from ..commands import add_model_arguments
-    from ..generation_config import UNCOND_MODES
+    from ..cli.inference import add_model_arguments
+    from ..generation.config import UNCOND_MODES
 
     # "resolve": the shared model flags stay in step with the other commands, and `--model` becomes repeatable
     p = subparsers.add_parser(
@@ -769,7 +769,7 @@ def register_dpo_pairs_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> DPOPairsConfig:
-    from ..commands import model_load_kwargs
+    from ..cli.inference import model_load_kwargs
 
     environ = os.environ if environ is None else environ
     num_shards, shard_index = resolve_shard(args.num_shards, args.shard_index, environ)

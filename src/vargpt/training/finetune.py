@@ -21,7 +21,7 @@ from transformers.integrations import is_fsdp_enabled
 from transformers.modeling_utils import is_local_dist_rank_0
 
 from ..rope_index import FORWARD_POSITIONS
-from .checkpointing import CompleteCheckpointCallback, last_complete_checkpoint
+from .resume import CompleteCheckpointCallback, last_complete_checkpoint
 from .stages import STAGES, StagePlan, apply_stage
 from .trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments
 

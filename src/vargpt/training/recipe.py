@@ -27,7 +27,7 @@ class DataSpec:
     test: dict[str, int]
     image_size: int = 32
     # text-to-image targets: "random" (laid out like every other scene) or "canonical" (one layout per object
-    # count or relation, large shapes on white: the image loss is then about the prompt; see `vargpt.data.shapes`)
+    # count or relation, large shapes on white: the image loss is then about the prompt; see `vargpt.shapes.world`)
     generation_layout: str = "random"
 
 
@@ -140,7 +140,7 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
         raise ValueError(f"stage {spec.name!r}: unknown tasks {sorted(bad)}; choose from {TASKS}")
     if STAGES[spec.plan].kind == "dpo" and spec.dpo_pairs <= 0:
         raise ValueError(f"stage {spec.name!r} is a DPO stage and needs dpo_pairs > 0")
-    from ..generation_config import ImageGenerationConfig
+    from ..generation.config import ImageGenerationConfig
 
     try:
         ImageGenerationConfig().updated(**spec.image_generation)
@@ -157,7 +157,7 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
     if STAGES[spec.plan].kind == "dpo" and spec.prompt_dropout:
         raise ValueError(f"stage {spec.name!r}: prompt_dropout applies to SFT stages, not DPO")
     if spec.categories:
-        from ..evaluation.shapes_scoring import GENEVAL_CATEGORIES
+        from ..shapes.scoring import GENEVAL_CATEGORIES
 
         unknown = sorted(set(spec.categories) - set(GENEVAL_CATEGORIES))
         if unknown:
@@ -219,14 +219,14 @@ def load_recipe(name_or_path: str | Path) -> RecipeSpec:
             raise ValueError(f"recipe {name_or_path!s}: {part} learning_rate must be positive")
     if spec.threads is not None and spec.threads < 1:
         raise ValueError(f"recipe {name_or_path!s}: threads must be a positive count, got {spec.threads}")
-    from ..data.shapes_scene import GENERATION_LAYOUTS
+    from ..shapes.scene import GENERATION_LAYOUTS
 
     if spec.data.generation_layout not in GENERATION_LAYOUTS:
         raise ValueError(
             f"recipe {name_or_path!s}: data.generation_layout must be one of {GENERATION_LAYOUTS}, "
             f"got {spec.data.generation_layout!r}"
         )
-    from ..generation_config import ImageGenerationConfig
+    from ..generation.config import ImageGenerationConfig
 
     ImageGenerationConfig().updated(**spec.image_generation)  # unknown or invalid settings: a clear error now
     return spec

@@ -41,12 +41,12 @@ from ..tokenization import (
     build_tiny_tokenizer,
     learn_tiny_merges,
 )
-from .checkpointing import CompleteCheckpointCallback, last_complete_checkpoint
 from .plots import image_rows, loss_curve
 from .recipe import RecipeSpec, StageSpec
+from .resume import CompleteCheckpointCallback, last_complete_checkpoint
 from .stages import STAGES, apply_stage
-from .tokenizer import TokenizerTrainingModel, psnr_db, reconstruct
 from .trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments
+from .vae_training import TokenizerTrainingModel, psnr_db, reconstruct
 
 DONE = "DONE"
 
@@ -94,7 +94,7 @@ def learn_text_merges(spec: RecipeSpec, data: Path) -> list[tuple[str, str]]:
 
 
 def _world_config(spec: RecipeSpec):
-    from ..data.recipe_splits import recipe_world_config
+    from ..shapes.splits import recipe_world_config
 
     return recipe_world_config(spec.data.image_size, spec.data.generation_layout)
 
@@ -102,7 +102,7 @@ def _world_config(spec: RecipeSpec):
 def prepare_data(spec: RecipeSpec, folder: Path) -> Path:
     """Write the shapes-world splits once, plus one JSONL per task so stages can pick their mixture (the same
     files `vargpt data shapes` writes)."""
-    from ..data.recipe_splits import write_recipe_splits
+    from ..shapes.splits import write_recipe_splits
 
     if _done(folder):
         return folder
@@ -170,7 +170,7 @@ class _Renders(torch.utils.data.Dataset):
 
 
 def _render_scenes(spec: RecipeSpec, split: str, count: int, seed_offset: int):
-    from ..data.shapes import ShapesWorld
+    from ..shapes.world import ShapesWorld
 
     world = ShapesWorld(spec.seed * 1000 + seed_offset, image_size=spec.data.image_size)
     scenes = [world.sample_scene(split) for _ in range(count)]
@@ -184,8 +184,8 @@ def train_tokenizer(
     spec: RecipeSpec, model: VARGPTForConditionalGeneration, folder: Path, progress: bool = True
 ) -> dict[str, Any]:
     """Train `model.vae_local` on rendered scenes (or load it if this step is done)."""
-    from ..evaluation.shapes_detector import matches_scene, read_scene
     from ..processing import postprocess_generated
+    from ..shapes.detector import matches_scene, read_scene
 
     weights = folder / "vae.safetensors"
     if _done(folder):
@@ -232,8 +232,8 @@ def pretrain_vision(
     spec: RecipeSpec, model: VARGPTForConditionalGeneration, processor: VARGPTProcessor, folder: Path, progress: bool
 ) -> dict[str, Any]:
     """Scene-reading pretraining of `model.visual` (or load it if this step is done); see `vision_pretraining`."""
-    from ..data.shapes import ShapesWorld
-    from ..data.shapes_scene import GRID_SIZE
+    from ..shapes.scene import GRID_SIZE
+    from ..shapes.world import ShapesWorld
     from .vision_pretraining import (
         RenderedScenes,
         SceneLabels,
@@ -340,7 +340,7 @@ def _sft_dataset(
 
 
 def _image_settings(spec: RecipeSpec):
-    from ..generation_config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
+    from ..generation.config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
 
     return ImageGenerationConfig.from_preset(DEFAULT_IMAGE_PRESET, **spec.image_generation)
 
@@ -361,8 +361,8 @@ def _build_preference_pairs(spec: RecipeSpec, stage_index: int, model, processor
     any clean scene; or "own_samples_or_other_prompts", the model's sample where it is wrong and another prompt's
     ground truth where it is right, so that categories the model already draws right keep pairs (and the
     winners' NLL term) instead of drifting while the round trains only on the others."""
-    from ..data.shapes import ShapesWorld
-    from ..evaluation.shapes_scoring import GENEVAL_CATEGORIES, evaluate_generated_image
+    from ..shapes.scoring import GENEVAL_CATEGORIES, evaluate_generated_image
+    from ..shapes.world import ShapesWorld
 
     folder.mkdir(parents=True, exist_ok=True)
     # each DPO round (iterative DPO) draws fresh prompts: the world's seed moves on with every earlier DPO stage
@@ -444,7 +444,7 @@ def run_stage(
 ) -> dict[str, Any]:
     from ..data.collator import PreferenceCollator, SFTCollator
     from ..data.formats import load_preference_dataset
-    from ..evaluation.shapes_eval import evaluate_split
+    from ..shapes.evaluate import evaluate_split
 
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -53,7 +53,7 @@ def apply_stage(model: nn.Module, plan: StagePlan) -> dict[str, int]:
     The image tokenizer (`vae_local.`) never trains inside the unified model: it has its own trainer.
     """
     if any(p.startswith("vae_local.") for p in plan.trainable):
-        raise ValueError("the image tokenizer trains on its own (vargpt.training.tokenizer), not inside a stage")
+        raise ValueError("the image tokenizer trains on its own (vargpt.training.vae_training), not inside a stage")
     trainable = frozen = 0
     for name, param in model.named_parameters():
         train = name.startswith(plan.trainable)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.shapes_scene import GRID_SIZE, Scene, ShapesWorldConfig, all_cells
+from ..shapes.scene import GRID_SIZE, Scene, ShapesWorldConfig, all_cells
 
 IGNORE = -100
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...shapes_eval import read_rows
+from ....shapes.evaluate import read_rows
 
 TEMPLATE = Path(__file__).resolve().parent / "_default_template_yaml"
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from PIL import Image
 
-from vargpt.evaluation.shapes_scoring import normalize_answer
 from vargpt.image_io import load_image
+from vargpt.shapes.scoring import normalize_answer
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:

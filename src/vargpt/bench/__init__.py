@@ -1,0 +1,1 @@
+"""Speed benchmarks (`vargpt bench`): timing, peak memory, FLOP counts and the cost plot."""

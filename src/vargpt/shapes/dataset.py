@@ -1,0 +1,153 @@
+"""Shapes-world datasets on disk in the sharegpt layout the trainers read.
+
+One JSONL row per item: {"messages": [user, assistant], "images": [...], "meta": {...}}. Image placeholders
+appear in the order of the "images" list: understanding rows put "<image>" in the user turn, generation rows
+put "<image_gen>" in the assistant turn, editing rows do both (source first, then target). "meta" carries what
+scoring needs later: task, category, split, the unseen-combination flag and the symbolic scene(s), plus the
+GenEval metadata of generation rows and the question type, form and answer of understanding rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .scene import ShapesWorldConfig, has_held_out_pair
+from .world import EDIT_KINDS, GENEVAL_CATEGORIES, SPLITS, VQA_TYPES, ShapesWorld
+
+IMAGE_TOKEN = "<image>"
+IMAGE_GEN_TOKEN = "<image_gen>"
+
+
+class _ImageWriter:
+    """Saves PNGs as images/<split>/000001.png, ... and returns paths relative to the dataset folder."""
+
+    def __init__(self, root: Path, split: str) -> None:
+        self.root, self.split, self.count = root, split, 0
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, image: Image.Image) -> str:
+        self.count += 1
+        relative = f"images/{self.split}/{self.count:06d}.png"
+        image.save(self.root / relative)
+        return relative
+
+
+def _row(user: str, assistant: str, images: list[str], meta: dict[str, Any]) -> dict[str, Any]:
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return {"messages": messages, "images": images, "meta": meta}
+
+
+def _understanding_rows(world: ShapesWorld, split: str, n: int, caption_fraction: float, save) -> list[dict]:
+    rows = []
+    for index in range(n):
+        scene = world.sample_scene(split)
+        meta = {"task": "understanding", "split": split, "scene": scene.to_dict()}
+        if world.rng.random() < caption_fraction:
+            question, answer = "Describe the image.", world.caption(scene)
+            meta.update(category="caption", unseen_combination=has_held_out_pair(scene, world.config))
+        else:
+            wanted = VQA_TYPES[index % len(VQA_TYPES)]
+            item = next(q for q in world.vqa(scene) if q.qtype == wanted)
+            question, answer = item.question, item.answer
+            meta.update(category=item.qtype, form=item.form, unseen_combination=item.unseen_combination)
+        meta["answer"] = answer
+        rows.append(_row(IMAGE_TOKEN + question, answer, [save(world.render(scene))], meta))
+    return rows
+
+
+def _generation_rows(world: ShapesWorld, split: str, n: int, save) -> list[dict]:
+    rows = []
+    for index in range(n):
+        item = world.t2i_prompt(GENEVAL_CATEGORIES[index % len(GENEVAL_CATEGORIES)], split)
+        meta = {
+            "task": "generation",
+            "split": split,
+            "category": item.metadata["tag"],
+            "tags": [item.metadata["tag"]],
+            "geneval": item.metadata,
+            "unseen_combination": item.unseen_combination,
+            "scene": item.scene.to_dict(),
+        }
+        rows.append(_row(item.prompt, IMAGE_GEN_TOKEN, [save(world.render(item.scene))], meta))
+    return rows
+
+
+def _editing_rows(world: ShapesWorld, split: str, n: int, save) -> list[dict]:
+    rows = []
+    for index in range(n):
+        triple = world.edit_triple(split, EDIT_KINDS[index % len(EDIT_KINDS)])
+        meta = {
+            "task": "editing",
+            "split": split,
+            "category": triple.kind,
+            "tags": [triple.kind],
+            "instruction": triple.instruction,
+            "unseen_combination": triple.unseen_combination,
+            "source_scene": triple.source.to_dict(),
+            "target_scene": triple.target.to_dict(),
+        }
+        images = [save(world.render(triple.source)), save(world.render(triple.target))]
+        rows.append(_row(IMAGE_TOKEN + triple.instruction, IMAGE_GEN_TOKEN, images, meta))
+    return rows
+
+
+def write_sharegpt_dataset(
+    out_dir: str | Path,
+    split: str,
+    n_understanding: int,
+    n_generation: int,
+    n_editing: int,
+    seed: int = 0,
+    *,
+    image_size: int = 32,
+    config: ShapesWorldConfig | None = None,
+    caption_fraction: float = 0.2,
+) -> Path:
+    """Write `<out_dir>/<split>.jsonl` and its PNGs under `<out_dir>/images/<split>/`; return the JSONL path.
+
+    Rows come in three blocks (understanding, generation, editing); categories cycle so each is balanced.
+    The same (seed, split) always writes the same files; different splits never share a scene or a prompt.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    for name, value in (("n_understanding", n_understanding), ("n_generation", n_generation), ("n_editing", n_editing)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0 <= caption_fraction <= 1:
+        raise ValueError(f"caption_fraction must be in [0, 1], got {caption_fraction}")
+    root = Path(out_dir)
+    world = ShapesWorld(seed * len(SPLITS) + SPLITS.index(split), image_size=image_size, config=config)
+    save = _ImageWriter(root, split)
+    rows = _understanding_rows(world, split, n_understanding, caption_fraction, save)
+    rows += _generation_rows(world, split, n_generation, save)
+    rows += _editing_rows(world, split, n_editing, save)
+    path = root / f"{split}.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def validate_sharegpt_dataset(jsonl_path: str | Path) -> int:
+    """Check every row of a sharegpt JSONL: roles, placeholders matching images, files present. Return rows."""
+    path = Path(jsonl_path)
+    count = 0
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            row = json.loads(line)
+            messages, images = row.get("messages"), row.get("images", [])
+            expected_roles = ["user" if i % 2 == 0 else "assistant" for i in range(len(messages or []))]
+            if not messages or [m["role"] for m in messages] != expected_roles:
+                raise ValueError(f"{path}:{line_number}: messages must alternate, starting with the user")
+            placeholders = sum(m["content"].count(IMAGE_TOKEN) + m["content"].count(IMAGE_GEN_TOKEN) for m in messages)
+            if placeholders != len(images):
+                raise ValueError(f"{path}:{line_number}: {placeholders} image placeholders but {len(images)} images")
+            missing = [p for p in images if not (path.parent / p).is_file()]
+            if missing:
+                raise ValueError(f"{path}:{line_number}: missing image files {missing}")
+            count += 1
+    return count

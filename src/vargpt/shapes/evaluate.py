@@ -1,0 +1,292 @@
+"""`vargpt eval shapes`: generation (GenEval rules), understanding (exact match) and editing on a split.
+
+Reads a split written by `vargpt.shapes.dataset.write_sharegpt_dataset` (every row carries its exact
+symbolic scene in `meta`), runs the model through `VARGPTPipeline`, scores with the programmatic detector,
+and reports the held-out colour-shape combinations separately.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from .detector import read_scene
+from .scene import Scene
+from .scoring import (
+    edit_check,
+    evaluate_generated_image,
+    geneval_summary,
+    scene_overlap,
+    understanding_by_form,
+    vqa_accuracy,
+)
+
+_OVERLAP_KEYS = ("object_recall", "object_precision", "background")
+
+
+def read_rows(jsonl: str | Path) -> list[dict[str, Any]]:
+    path = Path(jsonl)
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number}: not JSON ({err.msg})") from err
+            if "meta" not in row or "task" not in row["meta"]:
+                raise ValueError(f"{path} line {number}: a shapes-world row needs meta.task (written by vargpt)")
+            row["_root"] = str(path.parent)
+            rows.append(row)
+    return rows
+
+
+def _image_path(row: dict[str, Any], index: int) -> Path:
+    return Path(row["_root"]) / row["images"][index]
+
+
+def _question(row: dict[str, Any]) -> str:
+    return row["messages"][0]["content"].replace("<image>", "").strip()
+
+
+def _batches(items: Sequence[Any], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def prompt_shuffled_baseline(drawn: list[tuple[dict[str, Any], Image.Image]]) -> dict[str, float]:
+    """GenEval scores of the same images judged against another prompt of their category (the next one, cyclically).
+
+    GenEval's rules only ask for what a prompt names, so an image full of crisp shapes passes many prompts it was
+    not drawn for. This is the score a model that ignores its prompt would get on this split; generation is
+    prompt following only as far as `generation.overall` exceeds it. Categories with one prompt are left out.
+    """
+    by_tag: dict[str, list[tuple[dict[str, Any], Image.Image]]] = {}
+    for row, image in drawn:
+        by_tag.setdefault(row["meta"]["category"], []).append((row, image))
+    results = []
+    for tag, items in by_tag.items():
+        if len(items) < 2:
+            continue
+        for i, (_, image) in enumerate(items):
+            other = items[(i + 1) % len(items)][0]
+            results.append({"tag": tag, "correct": evaluate_generated_image(image, other["meta"]["geneval"])[0]})
+    return geneval_summary(results) if results else {}
+
+
+def editing_baselines(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Partial editing scores (`scene_overlap` against each row's target) of two images that need no model.
+
+    `source_copied`: the source image returned as is: every edit changes one thing, so it keeps most of the
+    scene and is what a model that ignores the instruction could reach. `other_row_target`: the next row's
+    target, a well-drawn scene that ignores this row's source. A model edits only as far as its partial scores
+    exceed both.
+    """
+    if not rows:
+        return {}
+    scored: dict[str, list[dict[str, float]]] = {"source_copied": [], "other_row_target": []}
+    for i, row in enumerate(rows):
+        target = Scene.from_dict(row["meta"]["target_scene"])
+        other = rows[(i + 1) % len(rows)]
+        with Image.open(_image_path(row, 0)) as source, Image.open(_image_path(other, 1)) as other_target:
+            scored["source_copied"].append(scene_overlap(read_scene(source.convert("RGB")), target))
+            scored["other_row_target"].append(scene_overlap(read_scene(other_target.convert("RGB")), target))
+    return {name: _mean_overlap(values) for name, values in scored.items()}
+
+
+def _mean_overlap(values: Sequence[dict[str, float]]) -> dict[str, float]:
+    return {key: sum(v[key] for v in values) / len(values) for key in _OVERLAP_KEYS}
+
+
+def evaluate_split(
+    pipe,
+    jsonl: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    grid_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score a model on one split; `limit` caps the rows of each task. Returns the report dict."""
+    rows = read_rows(jsonl)
+    by_task: dict[str, list[dict[str, Any]]] = {"generation": [], "understanding": [], "editing": []}
+    for row in rows:
+        task = row["meta"]["task"]
+        if task in by_task and (limit is None or len(by_task[task]) < limit):
+            if task == "understanding" and row["meta"].get("category") == "caption":
+                continue  # free-form captions have no single exact answer
+            by_task[task].append(row)
+
+    report: dict[str, Any] = {
+        "split_file": Path(jsonl).name,
+        "counts": {k: len(v) for k, v in by_task.items()},
+        "image_settings": pipe.image_config.to_dict(),
+    }
+    with Image.open(_image_path(rows[0], 0)) as first:
+        world_size = first.size  # models drawing at a lower resolution are scored at the world's size
+
+    def to_world(image: Image.Image) -> Image.Image:
+        return image if image.size == world_size else image.resize(world_size, Image.NEAREST)
+
+    samples: list[tuple[Image.Image, str, bool]] = []
+
+    gen_results = []
+    drawn: list[tuple[dict[str, Any], Image.Image]] = []
+    for chunk in tqdm(list(_batches(by_task["generation"], batch_size)), desc="generation", disable=not progress):
+        prompts = [_question(r) for r in chunk]
+        # prompt i draws from seed + i: the splits repeat prompts (1,200 test prompts hold 149 distinct texts),
+        # and a shared seed would score one image many times over instead of the model's distribution for it
+        seeds = [seed + len(drawn) + i for i in range(len(chunk))]
+        images = [to_world(i) for i in pipe.generate(prompts, seed=seeds)]
+        for row, image in zip(chunk, images, strict=True):
+            drawn.append((row, image))
+            correct, reason = evaluate_generated_image(image, row["meta"]["geneval"])
+            gen_results.append(
+                {
+                    "tag": row["meta"]["category"],
+                    "correct": correct,
+                    "unseen": bool(row["meta"].get("unseen_combination")),
+                    "reason": reason,
+                }
+            )
+            if len(samples) < 16:
+                samples.append((image, _question(row), correct))
+
+    vqa_preds, vqa_items = [], []
+    for chunk in tqdm(list(_batches(by_task["understanding"], batch_size)), desc="understanding", disable=not progress):
+        answers = pipe.chat_batch(
+            [_question(r) for r in chunk], [[str(_image_path(r, 0))] for r in chunk], max_new_tokens=12
+        )
+        for row, answer in zip(chunk, answers, strict=True):
+            vqa_preds.append(answer)
+            vqa_items.append(
+                {
+                    "answer": row["meta"]["answer"],
+                    "qtype": row["meta"]["category"],
+                    "form": row["meta"].get("form"),  # rows written before forms were recorded have none
+                    "unseen": bool(row["meta"].get("unseen_combination")),
+                }
+            )
+
+    edit_results: list[dict[str, Any]] = []
+    edit_samples: list[tuple[Image.Image, Image.Image, Image.Image, str, bool]] = []
+    for chunk in tqdm(list(_batches(by_task["editing"], batch_size)), desc="editing", disable=not progress):
+        sources = [str(_image_path(r, 0)) for r in chunk]
+        edited = [to_world(i) for i in pipe.edit_batch(sources, [r["meta"]["instruction"] for r in chunk], seed)]
+        for row, image in zip(chunk, edited, strict=True):
+            target = Scene.from_dict(row["meta"]["target_scene"])
+            ok, reason = edit_check(image, target, Scene.from_dict(row["meta"]["source_scene"]))
+            edit_results.append(
+                {
+                    "kind": row["meta"]["category"],
+                    "correct": ok,
+                    "unchanged": reason.startswith("unchanged"),
+                    "unseen": bool(row["meta"].get("unseen_combination")),
+                    **scene_overlap(read_scene(image), target),
+                }
+            )
+            if len(edit_samples) < 8:
+                with Image.open(_image_path(row, 0)) as source, Image.open(_image_path(row, 1)) as wanted:
+                    edit_samples.append(
+                        (source.convert("RGB"), image, wanted.convert("RGB"), row["meta"]["instruction"], ok)
+                    )
+
+    report.update(_summaries(gen_results, vqa_preds, vqa_items, edit_results))
+    if drawn:
+        report["generation_prompt_shuffled"] = prompt_shuffled_baseline(drawn)
+    if by_task["editing"]:
+        report["editing_baselines"] = editing_baselines(by_task["editing"])
+    seen = _summaries(
+        [r for r in gen_results if r["unseen"]],
+        [p for p, i in zip(vqa_preds, vqa_items, strict=True) if i["unseen"]],
+        [i for i in vqa_items if i["unseen"]],
+        [r for r in edit_results if r["unseen"]],
+    )
+    report["unseen_combinations"] = seen
+    if grid_path is not None and samples:
+        sample_grid(samples).save(grid_path)
+        report["sample_grid"] = str(grid_path)
+    if grid_path is not None and edit_samples:
+        edit_path = Path(grid_path).with_name(f"{Path(grid_path).stem}-editing.png")
+        edit_grid(edit_samples).save(edit_path)
+        report["editing_grid"] = str(edit_path)
+    return report
+
+
+def _summaries(gen_results, vqa_preds, vqa_items, edit_results) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if gen_results:
+        out["generation"] = geneval_summary(gen_results) | {"n": len(gen_results)}
+    if vqa_items:
+        out["understanding"] = vqa_accuracy(vqa_preds, vqa_items) | {"n": len(vqa_items)}
+        forms = understanding_by_form(vqa_preds, vqa_items)
+        if forms:
+            out["understanding_forms"] = forms
+    if edit_results:
+        by_kind: dict[str, list[bool]] = {}
+        for r in edit_results:
+            by_kind.setdefault(r["kind"], []).append(r["correct"])
+        out["editing"] = {
+            "accuracy": sum(r["correct"] for r in edit_results) / len(edit_results),
+            **{k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            "n": len(edit_results),
+            "unchanged": sum(r["unchanged"] for r in edit_results) / len(edit_results),
+            **_mean_overlap(edit_results),
+        }
+    return out
+
+
+def _wrapped(text: str, width: int, max_lines: int) -> str:
+    """Text broken at spaces into lines of about `width` characters, at most `max_lines` of them."""
+    line, lines = "", []
+    for word in text.split():
+        if line and len(line) + len(word) > width:
+            lines.append(line)
+            line = ""
+        line = f"{line} {word}".strip()
+    lines.append(line)
+    return "\n".join(lines[:max_lines])
+
+
+def sample_grid(samples: Sequence[tuple[Image.Image, str, bool]], scale: int = 3, columns: int = 8) -> Image.Image:
+    """Generated images with a green (correct) or red (wrong) frame, prompts underneath in small type."""
+    size = samples[0][0].size[0] * scale
+    label = 34
+    rows = -(-len(samples) // columns)
+    sheet = Image.new("RGB", (columns * (size + 8), rows * (size + 8 + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, prompt, correct) in enumerate(samples):
+        x, y = (i % columns) * (size + 8), (i // columns) * (size + 8 + label)
+        draw.rectangle((x, y, x + size + 7, y + size + 7), fill=(40, 160, 60) if correct else (200, 40, 40))
+        sheet.paste(image.resize((size, size), Image.NEAREST), (x + 4, y + 4))
+        draw.multiline_text((x + 2, y + size + 9), _wrapped(prompt, 18, 3), fill="black", spacing=0)
+    return sheet
+
+
+def edit_grid(
+    samples: Sequence[tuple[Image.Image, Image.Image, Image.Image, str, bool]], scale: int = 3
+) -> Image.Image:
+    """One row per edit: source, the model's image (green frame when exactly right, red otherwise), target, and
+    the instruction beside them."""
+    size = samples[0][0].size[0] * scale
+    text_width, gap = 200, 8
+    sheet = Image.new("RGB", (3 * (size + gap) + text_width, len(samples) * (size + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (source, edited, target, instruction, correct) in enumerate(samples):
+        y = i * (size + gap)
+        for j, image in enumerate((source, edited, target)):
+            x = j * (size + gap)
+            if j == 1:
+                draw.rectangle(
+                    (x, y, x + size + gap - 1, y + size + gap - 1), fill=(40, 160, 60) if correct else (200, 40, 40)
+                )
+            sheet.paste(image.resize((size, size), Image.NEAREST), (x + gap // 2, y + gap // 2))
+        draw.multiline_text((3 * (size + gap) + 4, y + 4), _wrapped(instruction, 30, 4), fill="black", spacing=2)
+    return sheet
