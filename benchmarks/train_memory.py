@@ -53,7 +53,7 @@ def measure(preset: str, stage: str, resolution: int, batch: int, checkpointing:
     from vargpt.configuration import VARGPTConfig
     from vargpt.data.collator import SFTCollator
     from vargpt.data.formats import load_sft_dataset
-    from vargpt.data.shapes_dataset import write_sharegpt_dataset
+    from vargpt.shapes.dataset import write_sharegpt_dataset
     from vargpt.modeling import VARGPTForConditionalGeneration
     from vargpt.pipeline import preset_processor
     from vargpt.training.memory_plan import sequence_lengths
