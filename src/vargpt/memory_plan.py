@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from .configuration import VARGPTConfig
-from .image_tokenizer.schedules import scale_schedule
 from .quantization import QUANTIZED_BLOCK_CONTAINERS
+from .schedule import scale_schedule
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4")
 GPU_SIZES_GB = (24, 40, 80)

@@ -45,12 +45,12 @@ from .image_tokenizer import (
     accumulate_scale,
     next_scale_input,
     sample_flip_probs,
-    scale_schedule,
     teacher_forcing,
 )
 from .llm_cache import cache_kwargs, returned_cache
 from .quantization import is_quantized, quantization_load_kwargs
 from .rope_index import FORWARD_POSITIONS, mrope_positions, sequential_positions
+from .schedule import scale_schedule
 from .visual_decoder import InfinityDecoder, bit_cross_entropy
 
 

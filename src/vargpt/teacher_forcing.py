@@ -28,7 +28,8 @@ import torch
 
 from .generation.config import ImageGenerationConfig
 from .generation.decoding import forced_scale_loop
-from .image_tokenizer import encode_to_bits, schedule_image_size
+from .image_tokenizer import encode_to_bits
+from .schedule import schedule_image_size
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,9 @@ from vargpt.image_tokenizer import (
     encode_to_bits,
     next_scale_input,
     sample_flip_probs,
-    scale_schedule,
-    schedule_token_count,
     teacher_forcing,
 )
+from vargpt.schedule import scale_schedule, token_count
 
 SCHEDULE = scale_schedule(32, stride=4)  # (1,1) ... (8,8), 121 tokens
 D = 8
@@ -70,7 +69,7 @@ def test_teacher_forcing_without_flips_matches_encoding_and_the_inference_loop()
     f = _latent()
     labels, inputs = teacher_forcing(f, SCHEDULE)
     bits, F_BdHW = encode_to_bits(f, SCHEDULE)
-    L = schedule_token_count(SCHEDULE)
+    L = token_count(SCHEDULE)
     assert labels.shape == (2, L, D) and labels.dtype == torch.int64
     assert inputs.shape == (2, L - 1, D)
     assert torch.equal(labels, torch.cat(bits, dim=1))

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from tests.reference_keys import load_reference_keys
-from vargpt.image_tokenizer import BSQVAE, ImageTokenizerConfig, encode_to_bits, scale_schedule
+from vargpt.image_tokenizer import BSQVAE, ImageTokenizerConfig, encode_to_bits
+from vargpt.schedule import scale_schedule
 
 
 def test_full_size_state_dict_matches_the_original_vae_local():

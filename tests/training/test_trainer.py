@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 
 from tests.test_modeling import generation_sample, make_tiny_model
 from vargpt.image_tokenizer import BSQVAE
-from vargpt.image_tokenizer.schedules import schedule_token_count
+from vargpt.schedule import token_count
 from vargpt.training.stages import apply_stage, get_stage
 from vargpt.training.trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments, dpo_loss, image_log_probs
 from vargpt.training.vae_training import TokenizerTrainingModel, reconstruction_psnr
@@ -131,7 +131,7 @@ def test_dpo_loss_adds_the_winners_per_bit_nll_when_weighted():
     assert torch.equal(a, image_log_probs(model, chosen, seed=7, noise=True))
     # one bit per latent channel for every token of every scale of the 32 px schedule
     schedule = model.generation_schedule(32)
-    assert bits == schedule_token_count(schedule) * model.config.visual_decoder_config.bits
+    assert bits == token_count(schedule) * model.config.visual_decoder_config.bits
     plain, _ = dpo_loss(a, a, a, a, beta=0.1)
     weighted, stats = dpo_loss(a, a, a, a, beta=0.1, chosen_nll_weight=0.5, bits_per_image=bits)
     nll_per_bit = float(-a.mean()) / bits

@@ -25,7 +25,7 @@ import torch
 
 from ..configuration import PRESETS, VARGPTConfig
 from ..hub import known_names, shipped_model_path
-from ..image_tokenizer.schedules import scale_schedule
+from ..schedule import scale_schedule
 from .flops import generation_flops
 from .measure import matmul_peak, median, peak_memory, reset_peak_memory, time_call
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..schedule import Grid
 from .bsq import BinarySphericalQuantizer, bits_to_codes, quantize
-from .schedules import Grid
 
 
 def _check_latent(f_BdHW: Tensor, schedule: Sequence[Grid]) -> None:

@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from ..configuration import VARGPTConfig
-from ..image_tokenizer.schedules import scale_schedule
 from ..memory_plan import GPU_SIZES_GB, RUNTIME_BYTES, weight_bytes
+from ..schedule import scale_schedule
 from .stages import StagePlan, get_stage
 
 PRECISIONS = ("bf16", "fp32")

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..image_tokenizer import BSQVAE, encode_to_bits, scale_schedule
+from ..image_tokenizer import BSQVAE, encode_to_bits
+from ..schedule import scale_schedule
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The Infinity-2B visual decoder of VARGPT-v1.1: next-scale prediction of binary-quantised latents."""
 
+from ..schedule import block_causal_mask, scale_token_ids
 from .cache import DecoderKVCache
 from .configuration import VisualDecoderConfig
 from .decoder import InfinityDecoder
@@ -7,7 +8,6 @@ from .layers import DropPath
 from .loss import bit_cross_entropy, bit_log_likelihood, scale_token_weights
 from .rope import reference_grid, schedule_positions
 from .sampling import apply_temperature, cfg_mix, filter_top_k_top_p, sample_bits
-from .schedule import block_causal_mask, scale_token_ids
 
 __all__ = [
     "DecoderKVCache",

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..schedule import as_grids, block_causal_mask, scale_token_ids, token_count
 from .attention import CosineSelfAttention, CrossAttention, TextAttentivePool
 from .block import BlockChunk, DecoderBlock
 from .cache import DecoderKVCache
 from .configuration import VisualDecoderConfig
 from .layers import AdaLNBeforeHead, RMSNorm, ffn_hidden_size
 from .rope import reference_grid, rope_cos_sin, scale_positions, schedule_positions
-from .schedule import as_grids, block_causal_mask, scale_token_ids, token_count
 
 # Infinity draws the unconditional embedding table from this seed (truncated normal, std 1.2, / sqrt(dim)).
 _CFG_UNCOND_SEED = 0

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .schedule import as_grids, token_count
+from ..schedule import as_grids, token_count
 
 WEIGHTINGS = ("scale", "uniform")
 REDUCTIONS = ("mean", "none")

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..image_tokenizer.schedules import SUPPORTED_ASPECT_RATIOS, rope_reference_grid, scale_schedule
-from .schedule import Grid
+from ..schedule import SUPPORTED_ASPECT_RATIOS, Grid, rope_reference_grid, scale_schedule
 
 # Resolution and stride that select a template's full 13-step list.
 _FULL_TEMPLATE_RESOLUTION, _FULL_TEMPLATE_STRIDE = 1024, 16
@@ -41,7 +40,7 @@ def reference_grid(schedule: Sequence[Grid], max_grid: int) -> Grid:
             return rope_reference_grid(ratio, max_grid)
     raise ValueError(
         f"non-square schedule {grids} is not a prefix of any aspect-ratio template, so it has no 2D RoPE "
-        "reference grid; build schedules with vargpt.image_tokenizer.schedules.scale_schedule"
+        "reference grid; build schedules with vargpt.schedule.scale_schedule"
     )
 
 

@@ -1,12 +1,15 @@
 import pytest
+import torch
 
-from vargpt.image_tokenizer import (
+from vargpt.schedule import (
     SUPPORTED_ASPECT_RATIOS,
+    Schedule,
+    block_causal_mask,
     nearest_aspect_ratio,
     rope_reference_grid,
     scale_schedule,
     schedule_image_size,
-    schedule_token_count,
+    token_count,
 )
 
 SIDES = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -21,7 +24,7 @@ def test_square_schedules_are_prefixes_with_published_token_counts(resolution, s
     assert schedule == SQUARE[:steps]
     assert schedule[-1] == (resolution // 16, resolution // 16)
     if tokens is not None:
-        assert schedule_token_count(schedule) == tokens
+        assert token_count(schedule) == tokens
 
 
 def test_supported_aspect_ratios_are_the_templates_and_their_inverses():
@@ -53,7 +56,7 @@ def test_known_template_entries_and_inverses():
 
 def test_other_strides_use_the_prefix_ending_at_resolution_over_stride():
     assert scale_schedule(32, stride=4) == SQUARE[:5]
-    assert schedule_token_count(scale_schedule(32, stride=4)) == 121
+    assert token_count(scale_schedule(32, stride=4)) == 121
     assert scale_schedule(32, stride=4, aspect_ratio=2.0) == [(1, 1), (2, 2), (4, 2), (6, 3), (10, 5)]
     assert scale_schedule(128) == SQUARE[:5]
 
@@ -98,3 +101,18 @@ def test_schedule_image_size():
     assert schedule_image_size(scale_schedule(32, stride=4), stride=4) == (32, 32)
     with pytest.raises(ValueError, match="empty"):
         schedule_image_size([])
+
+
+def test_schedule_object_derives_counts_offsets_pads_and_size_from_its_grids():
+    schedule = Schedule.for_resolution(32, stride=4, rope_max_grid=8, pad_multiple=16)
+    assert list(schedule) == scale_schedule(32, stride=4) and len(schedule) == schedule.num_scales == 5
+    assert schedule.num_tokens == token_count(schedule) == 121
+    assert schedule.num_pad_tokens == 128  # 121 rounded up to a multiple of 16
+    assert schedule.offsets == (0, 1, 5, 21, 57, 121)
+    assert schedule.image_size == (32, 32) and schedule.rope_reference == (8, 8)
+    assert schedule.prefix(2).grids == ((1, 1), (2, 2)) and schedule.prefix(2).stride == 4
+    assert torch.equal(schedule.attention_mask(), block_causal_mask(list(schedule)))
+    with pytest.raises(ValueError, match="empty"):
+        Schedule(())
+    with pytest.raises(ValueError, match="prefix"):
+        schedule.prefix(6)
