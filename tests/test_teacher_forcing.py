@@ -250,7 +250,8 @@ def test_the_fit_command_scores_through_the_inference_loop(fit_rows, tmp_path, c
     path, _ = fit_rows
     report = tmp_path / "fit.json"
     args = ["eval", "fit", "--model", "tiny", "--data", str(path), "--limit", "4", "--quiet"]
-    args += ["--through", "inference", "--cfg", "3", "--tau", "0.5", "--positions", "cache", "--json", str(report)]
+    args += ["--through", "inference", "--cfg-scale", "3", "--tau", "0.5", "--positions", "cache"]
+    args += ["--json", str(report)]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "4 rows, 4 images" in out and "inference loop (cfg 3, tau 0.5, cache positions" in out

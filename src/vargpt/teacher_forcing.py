@@ -5,7 +5,7 @@ time on LLM and decoder KV caches, with classifier-free guidance and a temperatu
 holds them to it), but only this path answers questions about the sampler itself: how likely is this image
 under the distribution `generate` draws from at cfg 3 and tau 0.5, which scale of a sample is improbable, do
 two implementations of the loop see the same logits. `score_image_bits` runs exactly `generate`'s image path
-(`vargpt.generation.decoding.forced_scale_loop`: same prefill, same forced `<|image_gen_start|>`, same per-scale calls)
+(`vargpt.generation.forced_scale_loop`: same prefill, same forced `<|image_gen_start|>`, same per-scale calls)
 and feeds the given bits where the sampler would feed its draws.
 
 What the log-likelihood is: at scale k every bit j of token i is drawn from the two-way softmax of the
@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from .generation.config import ImageGenerationConfig
-from .generation.decoding import forced_scale_loop
+from .generation.forced import forced_scale_loop
 from .image_tokenizer import encode_to_bits
-from .schedule import schedule_image_size
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,7 @@ def encode_image_bits(
     `VARGPTProcessor.preprocess_generation_target(image, resolution, resize_ratio=1.0)`, as `vargpt eval fit`
     does). The coding is the training forward's without bit flips."""
     schedule = model.generation_schedule(resolution, aspect_ratio)
-    height, width = schedule_image_size(schedule, model.config.image_tokenizer_config.downsample_factor)
+    height, width = schedule.image_size
     if images_B3HW.dim() != 4 or tuple(images_B3HW.shape[1:]) != (3, height, width):
         raise ValueError(
             f"images must be [B, 3, {height}, {width}] in [-1, 1] for this resolution and aspect ratio, got "

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vargpt.configuration import VARGPTConfig
-from vargpt.generation.decoding import GenerationCancelled, _DecodingState, stop_when
+from vargpt.generation import DecodingState, GenerationCancelled, stop_when
 from vargpt.generation.static_cache import FastDecoding
 from vargpt.modeling import VARGPTForConditionalGeneration
 
@@ -72,8 +72,8 @@ def test_static_cache_equals_the_eager_path(model, settings):
 def test_static_cache_grows_when_an_answer_outruns_it(model):
     """Capacity is reserved for one image; a longer answer copies into a larger cache, same result."""
     ids, mask = _prompts()
-    dynamic = _DecodingState(model, ids, mask, None, None)
-    static = _DecodingState(model, ids, mask, None, None, FastDecoding(static_cache=True), capacity=ids.shape[1])
+    dynamic = DecodingState(model, ids, mask, None, None)
+    static = DecodingState(model, ids, mask, None, None, FastDecoding(static_cache=True), capacity=ids.shape[1])
     real = torch.ones(2, dtype=torch.bool)
     for token in (11, 12, 13):
         embeds = model.model.embed_tokens(torch.full((2, 1), token))

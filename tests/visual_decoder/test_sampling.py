@@ -62,6 +62,7 @@ def test_cfg_mix_and_temperature() -> None:
     mixed_after = cfg_mix(apply_temperature(cond, 0.5), apply_temperature(uncond, 0.5), 3.0)
     assert torch.allclose(apply_temperature(cfg_mix(cond, uncond, 3.0), 0.5), mixed_after, atol=1e-5)
     assert torch.equal(apply_temperature(cond, 0.5), cond * 2.0)
+    assert torch.equal(apply_temperature(cond, 0.7), cond / 0.7)  # what the scale loop has always computed
     with pytest.raises(ValueError, match="differ in shape"):
         cfg_mix(cond, uncond[:1], 3.0)
     with pytest.raises(ValueError, match="positive"):

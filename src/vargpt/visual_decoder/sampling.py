@@ -1,9 +1,10 @@
 """Drawing bits from the decoder's logits: temperature, classifier-free guidance, top-k, top-p.
 
-The original's order per scale is: logits * (1 / tau) for both branches, CFG mix
-cfg * cond + (1 - cfg) * uncond, top-k, top-p, then `torch.multinomial` on the softmax of the [N, 2]
-logits with the decoder's generator. Temperature and the CFG mix are both linear, so mixing raw logits
-and then applying the temperature gives the same values up to float rounding.
+The original's order per scale is: temperature for both branches, CFG mix cfg * cond + (1 - cfg) * uncond,
+top-k, top-p, then `torch.multinomial` on the softmax of the [N, 2] logits with the decoder's generator.
+Temperature and the CFG mix are both linear, so mixing raw logits and then applying the temperature gives the
+same values up to float rounding. The scale loop (`vargpt.generation.scale_loop`) applies exactly these two
+functions, so what they compute is what the sampler sees.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 
 
 def apply_temperature(logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """logits * (1 / tau), written as the original does it."""
+    """logits / tau. The original multiplies by 1 / tau, which rounds alike for its tau of 0.5 (and any power of
+    two) and may differ in the last bit otherwise; dividing is what the scale loop has always computed."""
     if not tau > 0:
         raise ValueError(f"the sampling temperature tau must be positive, got {tau}")
-    return logits * (1.0 / tau)
+    return logits / tau
 
 
 def cfg_mix(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, cfg: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vargpt.generation.decoding import GenerationCancelled, stop_when
+from vargpt.generation import GenerationCancelled, stop_when
 from vargpt.pipeline import VARGPTPipeline
 
 
