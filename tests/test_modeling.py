@@ -14,6 +14,7 @@ from torch import nn
 from tests.reference_keys import load_reference_keys
 from vargpt import VARGPTConfig, VARGPTForConditionalGeneration
 from vargpt.checkpoint import CheckpointMismatchError
+from vargpt.schedule import Schedule
 
 TINY = VARGPTConfig.from_preset("tiny")
 START, END, PAD = TINY.image_gen_start_token_id, TINY.image_gen_end_token_id, TINY.image_gen_pad_token_id
@@ -655,3 +656,18 @@ def test_bad_logits_and_labels_arguments_are_clear_errors(tiny_model, kwargs, me
     ids, _ = generation_sample(tiny_model)
     with torch.no_grad(), pytest.raises(ValueError, match=message):
         tiny_model(input_ids=ids, **kwargs)
+
+
+def test_generation_schedule_carries_the_models_counts(tiny_model):
+    schedule = tiny_model.generation_schedule()
+    assert isinstance(schedule, Schedule)
+    assert list(schedule) == [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8)]
+    assert (schedule.stride, schedule.pad_multiple, schedule.rope_reference) == (4, 8, (8, 8))
+    assert schedule.image_size == (32, 32)
+    assert schedule.num_tokens == 121 and schedule.num_pad_tokens == 128
+    assert tiny_model.num_image_gen_pad_tokens(schedule) == schedule.num_pad_tokens
+    assert tiny_model.num_image_gen_pad_tokens(list(schedule)) == schedule.num_pad_tokens
+    wide = tiny_model.generation_schedule(32, aspect_ratio=0.5)
+    assert wide.last_grid == (5, 10) and wide.rope_reference == (5, 10)
+    with pytest.raises(ValueError, match="unsupported resolution"):
+        tiny_model.generation_schedule(40)

@@ -14,6 +14,7 @@ from vargpt.processing import (
     preprocess_generation_target,
     shrink_to_max_pixels,
 )
+from vargpt.schedule import Schedule
 from vargpt.tokenization import build_qwen2_tokenizer, build_tiny_tokenizer
 
 PAD, IMAGE_PAD, VISION_START, VISION_END = 500, 505, 503, 504
@@ -145,6 +146,14 @@ def test_image_gen_pair_expansion(processor):
     assert trigger[-1] == GEN_START and GEN_PAD not in trigger  # a lone start token is a generation trigger
     out = processor(prompt, image_gen_num_tokens=7)
     assert out["mm_token_type_ids"].sum() == 0  # generation pads are not ViT image tokens
+
+
+def test_image_gen_pad_slots_from_a_schedule(processor):
+    prompt = "<|im_start|>assistant\n<|image_gen_start|><|image_gen_end|><|im_end|>"
+    schedule = Schedule.for_resolution(32, stride=4, rope_max_grid=8, pad_multiple=16)
+    assert schedule.num_tokens == 121 and schedule.num_pad_tokens == 128
+    expanded = processor(prompt, image_gen_num_tokens=schedule)["input_ids"][0].tolist()
+    assert expanded.count(GEN_PAD) == 128
 
 
 def test_editing_caps_understanding_image_pixels(processor):

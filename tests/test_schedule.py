@@ -106,6 +106,8 @@ def test_schedule_image_size():
 def test_schedule_object_derives_counts_offsets_pads_and_size_from_its_grids():
     schedule = Schedule.for_resolution(32, stride=4, rope_max_grid=8, pad_multiple=16)
     assert list(schedule) == scale_schedule(32, stride=4) and len(schedule) == schedule.num_scales == 5
+    assert schedule == scale_schedule(32, stride=4) and schedule != scale_schedule(64, stride=4)
+    assert schedule == Schedule.for_resolution(32, stride=4, rope_max_grid=8, pad_multiple=16) != schedule.prefix(4)
     assert schedule.num_tokens == token_count(schedule) == 121
     assert schedule.num_pad_tokens == 128  # 121 rounded up to a multiple of 16
     assert schedule.offsets == (0, 1, 5, 21, 57, 121)
@@ -116,3 +118,15 @@ def test_schedule_object_derives_counts_offsets_pads_and_size_from_its_grids():
         Schedule(())
     with pytest.raises(ValueError, match="prefix"):
         schedule.prefix(6)
+
+
+def test_the_published_models_512px_schedule_counts():
+    """VARGPT-v1.1 at 512 px: 10 scales, 2,521 tokens in 2,560 `<|image_gen_pad|>` slots (multiple 128)."""
+    schedule = Schedule.for_resolution(512, pad_multiple=128)
+    assert schedule.num_scales == 10 and schedule.last_grid == (32, 32)
+    assert schedule.num_tokens == sum(schedule.scale_token_counts) == schedule.offsets[-1] == 2521
+    assert schedule.num_pad_tokens == 2560
+    assert schedule.rope_reference == (64, 64) and schedule.image_size == (512, 512)
+    tall = Schedule.for_resolution(512, aspect_ratio=2.0)
+    assert tall.rope_reference == (90, 45) and tall.image_size == (736, 368)
+    assert len(tall.scale_ids()) == tall.num_tokens

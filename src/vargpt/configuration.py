@@ -71,6 +71,50 @@ _PUBLISHED_LLM: dict[str, Any] = {
     k: v for k, v in _FULL_SIZE.items() if k not in ("vision_config", "tie_word_embeddings")
 }
 
+
+def _small_vision(embed_dim: int, hidden_size: int) -> dict[str, Any]:
+    """A two-block ViT for the small presets (Qwen2-VL's patch, merge and temporal sizes)."""
+    return {
+        "depth": 2,
+        "embed_dim": embed_dim,
+        "hidden_size": hidden_size,
+        "mlp_ratio": 2,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+
+
+def _small_decoder(
+    depth: int, width: int, num_heads: int, mlp_ratio: float, bits: int, cfg_uncond_length: int, rope_max_grid: int
+) -> dict[str, Any]:
+    """A visual decoder for the small presets: one block chunk, no drop path, context as wide as the decoder."""
+    return {
+        "depth": depth,
+        "embed_dim": width,
+        "num_heads": num_heads,
+        "mlp_ratio": mlp_ratio,
+        "drop_path_rate": 0.0,
+        "bits": bits,
+        "context_dim": width,
+        "num_block_chunks": 1,
+        "cfg_uncond_length": cfg_uncond_length,
+        "rope_max_grid": rope_max_grid,
+    }
+
+
+def _small_image_tokenizer(base_channels: int, norm_groups: int, bits: int) -> dict[str, Any]:
+    """A three-level image tokenizer (stride 4) with one residual block per level, for the small presets."""
+    return {
+        "base_channels": base_channels,
+        "channel_multipliers": [1, 2, 2],
+        "num_res_blocks": 1,
+        "norm_groups": norm_groups,
+        "bits": bits,
+    }
+
+
 # A model small enough for unit tests on two CPU cores. Its vocabulary keeps the real special-token
 # ids' *order* but lives in a small id range (see `vargpt.tokenization` for the tiny tokenizer).
 _TINY: dict[str, Any] = {
@@ -102,126 +146,60 @@ _TINY: dict[str, Any] = {
         "image_gen_pad": IMAGE_GEN_PAD,
         "image_gen_pad_token_id": 509,
     },
-    "vision_config": {
-        "depth": 2,
-        "embed_dim": 32,
-        "hidden_size": 64,
-        "mlp_ratio": 2,
-        "num_heads": 2,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    },
-    "visual_decoder_config": {
-        "depth": 2,
-        "embed_dim": 32,
-        "num_heads": 2,
-        "mlp_ratio": 2.0,
-        "drop_path_rate": 0.0,
-        "bits": 8,
-        "context_dim": 32,
-        "num_block_chunks": 1,
-        "cfg_uncond_length": 64,
-        "rope_max_grid": 8,
-    },
-    "image_tokenizer_config": {
-        "base_channels": 8,
-        "channel_multipliers": [1, 2, 2],
-        "num_res_blocks": 1,
-        "norm_groups": 4,
-        "bits": 8,
-    },
+    "vision_config": _small_vision(embed_dim=32, hidden_size=64),
+    "visual_decoder_config": _small_decoder(
+        depth=2, width=32, num_heads=2, mlp_ratio=2.0, bits=8, cfg_uncond_length=64, rope_max_grid=8
+    ),
+    "image_tokenizer_config": _small_image_tokenizer(base_channels=8, norm_groups=4, bits=8),
     "image_resolution": 32,
     "image_gen_pad_multiple": 8,
 }
 
+
+def _tiny_ids_with_llm(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, positions: int, mrope: list[int]
+) -> dict[str, Any]:
+    """The tiny preset's vocabulary, token ids and LLM settings with another LLM size (every layer full attention);
+    the caller gives the towers."""
+    towers = ("vision_config", "visual_decoder_config", "image_tokenizer_config")
+    return {
+        **{key: value for key, value in _TINY.items() if key not in towers},
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_window_layers": layers,
+        "max_position_embeddings": positions,
+        "rope_scaling": {"type": "mrope", "mrope_section": mrope},
+    }
+
+
 # The shapes-world model: the same architecture, small enough to train on two CPU cores (issue: recipe
 # `shapes-tiny`). Same tiny byte tokenizer ids as "tiny".
 _SHAPES_TINY: dict[str, Any] = {
-    **{k: v for k, v in _TINY.items() if k not in ("vision_config", "visual_decoder_config", "image_tokenizer_config")},
-    "hidden_size": 128,
-    "intermediate_size": 384,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_window_layers": 4,
-    "max_position_embeddings": 1024,
     # head_dim 32 -> 16 rotary frequency pairs split as t/h/w
-    "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
-    "vision_config": {
-        "depth": 2,
-        "embed_dim": 64,
-        "hidden_size": 128,
-        "mlp_ratio": 2,
-        "num_heads": 2,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    },
-    "visual_decoder_config": {
-        "depth": 4,
-        "embed_dim": 128,
-        "num_heads": 4,
-        "mlp_ratio": 4.0,
-        "drop_path_rate": 0.0,
-        "bits": 8,
-        "context_dim": 128,
-        "num_block_chunks": 1,
-        "cfg_uncond_length": 256,
-        "rope_max_grid": 8,
-    },
-    "image_tokenizer_config": {
-        "base_channels": 32,
-        "channel_multipliers": [1, 2, 2],
-        "num_res_blocks": 1,
-        "norm_groups": 8,
-        "bits": 8,
-    },
+    **_tiny_ids_with_llm(hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2, positions=1024, mrope=[4, 6, 6]),
+    "vision_config": _small_vision(embed_dim=64, hidden_size=128),
+    "visual_decoder_config": _small_decoder(
+        depth=4, width=128, num_heads=4, mlp_ratio=4.0, bits=8, cfg_uncond_length=256, rope_max_grid=8
+    ),
+    "image_tokenizer_config": _small_image_tokenizer(base_channels=32, norm_groups=8, bits=8),
     "image_resolution": 32,
     "image_gen_pad_multiple": 8,
 }
 
 # About 100M parameters, for benchmarks that measure matrix work rather than Python overhead.
 _BENCH_100M: dict[str, Any] = {
-    **{k: v for k, v in _TINY.items() if k not in ("vision_config", "visual_decoder_config", "image_tokenizer_config")},
-    "hidden_size": 768,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 4,
-    "max_window_layers": 12,
-    "max_position_embeddings": 4096,
     # head_dim 64 -> 32 rotary frequency pairs split as t/h/w
-    "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
-    "vision_config": {
-        "depth": 2,
-        "embed_dim": 128,
-        "hidden_size": 768,
-        "mlp_ratio": 2,
-        "num_heads": 2,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    },
-    "visual_decoder_config": {
-        "depth": 4,
-        "embed_dim": 512,
-        "num_heads": 8,
-        "mlp_ratio": 4.0,
-        "drop_path_rate": 0.0,
-        "bits": 16,
-        "context_dim": 512,
-        "num_block_chunks": 1,
-        "cfg_uncond_length": 256,
-        "rope_max_grid": 16,
-    },
-    "image_tokenizer_config": {
-        "base_channels": 64,
-        "channel_multipliers": [1, 2, 2],
-        "num_res_blocks": 1,
-        "norm_groups": 16,
-        "bits": 16,
-    },
+    **_tiny_ids_with_llm(
+        hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, positions=4096, mrope=[8, 12, 12]
+    ),
+    "vision_config": _small_vision(embed_dim=128, hidden_size=768),
+    "visual_decoder_config": _small_decoder(
+        depth=4, width=512, num_heads=8, mlp_ratio=4.0, bits=16, cfg_uncond_length=256, rope_max_grid=16
+    ),
+    "image_tokenizer_config": _small_image_tokenizer(base_channels=64, norm_groups=16, bits=16),
     "image_resolution": 32,
     "image_gen_pad_multiple": 64,
 }
@@ -337,16 +315,13 @@ class VARGPTConfig(Qwen2VLConfig):
         """transformers' loader, on the folder `vargpt.hub.resolve_checkpoint` finds (a local folder, a shipped
         model name or a Hub repo id). A folder without config.json fails in one line naming it: transformers
         would build the default configuration from nothing and fail later on an unrelated check."""
-        from .hub import resolve_checkpoint  # hub reads this module's PRESETS
+        from .hub import pop_hub_arguments, resolve_checkpoint  # hub reads this module's PRESETS
 
         if Path(str(pretrained_model_name_or_path)).is_file():  # a config.json given by its own path
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         folder = resolve_checkpoint(
             pretrained_model_name_or_path,
-            revision=kwargs.pop("revision", None),
-            cache_dir=kwargs.pop("cache_dir", None),
-            local_files_only=kwargs.pop("local_files_only", None),
-            token=kwargs.pop("token", None),
+            **pop_hub_arguments(kwargs),
             require=None if kwargs.get("subfolder") else CONFIG_NAME,
         )
         return super().from_pretrained(folder, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import (
@@ -43,6 +44,15 @@ def shipped_model_path(name: str) -> Path | None:
 def known_names() -> list[str]:
     """Names that need no folder: shipped models and presets (for error messages)."""
     return sorted([*PRESETS, *SHIPPED_MODELS])
+
+
+HUB_ARGUMENTS = ("revision", "cache_dir", "local_files_only", "token")
+
+
+def pop_hub_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The Hub keywords transformers' `from_pretrained` takes (`HUB_ARGUMENTS`), removed from `kwargs`, so a
+    `from_pretrained` override resolves the name first and passes the rest on."""
+    return {name: kwargs.pop(name, None) for name in HUB_ARGUMENTS}
 
 
 def resolve_checkpoint(

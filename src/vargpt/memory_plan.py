@@ -28,7 +28,7 @@ import torch
 
 from .configuration import VARGPTConfig
 from .quantization import QUANTIZED_BLOCK_CONTAINERS
-from .schedule import scale_schedule
+from .schedule import Schedule, scale_schedule
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4")
 GPU_SIZES_GB = (24, 40, 80)
@@ -101,9 +101,9 @@ def inference_memory(
     text = config.text_config
     decoder = config.visual_decoder_config
     stride = config.image_tokenizer_config.downsample_factor
-    schedule = scale_schedule(resolution, stride=stride)
-    image_tokens = sum(h * w for h, w in schedule)
-    last = schedule[-1][0] * schedule[-1][1]
+    schedule = Schedule.for_resolution(resolution, stride=stride)
+    image_tokens = schedule.num_tokens
+    last = schedule.scale_token_counts[-1]
     act = 2  # bf16 bytes
     rows = batch_size * (2 if guidance else 1)  # the decoder runs conditional and unconditional rows together
 

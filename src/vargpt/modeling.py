@@ -39,7 +39,7 @@ from .checkpoint import (
 from .configuration import VARGPTConfig
 from .device_map import resolve_device_map, storage_dtype
 from .generation.config import ImageGenerationConfig
-from .hub import resolve_checkpoint
+from .hub import pop_hub_arguments, resolve_checkpoint
 from .image_tokenizer import (
     BSQVAE,
     accumulate_scale,
@@ -50,7 +50,7 @@ from .image_tokenizer import (
 from .llm_cache import cache_kwargs, returned_cache
 from .quantization import is_quantized, quantization_load_kwargs
 from .rope_index import FORWARD_POSITIONS, mrope_positions, sequential_positions
-from .schedule import scale_schedule
+from .schedule import Schedule, as_grids, padded_token_count, scale_offsets, token_count
 from .visual_decoder import InfinityDecoder, bit_cross_entropy
 
 
@@ -117,10 +117,10 @@ def inputs_from_bits(labels_NLd: torch.Tensor, schedule: Sequence[tuple[int, int
     """Next-scale inputs (scales 2..K) implied by clean bits: what the scale loop feeds after sampling them."""
     N, _, d = labels_NLd.shape
     latent = torch.zeros(N, d, *schedule[-1], dtype=torch.float32, device=labels_NLd.device)
-    inputs, offset = [], 0
-    for k, (h, w) in enumerate(schedule[:-1]):
-        latent = accumulate_scale(latent, labels_NLd[:, offset : offset + h * w], (h, w))
-        offset += h * w
+    offsets = scale_offsets(schedule)
+    inputs = []
+    for k, grid in enumerate(schedule[:-1]):
+        latent = accumulate_scale(latent, labels_NLd[:, offsets[k] : offsets[k + 1]], grid)
         inputs.append(next_scale_input(latent, schedule[k + 1]))
     if not inputs:
         return labels_NLd.new_zeros(N, 0, d, dtype=torch.float32)
@@ -185,19 +185,23 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     # -- pieces shared by training and inference ---------------------------------------------------
-    def generation_schedule(self, resolution: int | None = None, aspect_ratio: float = 1.0) -> list[tuple[int, int]]:
-        """Latent grids of one generated image, smallest first."""
-        return scale_schedule(
-            resolution or self.config.image_resolution,
-            stride=self.config.image_tokenizer_config.downsample_factor,
+    def generation_schedule(self, resolution: int | None = None, aspect_ratio: float = 1.0) -> Schedule:
+        """The `Schedule` of one generated image: its latent grids (smallest first) with this model's stride, RoPE
+        reference grid and `<|image_gen_pad|>` rounding, so that every count (tokens, pad slots, offsets) comes
+        from the one object both towers read."""
+        cfg = self.config
+        return Schedule.for_resolution(
+            resolution or cfg.image_resolution,
+            stride=cfg.image_tokenizer_config.downsample_factor,
             aspect_ratio=aspect_ratio,
+            rope_max_grid=cfg.visual_decoder_config.rope_max_grid,
+            pad_multiple=cfg.image_gen_pad_multiple,
         )
 
     def num_image_gen_pad_tokens(self, schedule: Sequence[tuple[int, int]]) -> int:
-        """`<|image_gen_pad|>` slots of one image: the schedule's tokens rounded up to the pad multiple."""
-        count = sum(h * w for h, w in schedule)
-        multiple = self.config.image_gen_pad_multiple
-        return -(-count // multiple) * multiple
+        """`<|image_gen_pad|>` slots of one image: the schedule's tokens rounded up to this model's pad multiple
+        (`Schedule.num_pad_tokens`; kept for callers holding a plain list of grids)."""
+        return padded_token_count(token_count(as_grids(schedule)), self.config.image_gen_pad_multiple)
 
     def image_condition(self, batch_size: int, unconditional: bool = False) -> torch.Tensor:
         """AdaLN condition `cond_BD`: the `<|image_gen_start|>` row of `sos_embedding` (or `cfg_uncond[0]`)
@@ -308,14 +312,13 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
     ) -> VARGPTOutput:
         """One causal pass over a batch that may mix understanding, generation and editing samples.
 
-        `pixel_gen_values` `[N, 3, H, W]` in [-1, 1] are the generation targets, one per
-        `<|image_gen_start|>` block in reading order (row by row); each block must hold
-        `num_image_gen_pad_tokens(schedule)` pad tokens. `image_noise_generator` seeds bitwise
-        self-correction and condition dropout so that DPO's policy and reference passes can share them;
-        By default they apply in training mode only; `image_noise=True/False` forces them on or off (DPO
-        scores its frozen reference with the policy's noise).
-        Instead of pixels, `image_gen_labels` `[N, L, bits]` teacher-force given bits (for instance an image
-        the model sampled) at `image_gen_resolution` (default: the model's), with no bit flips.
+        `pixel_gen_values` `[N, 3, H, W]` in [-1, 1] are the generation targets, one per `<|image_gen_start|>` block
+        in reading order (row by row); each block must hold `schedule.num_pad_tokens` pad tokens (see
+        `generation_schedule`). `image_noise_generator` seeds bitwise self-correction and condition dropout so that
+        DPO's policy and reference passes can share them; by default they apply in training mode only;
+        `image_noise=True/False` forces them on or off (DPO scores its frozen reference with the policy's noise).
+        Instead of pixels, `image_gen_labels` `[N, L, bits]` teacher-force given bits (for instance an image the
+        model sampled) at `image_gen_resolution` (default: the model's), with no bit flips.
         Without `position_ids`, `positions` ("mrope" or "sequential"; default `config.forward_positions`) picks
         the rotary positions: they differ on rows holding understanding images (see `VARGPTConfig`).
         `pixel_values_videos` / `video_grid_thw` (from `VARGPTProcessor(videos=...)`) fill the `<|video_pad|>`
@@ -329,84 +332,114 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         transformers: 0 = every position, an int k = the last k, a 1-D index tensor = those positions; the loss
         never reads them, whatever they cover.
         """
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("pass input_ids (or inputs_embeds)")
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
-            if pixel_values is not None and image_grid_thw is None:
-                raise ValueError("pixel_values need image_grid_thw")
-            if pixel_values is not None or pixel_values_videos is not None:
-                inputs_embeds = self.embed_understanding_images(
-                    inputs_embeds, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
-                )
-        B, L = inputs_embeds.shape[:2]
+        inputs_embeds = self._input_embeddings(
+            input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+        )
         if attention_mask is None:
-            attention_mask = torch.ones(B, L, dtype=torch.long, device=inputs_embeds.device)
-
-        generation = None
-        if pixel_gen_values is not None or image_gen_labels is not None:
-            if input_ids is None:
-                raise ValueError("generation targets need input_ids to locate <|image_gen_pad|> slots")
-            if pixel_gen_values is not None and image_gen_labels is not None:
-                raise ValueError("give pixel_gen_values or image_gen_labels, not both")
-            generation = self._prepare_generation_targets(
-                input_ids,
-                pixel_gen_values,
-                image_noise_generator,
-                image_gen_labels,
-                image_gen_resolution,
-                noise=self.training if image_noise is None else image_noise,
-            )
-            inputs_embeds = inputs_embeds.masked_scatter(
-                generation["pad_mask_BL"].unsqueeze(-1), generation["llm_inputs"].to(inputs_embeds.dtype)
-            )
-
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        noise = self.training if image_noise is None else image_noise
+        inputs_embeds, generation = self._with_generation_inputs(
+            inputs_embeds,
+            input_ids,
+            pixel_gen_values,
+            image_gen_labels,
+            image_gen_resolution,
+            image_noise_generator,
+            noise,
+        )
         rope_deltas = None
         if position_ids is None and past_key_values is None and input_ids is not None:
             position_ids, rope_deltas = self.forward_position_ids(
                 input_ids, attention_mask, image_grid_thw, positions, video_grid_thw_N3=video_grid_thw
             )
-        outputs = self.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **cache_kwargs(past_key_values),
-            use_cache=use_cache,
-            cache_position=cache_position,
-            **kwargs,
-        )
+        llm_kwargs = {**cache_kwargs(past_key_values), "use_cache": use_cache, "cache_position": cache_position}
+        llm_kwargs.update(kwargs, attention_mask=attention_mask, position_ids=position_ids)
+        outputs = self.model(inputs_embeds=inputs_embeds, **llm_kwargs)
         hidden = outputs.last_hidden_state
-        if return_logits is None:
-            return_logits = labels is None
-        logits = self.lm_head(hidden[:, _kept_positions(logits_to_keep)]) if return_logits else None
-        text_loss = self._text_loss(hidden, labels, input_ids) if labels is not None else None
-
-        image_loss = image_logits = image_labels = None
-        if generation is not None:
-            image_logits = self._decode_generation_targets(hidden, attention_mask, generation)
-            image_labels = generation["labels_NLd"]
-            image_loss = bit_cross_entropy(
-                image_logits, image_labels, generation["schedule"], weighting=self.config.image_loss_scale_weighting
-            )
-
-        loss = None
-        if text_loss is not None and image_loss is not None:
-            loss = text_loss + self.config.image_loss_weight * image_loss
-        elif text_loss is not None:
-            loss = text_loss
-        elif image_loss is not None:
-            loss = self.config.image_loss_weight * image_loss
+        keep_logits = labels is None if return_logits is None else return_logits
         return VARGPTOutput(
-            loss=loss,
-            text_loss=text_loss,
-            image_loss=image_loss,
-            logits=logits,
-            image_logits=image_logits,
-            image_labels=image_labels,
+            **self._losses(hidden, attention_mask, labels, input_ids, generation),
+            logits=self.lm_head(hidden[:, _kept_positions(logits_to_keep)]) if keep_logits else None,
             past_key_values=returned_cache(outputs),
             hidden_states=hidden,
             rope_deltas=rope_deltas,
         )
+
+    def _input_embeddings(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+        pixel_values_videos: torch.Tensor | None,
+        video_grid_thw: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Token embeddings with understanding images and videos in their slots (given embeddings pass as they are)."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids (or inputs_embeds)")
+        if inputs_embeds is not None:
+            return inputs_embeds
+        inputs_embeds = self.model.embed_tokens(input_ids)
+        if pixel_values is not None and image_grid_thw is None:
+            raise ValueError("pixel_values need image_grid_thw")
+        if pixel_values is not None or pixel_values_videos is not None:
+            inputs_embeds = self.embed_understanding_images(
+                inputs_embeds, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
+        return inputs_embeds
+
+    def _with_generation_inputs(
+        self,
+        inputs_embeds_BLH: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        pixel_gen_values: torch.Tensor | None,
+        image_gen_labels: torch.Tensor | None,
+        resolution: int | None,
+        generator: torch.Generator | None,
+        noise: bool,
+    ) -> tuple[torch.Tensor, dict | None]:
+        """The embeddings with the teacher-forced generation inputs in their `<|image_gen_pad|>` slots, and those
+        targets (see `_prepare_generation_targets`); unchanged embeddings and None for a batch without any."""
+        if pixel_gen_values is None and image_gen_labels is None:
+            return inputs_embeds_BLH, None
+        if input_ids is None:
+            raise ValueError("generation targets need input_ids to locate <|image_gen_pad|> slots")
+        if pixel_gen_values is not None and image_gen_labels is not None:
+            raise ValueError("give pixel_gen_values or image_gen_labels, not both")
+        generation = self._prepare_generation_targets(
+            input_ids, pixel_gen_values, generator, image_gen_labels, resolution, noise=noise
+        )
+        slots_BL1, llm_inputs = generation["pad_mask_BL"].unsqueeze(-1), generation["llm_inputs"]
+        return inputs_embeds_BLH.masked_scatter(slots_BL1, llm_inputs.to(inputs_embeds_BLH.dtype)), generation
+
+    def _losses(
+        self,
+        hidden_BLH: torch.Tensor,
+        attention_mask_BL: torch.Tensor,
+        labels_BL: torch.Tensor | None,
+        input_ids_BL: torch.Tensor | None,
+        generation: dict | None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Text loss, image bit loss (with the logits and labels it read) and `loss`, their weighted sum
+        `text + image_loss_weight * image` over whichever the batch has."""
+        text_loss = self._text_loss(hidden_BLH, labels_BL, input_ids_BL) if labels_BL is not None else None
+        image_loss = image_logits = image_labels = None
+        if generation is not None:
+            image_logits = self._decode_generation_targets(hidden_BLH, attention_mask_BL, generation)
+            image_labels = generation["labels_NLd"]
+            weighting = self.config.image_loss_scale_weighting
+            image_loss = bit_cross_entropy(image_logits, image_labels, generation["schedule"], weighting=weighting)
+        loss = text_loss
+        if image_loss is not None:
+            weighted_image_loss = self.config.image_loss_weight * image_loss
+            loss = weighted_image_loss if text_loss is None else text_loss + weighted_image_loss
+        return {
+            "loss": loss,
+            "text_loss": text_loss,
+            "image_loss": image_loss,
+            "image_logits": image_logits,
+            "image_labels": image_labels,
+        }
 
     def _text_loss(
         self, hidden_BLH: torch.Tensor, labels_BL: torch.Tensor, input_ids_BL: torch.Tensor | None
@@ -471,68 +504,94 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         resolution: int | None = None,
         noise: bool = False,
     ) -> dict:
-        """Tokenise the targets into bits and build the LLM inputs of their pad slots (teacher forcing)."""
-        cfg = self.config
+        """Tokenise the targets into bits and build the LLM inputs of their pad slots (teacher forcing).
+
+        Random draws happen in a fixed order (bit-flip strengths, flipped bits, condition dropout) so that two
+        passes sharing `generator` see the same noise."""
+        schedule = self._target_schedule(pixel_gen_values, resolution)
+        N = pixel_gen_values.shape[0] if pixel_gen_values is not None else labels_NLd.shape[0]
+        starts, pad_mask, pads_per_image = self._generation_slots(input_ids, N, schedule)
         if pixel_gen_values is not None:
-            if pixel_gen_values.dim() != 4 or pixel_gen_values.shape[1] != 3:
-                raise ValueError(f"pixel_gen_values must be [N, 3, H, W], got {tuple(pixel_gen_values.shape)}")
-            N, _, H, W = pixel_gen_values.shape
-            if H != W:
-                raise ValueError(f"generation targets must be square for now, got {H}x{W}")
-            schedule = self.generation_schedule(H)
+            labels_NLd, inputs_NLd = self._tokenise_targets(pixel_gen_values, schedule, generator, noise)
         else:
-            N = labels_NLd.shape[0]
-            schedule = self.generation_schedule(resolution)
-        starts = (input_ids == cfg.image_gen_start_token_id).nonzero().tolist()
-        if len(starts) != N:
-            raise ValueError(f"{N} generation targets but {len(starts)} <|image_gen_start|> tokens in the batch")
-        num_tokens = sum(h * w for h, w in schedule)
-        pad_mask = input_ids == cfg.image_gen_pad_token_id
-        pads_per_image = int(pad_mask.sum()) // N if N else 0
-        if pads_per_image * N != int(pad_mask.sum()) or pads_per_image < num_tokens:
-            raise ValueError(
-                f"each <|image_gen_start|> block must hold the same number (>= {num_tokens}) of <|image_gen_pad|> "
-                f"tokens; the batch has {int(pad_mask.sum())} for {N} images"
-            )
-        if pixel_gen_values is not None:
-            vae_dtype = self.vae_local.encoder.conv_in.conv.weight.dtype
-            with torch.no_grad():
-                f_NdHW = self.vae_local.encode(pixel_gen_values.to(vae_dtype))
-            flip_probs = None
-            if noise and cfg.bit_flip_max_prob > 0:
-                flip_probs = sample_flip_probs(len(schedule), cfg.bit_flip_max_prob, cfg.bit_flip_prob_step, generator)
-            labels_NLd, inputs_NLd = teacher_forcing(
-                f_NdHW.float(), schedule, flip_probs=flip_probs, generator=generator
-            )
-        else:
-            if labels_NLd.dim() != 3 or labels_NLd.shape[1] != num_tokens:
+            if labels_NLd.dim() != 3 or labels_NLd.shape[1] != schedule.num_tokens:
                 raise ValueError(
-                    f"image_gen_labels must be [N, {num_tokens}, bits] for this resolution, got "
+                    f"image_gen_labels must be [N, {schedule.num_tokens}, bits] for this resolution, got "
                     f"{tuple(labels_NLd.shape)}"
                 )
             inputs_NLd = inputs_from_bits(labels_NLd, schedule)
-
-        cond_ND = self.image_condition(N)
-        drop = cfg.visual_decoder_config.cond_drop_rate
-        if noise and drop > 0:
-            u = torch.rand(N, generator=generator, device=generator.device if generator else None)
-            dropped = (u.to(cond_ND.device) < drop).view(N, 1)
-            cond_ND = torch.where(dropped, self.image_condition(N, unconditional=True), cond_ND)
+        cond_ND = self._training_condition(N, generator, noise)
         decoder_dtype = self.vargpt_gen.word_embed.weight.dtype
         x_NLC = torch.cat(
             [self.vargpt_gen.start_tokens(cond_ND), self.vargpt_gen.embed_inputs(inputs_NLd.to(decoder_dtype))], dim=1
         )
-        x_NLC = F.pad(x_NLC, (0, 0, 0, pads_per_image - num_tokens))
+        x_NLC = F.pad(x_NLC, (0, 0, 0, pads_per_image - schedule.num_tokens))
         return {
             "schedule": schedule,
-            "num_tokens": num_tokens,
+            "num_tokens": schedule.num_tokens,
             "pads_per_image": pads_per_image,
             "pad_mask_BL": pad_mask,
-            "llm_inputs": self.image_gen_projector(x_NLC).reshape(-1, cfg.text_config.hidden_size),
+            "llm_inputs": self.image_gen_projector(x_NLC).reshape(-1, self.config.text_config.hidden_size),
             "labels_NLd": labels_NLd,
             "cond_ND": cond_ND,
-            "starts": [tuple(s) for s in starts],
+            "starts": starts,
         }
+
+    def _target_schedule(self, pixel_gen_values: torch.Tensor | None, resolution: int | None) -> Schedule:
+        """The schedule of the batch's targets: the pixels' size, else `resolution` (default: the model's)."""
+        if pixel_gen_values is None:
+            return self.generation_schedule(resolution)
+        if pixel_gen_values.dim() != 4 or pixel_gen_values.shape[1] != 3:
+            raise ValueError(f"pixel_gen_values must be [N, 3, H, W], got {tuple(pixel_gen_values.shape)}")
+        H, W = pixel_gen_values.shape[-2:]
+        if H != W:
+            raise ValueError(f"generation targets must be square for now, got {H}x{W}")
+        return self.generation_schedule(H)
+
+    def _generation_slots(
+        self, input_ids_BL: torch.Tensor, num_images: int, schedule: Schedule
+    ) -> tuple[list[tuple[int, int]], torch.Tensor, int]:
+        """`(starts, pad_mask_BL, pads_per_image)`: where each target's `<|image_gen_start|>` is (row, position) and
+        its pad slots, checked to give every image the same number of slots, at least its token count."""
+        cfg = self.config
+        starts = (input_ids_BL == cfg.image_gen_start_token_id).nonzero().tolist()
+        if len(starts) != num_images:
+            raise ValueError(
+                f"{num_images} generation targets but {len(starts)} <|image_gen_start|> tokens in the batch"
+            )
+        pad_mask = input_ids_BL == cfg.image_gen_pad_token_id
+        num_pads = int(pad_mask.sum())
+        pads_per_image = num_pads // num_images if num_images else 0
+        if pads_per_image * num_images != num_pads or pads_per_image < schedule.num_tokens:
+            raise ValueError(
+                f"each <|image_gen_start|> block must hold the same number (>= {schedule.num_tokens}) of "
+                f"<|image_gen_pad|> tokens; the batch has {num_pads} for {num_images} images"
+            )
+        return [tuple(start) for start in starts], pad_mask, pads_per_image
+
+    def _tokenise_targets(
+        self, pixel_gen_values: torch.Tensor, schedule: Schedule, generator: torch.Generator | None, noise: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(labels_NLd, inputs_NLd)` of target images: their bits and the next-scale inputs, with bitwise
+        self-correction (random bit flips) when `noise` is on."""
+        cfg = self.config
+        vae_dtype = self.vae_local.encoder.conv_in.conv.weight.dtype
+        with torch.no_grad():
+            f_NdHW = self.vae_local.encode(pixel_gen_values.to(vae_dtype))
+        flip_probs = None
+        if noise and cfg.bit_flip_max_prob > 0:
+            flip_probs = sample_flip_probs(len(schedule), cfg.bit_flip_max_prob, cfg.bit_flip_prob_step, generator)
+        return teacher_forcing(f_NdHW.float(), schedule, flip_probs=flip_probs, generator=generator)
+
+    def _training_condition(self, num_images: int, generator: torch.Generator | None, noise: bool) -> torch.Tensor:
+        """AdaLN condition of each target, replaced by the unconditional one at `cond_drop_rate` when `noise`."""
+        cond_ND = self.image_condition(num_images)
+        drop = self.config.visual_decoder_config.cond_drop_rate
+        if noise and drop > 0:
+            u = torch.rand(num_images, generator=generator, device=generator.device if generator else None)
+            dropped = (u.to(cond_ND.device) < drop).view(num_images, 1)
+            cond_ND = torch.where(dropped, self.image_condition(num_images, unconditional=True), cond_ND)
+        return cond_ND
 
     def _decode_generation_targets(
         self, hidden_BLH: torch.Tensor, attention_mask_BL: torch.Tensor, generation: dict
@@ -570,10 +629,7 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         # a folder, a shipped model name or a Hub repo id (hub arguments as transformers names them)
         path = resolve_checkpoint(
             pretrained_model_name_or_path,
-            revision=kwargs.pop("revision", None),
-            cache_dir=kwargs.pop("cache_dir", None),
-            local_files_only=kwargs.pop("local_files_only", None),
-            token=kwargs.pop("token", None),
+            **pop_hub_arguments(kwargs),
         )
         config = kwargs.pop("config", None)
         if not isinstance(config, VARGPTConfig):
@@ -670,58 +726,33 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
     ):
         """Decode text, images, or both.
 
-        * `generation_mode="text"` (default): answers in text, like any transformers model; returns the
-          sequences `[B, prompt + new]` (a `VARGPTGenerateOutput` with `return_dict_in_generate=True`).
-        * `"interleaved"`: the model decides: when it samples `<|image_gen_start|>` it draws an image by
-          next-scale prediction, then continues with text until EOS.
+        * `generation_mode="text"` (default): answers in text, like any transformers model; returns the sequences
+          `[B, prompt + new]` (a `VARGPTGenerateOutput` with `return_dict_in_generate=True`).
+        * `"interleaved"`: the model decides: when it samples `<|image_gen_start|>` it draws an image by next-scale
+          prediction, then continues with text until EOS.
         * `"image"`: an image is forced first (text-to-image and editing), then text continues.
         Image modes always return a `VARGPTGenerateOutput` (`sequences`, `images`, `image_bits`).
         Image settings (`cfg_scale`, `tau`, `top_k` of bits as `image_top_k`, `image_top_p`, `resolution`,
         `aspect_ratio`, `uncond_mode`, `position_mode`) come from `image_config` or keyword arguments.
         `uncond_mode="null_prompt"` guidance needs `null_prompt_ids` (`VARGPTProcessor.null_prompt_ids()`).
-        `seed` or `generator` makes results reproducible. A list of seeds (or generators), one per row, makes
-        each row's result independent of the rest of the batch: row i draws from its own seed only.
-        `cache_implementation="static"` preallocates the LLM's KV cache (fixed shapes per step) and
-        `compile=True` (which implies it) runs the LLM calls and decoder blocks through `torch.compile`, CUDA
-        graphs on CUDA: equal to the default path up to float summation order (see `fast_decoding`).
-        `pixel_values_videos` / `video_grid_thw` (from `VARGPTProcessor(videos=...)`) are understood through
-        the prefill through Qwen2-VL's video path (the ViT and M-RoPE time positions), as in `forward`.
+        `seed` or `generator` makes results reproducible. A list of seeds (or generators), one per row, makes each
+        row's result independent of the rest of the batch: row i draws from its own seed only.
+        `cache_implementation="static"` preallocates the LLM's KV cache (fixed shapes per step) and `compile=True`
+        (which implies it) runs the LLM calls and decoder blocks through `torch.compile`, CUDA graphs on CUDA: equal
+        to the default path up to float summation order (see `vargpt.generation.static_cache`).
+        `pixel_values_videos` / `video_grid_thw` (from `VARGPTProcessor(videos=...)`) are understood in the prefill
+        through Qwen2-VL's video path (the ViT and M-RoPE time positions), as in `forward`.
         """
-        from .generation.decoding import TextSamplingConfig, generate_interleaved
-        from .generation.static_cache import FastDecoding
+        from .generation import FastDecoding, TextSamplingConfig, generate_interleaved
 
-        if input_ids is None:
-            raise ValueError("generate needs input_ids (build them with VARGPTProcessor)")
-        # Processor outputs live on the CPU; follow the model to its device as transformers' generate does.
-        device = self.device
-        input_ids, attention_mask, pixel_values, image_grid_thw, null_prompt_ids = (
-            None if t is None else t.to(device)
-            for t in (input_ids, attention_mask, pixel_values, image_grid_thw, null_prompt_ids)
-        )
-        if (pixel_values_videos is None) != (video_grid_thw is None):
-            raise ValueError("give pixel_values_videos and video_grid_thw together")
-        if pixel_values_videos is not None:
-            pixel_values_videos, video_grid_thw = pixel_values_videos.to(device), video_grid_thw.to(device)
-        renamed = {"image_top_k": "top_k", "image_top_p": "top_p"}
-        image_config = (image_config or ImageGenerationConfig()).updated(
-            **{renamed.get(k, k): v for k, v in image_settings.items()}
-        )
-        if generator is None and seed is not None:
-            if isinstance(seed, (list, tuple)):
-                if len(seed) != input_ids.shape[0]:
-                    raise ValueError(f"{len(seed)} seeds for a batch of {input_ids.shape[0]} prompts")
-                generator = [torch.Generator(device=input_ids.device).manual_seed(int(s)) for s in seed]
-            else:
-                generator = torch.Generator(device=input_ids.device).manual_seed(int(seed))
-        eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
+        _check_generate_inputs(input_ids, pixel_values_videos, video_grid_thw)
+        moved = _on_device(self.device, input_ids, attention_mask, pixel_values, image_grid_thw, null_prompt_ids)
+        input_ids, attention_mask, pixel_values, image_grid_thw, null_prompt_ids = moved
+        pixel_values_videos, video_grid_thw = _on_device(self.device, pixel_values_videos, video_grid_thw)
+        image_config = _image_config_with(image_config, image_settings)
+        generator = _seeded_generators(generator, seed, input_ids.shape[0], input_ids.device)
         text_config = TextSamplingConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            eos_token_ids=eos,
+            **_text_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id)
         )
         out = generate_interleaved(
             self,
@@ -742,3 +773,62 @@ class VARGPTForConditionalGeneration(VARGPTPreTrainedModel, GenerationMixin):
         if generation_mode == "text" and not return_dict_in_generate:
             return out.sequences
         return out
+
+
+def _check_generate_inputs(
+    input_ids: torch.Tensor | None, pixel_values_videos: torch.Tensor | None, video_grid_thw: torch.Tensor | None
+) -> None:
+    if input_ids is None:
+        raise ValueError("generate needs input_ids (build them with VARGPTProcessor)")
+    if (pixel_values_videos is None) != (video_grid_thw is None):
+        raise ValueError("give pixel_values_videos and video_grid_thw together")
+
+
+def _on_device(device: torch.device, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Processor outputs live on the CPU; they follow the model to its device as in transformers' generate."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+def _text_sampling(
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    eos_token_id: int | Sequence[int] | None,
+) -> dict:
+    """`TextSamplingConfig` keywords from `generate`'s text arguments (one eos id or several)."""
+    eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
+    return {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "repetition_penalty": repetition_penalty,
+        "eos_token_ids": eos,
+    }
+
+
+def _image_config_with(config: ImageGenerationConfig | None, settings: dict) -> ImageGenerationConfig:
+    """`config` (default: the class defaults) updated by `generate`'s image keywords, whose bit-sampling names
+    (`image_top_k`, `image_top_p`) differ from the text ones."""
+    renamed = {"image_top_k": "top_k", "image_top_p": "top_p"}
+    return (config or ImageGenerationConfig()).updated(**{renamed.get(k, k): v for k, v in settings.items()})
+
+
+def _seeded_generators(
+    generator: torch.Generator | list[torch.Generator] | None,
+    seed: int | Sequence[int] | None,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Generator | list[torch.Generator] | None:
+    """The given generator(s), else ones seeded from `seed`: one per row for a list of seeds."""
+    if generator is not None or seed is None:
+        return generator
+    if not isinstance(seed, (list, tuple)):
+        return torch.Generator(device=device).manual_seed(int(seed))
+    if len(seed) != batch_size:
+        raise ValueError(f"{len(seed)} seeds for a batch of {batch_size} prompts")
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seed]

@@ -27,6 +27,7 @@ from transformers.processing_utils import ProcessorMixin
 from .configuration import IMAGE_GEN_END, IMAGE_GEN_PAD, IMAGE_GEN_START
 from .hub import resolve_checkpoint
 from .image_io import ImageSource, VideoSource, load_image, load_video_frames
+from .schedule import Schedule
 from .tokenization import (
     CHAT_TEMPLATE,
     IMAGE_PAD,
@@ -329,7 +330,7 @@ class VARGPTProcessor(ProcessorMixin):
         self,
         text: str | list[str],
         images: Any = None,
-        image_gen_num_tokens: int | None = None,
+        image_gen_num_tokens: int | Schedule | None = None,
         padding: bool | str = True,
         return_tensors: str | None = "pt",
         *,
@@ -349,65 +350,54 @@ class VARGPTProcessor(ProcessorMixin):
         `pixel_values_videos` and `video_grid_thw`. Each `<|image_pad|>` becomes grid_t*grid_h*grid_w/merge**2
         copies for the next image (images are matched to placeholders in order across the batch; paths, bytes or
         PIL images, possibly nested per prompt). With `image_gen_num_tokens`, every empty
-        `<|image_gen_start|><|image_gen_end|>` pair gets that many `<|image_gen_pad|>` between. `max_pixels`
+        `<|image_gen_start|><|image_gen_end|>` pair gets that many `<|image_gen_pad|>` between (given a `Schedule`,
+        its `num_pad_tokens`). `max_pixels`
         (or `editing=True`, meaning `edit_max_pixels`) caps understanding images. Prompts are never truncated: a
         prompt longer than `max_length` is an error.
         """
-        for key, value in chat_template_kwargs.items():
-            if key not in _CHAT_TEMPLATE_AUDIO_KWARGS:
-                raise TypeError(f"VARGPTProcessor.__call__ got an unexpected keyword argument {key!r}")
-            if value:
-                raise ValueError("VARGPTProcessor does not support audio inputs")
-        if audio is not None:
-            raise ValueError("VARGPTProcessor supports text, images and videos, not audio")
+        _refuse_audio(audio, chat_template_kwargs)
         texts = self._check_texts(text)
+        side = self._check_padding(padding, padding_side)
+        image_gen_num_tokens = _pad_slot_count(image_gen_num_tokens)
+        sources, videos_flat = _matched_media(texts, images, videos)
+        if editing and max_pixels is None:
+            max_pixels = self.edit_max_pixels
+        media_inputs, tokens_per_image, tokens_per_video = self._process_media(sources, videos_flat, max_pixels)
+        encoded = self.tokenizer(texts, add_special_tokens=False, padding=False, truncation=False)["input_ids"]
+        image_counts, video_counts = iter(tokens_per_image), iter(tokens_per_video)
+        sequences = [self._expand(ids, image_counts, image_gen_num_tokens, video_counts) for ids in encoded]
+        for index, ids in enumerate(sequences):
+            if max_length is not None and len(ids) > max_length:
+                raise ValueError(
+                    f"prompt {index} is {len(ids)} tokens long (after image expansion), longer than "
+                    f"max_length={max_length}"
+                )
+        data = self._pad(sequences, padding, side, max_length, return_tensors)
+        data.update(media_inputs)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _check_padding(self, padding: bool | str, padding_side: str | None) -> str:
+        """The side to pad on, after checking both options."""
         if padding not in _PADDING_CHOICES:
             raise ValueError(f"padding must be one of {_PADDING_CHOICES}, got {padding!r}")
         side = self.padding_side if padding_side is None else padding_side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-        valid_gen_count = isinstance(image_gen_num_tokens, int) and not isinstance(image_gen_num_tokens, bool)
-        if image_gen_num_tokens is not None and not (valid_gen_count and image_gen_num_tokens >= 1):
-            raise ValueError(f"image_gen_num_tokens must be a positive integer, got {image_gen_num_tokens!r}")
+        return side
 
-        sources = _flatten_images(images)
-        num_placeholders = sum(sample.count(IMAGE_PAD) for sample in texts)
-        if num_placeholders != len(sources):
-            raise ValueError(
-                f"the prompts hold {num_placeholders} {IMAGE_PAD} placeholder(s) but {len(sources)} image(s) were given"
-            )
-        videos_flat = _flatten_videos(videos)
-        num_video_placeholders = sum(sample.count(VIDEO_PAD) for sample in texts)
-        if num_video_placeholders != len(videos_flat):
-            raise ValueError(
-                f"the prompts hold {num_video_placeholders} {VIDEO_PAD} placeholder(s) but {len(videos_flat)} "
-                "video(s) were given; pass one entry of `videos` (a list of frames or an array) per placeholder"
-            )
-        image_inputs: dict[str, Any] = {}
+    def _process_media(
+        self, sources: list[ImageSource], videos: list[VideoSource], max_pixels: int | None
+    ) -> tuple[dict[str, Any], list[int], list[int]]:
+        """Pixel inputs of the understanding images and videos, and how many placeholder tokens each one takes."""
+        media_inputs: dict[str, Any] = {}
         tokens_per_image: list[int] = []
         if sources:
-            image_inputs, tokens_per_image = self._process_understanding_images(
-                sources, max_pixels=self.edit_max_pixels if editing and max_pixels is None else max_pixels
-            )
-
+            media_inputs, tokens_per_image = self._process_understanding_images(sources, max_pixels=max_pixels)
         tokens_per_video: list[int] = []
-        if videos_flat:
-            video_inputs, tokens_per_video = self._process_videos(videos_flat)
-            image_inputs.update(video_inputs)
-
-        encoded = self.tokenizer(texts, add_special_tokens=False, padding=False, truncation=False)["input_ids"]
-        image_counts, video_counts = iter(tokens_per_image), iter(tokens_per_video)
-        sequences = [self._expand(ids, image_counts, image_gen_num_tokens, video_counts) for ids in encoded]
-        if max_length is not None:
-            for index, ids in enumerate(sequences):
-                if len(ids) > max_length:
-                    raise ValueError(
-                        f"prompt {index} is {len(ids)} tokens long (after image expansion), longer than "
-                        f"max_length={max_length}"
-                    )
-        data = self._pad(sequences, padding, side, max_length, return_tensors)
-        data.update(image_inputs)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        if videos:
+            video_inputs, tokens_per_video = self._process_videos(videos)
+            media_inputs.update(video_inputs)
+        return media_inputs, tokens_per_image, tokens_per_video
 
     @staticmethod
     def _check_texts(text: str | list[str]) -> list[str]:
@@ -531,3 +521,43 @@ class VARGPTProcessor(ProcessorMixin):
                 data["attention_mask"].append([1] * len(ids) + pad_zeros)
                 data["mm_token_type_ids"].append(types + pad_zeros)
         return data
+
+
+def _refuse_audio(audio: Any, chat_template_kwargs: dict[str, Any]) -> None:
+    """Only the chat template's audio switches are accepted as extra keywords, and only switched off."""
+    for key, value in chat_template_kwargs.items():
+        if key not in _CHAT_TEMPLATE_AUDIO_KWARGS:
+            raise TypeError(f"VARGPTProcessor.__call__ got an unexpected keyword argument {key!r}")
+        if value:
+            raise ValueError("VARGPTProcessor does not support audio inputs")
+    if audio is not None:
+        raise ValueError("VARGPTProcessor supports text, images and videos, not audio")
+
+
+def _pad_slot_count(image_gen_num_tokens: int | Schedule | None) -> int | None:
+    """`<|image_gen_pad|>` slots per generation block: a positive int, or a `Schedule`'s `num_pad_tokens`
+    (`model.generation_schedule(...)`), so that callers need not count them."""
+    if isinstance(image_gen_num_tokens, Schedule):
+        return image_gen_num_tokens.num_pad_tokens
+    valid_count = isinstance(image_gen_num_tokens, int) and not isinstance(image_gen_num_tokens, bool)
+    if image_gen_num_tokens is not None and not (valid_count and image_gen_num_tokens >= 1):
+        raise ValueError(f"image_gen_num_tokens must be a positive integer, got {image_gen_num_tokens!r}")
+    return image_gen_num_tokens
+
+
+def _matched_media(texts: list[str], images: Any, videos: Any) -> tuple[list[ImageSource], list[VideoSource]]:
+    """The images and videos as flat lists, checked to match the prompts' placeholders one for one."""
+    sources = _flatten_images(images)
+    num_placeholders = sum(sample.count(IMAGE_PAD) for sample in texts)
+    if num_placeholders != len(sources):
+        raise ValueError(
+            f"the prompts hold {num_placeholders} {IMAGE_PAD} placeholder(s) but {len(sources)} image(s) were given"
+        )
+    videos_flat = _flatten_videos(videos)
+    num_video_placeholders = sum(sample.count(VIDEO_PAD) for sample in texts)
+    if num_video_placeholders != len(videos_flat):
+        raise ValueError(
+            f"the prompts hold {num_video_placeholders} {VIDEO_PAD} placeholder(s) but {len(videos_flat)} "
+            "video(s) were given; pass one entry of `videos` (a list of frames or an array) per placeholder"
+        )
+    return sources, videos_flat

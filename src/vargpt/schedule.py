@@ -201,7 +201,7 @@ def padded_token_count(num_tokens: int, multiple: int) -> int:
     return -(-num_tokens // multiple) * multiple
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
     """One image's scale schedule and what both towers derive from it.
 
@@ -241,6 +241,23 @@ class Schedule:
         )
 
     # -- a sequence of grids -----------------------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        """Equal to a `Schedule` with the same fields, or to a plain sequence of the same grids (what
+        `generation_schedule` returned before it returned a `Schedule`)."""
+        if isinstance(other, Schedule):
+            return (self.grids, self.stride, self.rope_reference, self.pad_multiple) == (
+                other.grids,
+                other.stride,
+                other.rope_reference,
+                other.pad_multiple,
+            )
+        if isinstance(other, (list, tuple)):
+            return self.grids == tuple(tuple(grid) for grid in other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.grids, self.stride, self.rope_reference, self.pad_multiple))
+
     def __len__(self) -> int:
         return len(self.grids)
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
@@ -191,6 +192,22 @@ def _check_ids(tokenizer: PreTrainedTokenizerFast, first_id: int, tokens: tuple[
             raise RuntimeError(f"{token} got id {token_id}, expected {first_id + offset}")
 
 
+def _special_token_settings(special_tokens: Sequence[str], first_id: int) -> dict[str, Any]:
+    """The tokenizer settings the full and the tiny tokenizer share: Qwen2's roles (eos `<|im_end|>`, pad
+    `<|endoftext|>`, no bos or unk), the special tokens from `first_id` on, unsplit, and the chat template."""
+    return {
+        "unk_token": None,
+        "bos_token": None,
+        "eos_token": IM_END,
+        "pad_token": ENDOFTEXT,
+        "added_tokens_decoder": {first_id + index: _special(token) for index, token in enumerate(special_tokens)},
+        "extra_special_tokens": [token for token in special_tokens if token not in (ENDOFTEXT, IM_END)],
+        "split_special_tokens": False,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
 def build_qwen2_tokenizer(ranks_file: str | os.PathLike | None = None) -> Qwen2Tokenizer:
     """Build VARGPT-v1.1's tokenizer: Qwen2-VL's, plus `<|image_gen_start|>`/`_end|>`/`_pad|>` (151657-151659).
 
@@ -206,17 +223,9 @@ def build_qwen2_tokenizer(ranks_file: str | os.PathLike | None = None) -> Qwen2T
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        added_tokens_decoder={QWEN2_NUM_BPE_TOKENS + index: _special(token) for index, token in enumerate(added)},
-        extra_special_tokens=[token for token in added if token not in (ENDOFTEXT, IM_END)],
+        **_special_token_settings(added, QWEN2_NUM_BPE_TOKENS),
         model_max_length=QWEN2_MODEL_MAX_LENGTH,
         errors="replace",
-        split_special_tokens=False,
-        clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE,
     )
     _check_ids(tokenizer, QWEN2_NUM_BPE_TOKENS, added)
     return tokenizer
@@ -303,18 +312,7 @@ def build_tiny_tokenizer(merges: Sequence[tuple[str, str]] = ()) -> PreTrainedTo
     backend.pre_tokenizer = _tiny_pre_tokenizer(with_merges=bool(merges))
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token=None,
-        bos_token=None,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        added_tokens_decoder={
-            TINY_NUM_BASE_TOKENS + index: _special(token) for index, token in enumerate(TINY_SPECIAL_TOKENS)
-        },
-        extra_special_tokens=[token for token in TINY_SPECIAL_TOKENS if token not in (ENDOFTEXT, IM_END)],
-        split_special_tokens=False,
-        clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE,
+        tokenizer_object=backend, **_special_token_settings(TINY_SPECIAL_TOKENS, TINY_NUM_BASE_TOKENS)
     )
     _check_ids(tokenizer, TINY_NUM_BASE_TOKENS, TINY_SPECIAL_TOKENS)
     return tokenizer

@@ -159,7 +159,7 @@ def test_commands_parse_and_run(tmp_path):
             str(tmp_path / "g"),
             "--limit",
             "2",
-            "--cfg",
+            "--cfg-scale",
             "1.5",
             "--images-per-prompt",
             "1",

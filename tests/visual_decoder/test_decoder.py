@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vargpt.schedule import Schedule
 from vargpt.visual_decoder import DecoderKVCache, InfinityDecoder, block_causal_mask
 
 from .helpers import SCHEDULE, randomised_decoder
@@ -21,11 +22,13 @@ def _inputs(batch: int, context_len: int, seed: int = 1) -> tuple[torch.Tensor, 
     return h, cond, context
 
 
-def _scale_by_scale(decoder: InfinityDecoder, h, cond, context, mask, cache: DecoderKVCache) -> torch.Tensor:
+def _scale_by_scale(
+    decoder: InfinityDecoder, h, cond, context, mask, cache: DecoderKVCache, schedule=SCHEDULE
+) -> torch.Tensor:
     logits, start = [], 0
-    for index, (gh, gw) in enumerate(SCHEDULE):
+    for index, (gh, gw) in enumerate(schedule):
         piece = h[:, start : start + gh * gw]
-        logits.append(decoder.forward_scale(piece, cond, context, mask, SCHEDULE, index, cache))
+        logits.append(decoder.forward_scale(piece, cond, context, mask, schedule, index, cache))
         start += gh * gw
     return torch.cat(logits, dim=1)
 
@@ -189,3 +192,14 @@ def test_bad_inputs_raise_value_errors() -> None:
     assert cache.num_scales == 0 and cache.self_kv(0) is None and cache.context_kv(0) is None
     with pytest.raises(ValueError, match="cfg_uncond has 64 rows"):
         decoder.uncond_tokens(1, 65)
+
+
+@torch.no_grad()
+def test_a_schedule_object_gives_the_logits_of_its_list_of_grids() -> None:
+    decoder = randomised_decoder()
+    schedule = Schedule.for_resolution(32, stride=4, rope_max_grid=decoder.config.rope_max_grid)
+    assert list(schedule) == SCHEDULE
+    h, cond, context = _inputs(batch=2, context_len=3)
+    assert torch.equal(decoder(h, cond, context, None, schedule), decoder(h, cond, context, None, SCHEDULE))
+    by_object = _scale_by_scale(decoder, h, cond, context, None, DecoderKVCache(), schedule)
+    assert torch.equal(by_object, _scale_by_scale(decoder, h, cond, context, None, DecoderKVCache()))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vargpt.schedule import SUPPORTED_ASPECT_RATIOS, Schedule
 from vargpt.visual_decoder.rope import (
     apply_rope,
     reference_grid,
     rope_cos_sin,
     scale_positions,
     schedule_positions,
+    schedule_reference,
 )
 
 
@@ -75,3 +77,19 @@ def test_scores_depend_only_on_relative_position() -> None:
 def test_head_dim_must_split_into_y_and_x_pairs() -> None:
     with pytest.raises(ValueError, match="divisible by 4"):
         rope_cos_sin(torch.zeros(1, 2, dtype=torch.long), 6, 10000.0)
+
+
+@pytest.mark.parametrize("ratio", SUPPORTED_ASPECT_RATIOS)
+@pytest.mark.parametrize(("resolution", "max_grid"), [(512, 64), (1024, 64), (32, 8)])
+def test_a_schedule_carries_the_reference_the_template_lookup_finds(ratio, resolution, max_grid) -> None:
+    stride = 16 if max_grid == 64 else 4
+    schedule = Schedule.for_resolution(resolution, stride=stride, aspect_ratio=ratio, rope_max_grid=max_grid)
+    assert schedule_reference(schedule, max_grid) == schedule.rope_reference
+    assert schedule.rope_reference == reference_grid(list(schedule), max_grid)
+    assert torch.equal(schedule_positions(schedule, max_grid), schedule_positions(list(schedule), max_grid))
+
+
+def test_a_schedule_reference_wins_over_the_lookup() -> None:
+    schedule = Schedule(((1, 1), (2, 2)), rope_reference=(4, 4))
+    assert schedule_reference(schedule, max_grid=8) == (4, 4)
+    assert schedule_reference(list(schedule), max_grid=8) == (8, 8)

@@ -4,7 +4,7 @@ Counted: every matrix multiplication the scale loop runs (2 FLOPs per multiply-a
 value products over the key slots actually computed (masked slots included: SDPA computes them), and the
 VAE decoder's convolutions. Not counted: norms, activations, softmax, sampling, interpolation (a few per
 cent at most). Per image, with the work of a batch divided by its size. The scale loop's shape, which these
-counts follow (see `vargpt.generation.decoding._image_events`):
+counts follow (see `vargpt.generation.scale_loop.scale_loop`):
 
 * LLM: prompt prefill (P tokens), the `<|image_gen_start|>` step, then per scale k its n_k tokens for
   2 rows with CFG (conditional + unconditional in one batch, keys over the whole cache); the remaining pad
@@ -25,8 +25,10 @@ the longer one, whose masked slots SDPA still computes).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ..configuration import VARGPTConfig
+from ..schedule import Schedule
 from ..visual_decoder.layers import ffn_hidden_size
 
 
@@ -80,7 +82,7 @@ def vae_decoder_flops(config: VARGPTConfig, latent_hw: tuple[int, int]) -> float
 
 def generation_flops(
     config: VARGPTConfig,
-    schedule: Sequence[tuple[int, int]],
+    schedule: Sequence[tuple[int, int]] | Schedule,
     prompt_tokens: int,
     cfg: bool = True,
     include_attention: bool = True,
@@ -91,70 +93,101 @@ def generation_flops(
 ) -> dict[str, float]:
     """FLOPs per generated image: {"llm", "decoder", "vae", "total"} (see the module docstring).
 
-    `include_attention=False` leaves out the attention products (what torch's FlopCounterMode sees on CPU,
-    where it does not count scaled_dot_product_attention). `uncond_mode` is the guidance's unconditional
-    branch ("original" or "null_prompt", which needs `null_prompt_tokens`); it matters only with `cfg`.
-    `batch_size` shares the null prompt's prefill, which runs once per batch, among the batch's images."""
-    att = 1.0 if include_attention else 0.0
+    `schedule` is the image's `Schedule` (`model.generation_schedule(...)`); a plain list of grids takes the
+    config's pad multiple. `include_attention=False` leaves out the attention products (what torch's
+    FlopCounterMode sees on CPU, where it does not count scaled_dot_product_attention). `uncond_mode` is the
+    guidance's unconditional branch ("original" or "null_prompt", which needs `null_prompt_tokens`); it matters
+    only with `cfg`. `batch_size` shares the null prompt's prefill, which runs once per batch, among the batch's
+    images."""
+    _check_flop_arguments(prompt_tokens, uncond_mode, batch_size, cfg, null_prompt_tokens)
+    if not isinstance(schedule, Schedule):
+        schedule = Schedule(tuple(schedule), pad_multiple=config.image_gen_pad_multiple)
+    null = cfg and uncond_mode == "null_prompt"
+    loop = _LoopShape(
+        prompt=prompt_tokens,
+        null_prompt=null_prompt_tokens if null else 0,
+        rows=2 if cfg else 1,
+        attention=1.0 if include_attention else 0.0,
+    )
+    llm = _llm_flops(config, schedule, loop, continue_text, batch_size)
+    decoder = _decoder_flops(config, schedule, loop)
+    vae = vae_decoder_flops(config, schedule.last_grid)
+    return {"llm": llm, "decoder": decoder, "vae": vae, "total": llm + decoder + vae}
+
+
+def _check_flop_arguments(
+    prompt_tokens: int, uncond_mode: str, batch_size: int, cfg: bool, null_prompt_tokens: int | None
+) -> None:
     if prompt_tokens < 1:
         raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
     if uncond_mode not in ("original", "null_prompt"):
         raise ValueError(f"uncond_mode must be 'original' or 'null_prompt', got {uncond_mode!r}")
-    null = cfg and uncond_mode == "null_prompt"
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if null and (null_prompt_tokens is None or null_prompt_tokens < 1):
+    if cfg and uncond_mode == "null_prompt" and (null_prompt_tokens is None or null_prompt_tokens < 1):
         raise ValueError("uncond_mode='null_prompt' needs null_prompt_tokens >= 1 (the empty conversation's length)")
-    text = config.text_config
-    dec = config.visual_decoder_config
-    H, C, bits = text.hidden_size, dec.embed_dim, dec.bits
-    F = ffn_hidden_size(C, dec.mlp_ratio, dec.ffn_hidden_multiple)
-    rows = 2 if cfg else 1
-    per_token = _llm_linear_per_token(config)
-    lm_head = 2.0 * H * text.vocab_size
-    P = prompt_tokens
-    num_tokens = sum(h * w for h, w in schedule)
-    multiple = config.image_gen_pad_multiple
-    num_pads = -(-num_tokens // multiple) * multiple
 
-    # LLM: prefill, start token, scales, pad filler, end token
+
+@dataclass(frozen=True)
+class _LoopShape:
+    """What the scale loop's shape depends on besides the schedule: the prompt's tokens P, the null prompt's N
+    (0 without null-prompt guidance), the rows per image (2 with CFG) and whether attention products count."""
+
+    prompt: int
+    null_prompt: int
+    rows: int
+    attention: float
+
+    @property
+    def null(self) -> bool:
+        return self.null_prompt > 0
+
+
+def _llm_flops(
+    config: VARGPTConfig, schedule: Schedule, loop: _LoopShape, continue_text: bool, batch_size: int
+) -> float:
+    """The LLM's share: prefill, start token, the scales, and (when text follows) pad filler and end token."""
+    per_token = _llm_linear_per_token(config)
+    lm_head = 2.0 * config.text_config.hidden_size * config.text_config.vocab_size
+    P, N, att = loop.prompt, loop.null_prompt, loop.attention
     llm = P * per_token + att * _causal_attention(config, P) + lm_head
     llm += per_token + att * _llm_attention(config, 1, P + 1) + lm_head
-    N = null_prompt_tokens if null else 0
-    if null:  # the unconditional state: the empty conversation and its start token, prefilled
+    if loop.null:  # the unconditional state: the empty conversation and its start token, prefilled
         llm += ((N + 1) * per_token + att * _causal_attention(config, N + 1) + lm_head) / batch_size
-    fed = 0
-    for h, w in schedule:
-        n = h * w
-        if null:
+    for fed, n in zip(schedule.offsets[:-1], schedule.scale_token_counts, strict=True):
+        if loop.null:
             llm += 2 * n * per_token + att * (
                 _llm_attention(config, n, P + 1 + fed + n) + _llm_attention(config, n, N + 1 + fed + n)
             )
         else:
-            llm += rows * (n * per_token + att * _llm_attention(config, n, P + 1 + fed + n))
-        fed += n
-    filler = num_pads - num_tokens
+            llm += loop.rows * (n * per_token + att * _llm_attention(config, n, P + 1 + fed + n))
+    num_pads = schedule.num_pad_tokens
+    filler = num_pads - schedule.num_tokens
     if continue_text:
         if filler:
             llm += filler * per_token + att * _llm_attention(config, filler, P + 1 + num_pads)
         llm += per_token + att * _llm_attention(config, 1, P + 2 + num_pads) + lm_head
+    return llm
 
-    # Decoder and the two projectors
+
+def _decoder_flops(config: VARGPTConfig, schedule: Schedule, loop: _LoopShape) -> float:
+    """The visual decoder's and the two projectors' share."""
+    dec = config.visual_decoder_config
+    H, C, bits = config.text_config.hidden_size, dec.embed_dim, dec.bits
+    F = ffn_hidden_size(C, dec.mlp_ratio, dec.ffn_hidden_multiple)
+    rows = loop.rows
     proj_in = 2.0 * (C * C + C * H)
     proj_out = 2.0 * (H * H + H * C)
     block_linear = 2.0 * (3 * C * C + C * C + C * C + C * C + 2 * C * F)
-    width = max(P, N)  # the context slots each row's cross-attention computes
-    decoder = (P + N) * proj_out  # the context through image_gen_projector_out (null-prompt rows too)
+    width = max(loop.prompt, loop.null_prompt)  # the context slots each row's cross-attention computes
+    decoder = (loop.prompt + loop.null_prompt) * proj_out  # the context through image_gen_projector_out
     decoder += rows * dec.depth * 2.0 * width * dec.context_dim * 2 * C  # context keys / values, once
     decoder += proj_in  # the start token
-    fed = 0
-    for k, (h, w) in enumerate(schedule):
-        n = h * w
-        fed += n
+    counts = schedule.scale_token_counts
+    for k, (n, fed) in enumerate(zip(counts, schedule.offsets[1:], strict=True)):
         decoder += rows * n * (proj_out + dec.depth * block_linear + 2.0 * C * 2 * bits)
-        decoder += att * rows * dec.depth * 4.0 * n * C * (fed + width)  # self-attention to all scales so far + context
-        if k + 1 < len(schedule):
-            h2, w2 = schedule[k + 1]
-            decoder += h2 * w2 * (2.0 * bits * C + proj_in)
-    vae = vae_decoder_flops(config, tuple(schedule[-1]))
-    return {"llm": llm, "decoder": decoder, "vae": vae, "total": llm + decoder + vae}
+        # self-attention to all scales so far + context
+        decoder += loop.attention * rows * dec.depth * 4.0 * n * C * (fed + width)
+        if k + 1 < len(counts):
+            decoder += counts[k + 1] * (2.0 * bits * C + proj_in)
+    return decoder

@@ -149,7 +149,7 @@ def bench_generation(
         "resolution": resolution,
         "batch_size": batch_size,
         "scale_steps": len(schedule),
-        "tokens_per_image": sum(h * w for h, w in schedule),
+        "tokens_per_image": schedule.num_tokens,
         "prompt_tokens": prompt_len,
         "cfg_scale": cfg_scale,
         "uncond_mode": mode,
@@ -217,58 +217,29 @@ def run_benchmark(
     `threads` sets torch's intra-op threads for the run (on a shared CPU, fewer threads than cores avoids
     oversubscription, which otherwise dominates the timings). `static_cache` / `compile` time the fast path
     (`model.generate(cache_implementation="static", compile=True)`); compilation happens in the warm-up."""
-    speed: dict[str, Any] = {}
-    if static_cache or compile:
-        speed = {"cache_implementation": "static", "compile": compile}
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    device = torch.device(device)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    speed = {"cache_implementation": "static", "compile": compile} if static_cache or compile else {}
+    _set_threads(threads)
+    device, dtype = _device_and_dtype(device, dtype)
     if any(b < 1 for b in batch_sizes) or not batch_sizes:
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     config = bench_config(preset)
-    allowed = available_resolutions(config)
-    resolutions = list(resolutions) if resolutions else allowed
-    bad = [r for r in resolutions if r not in allowed]
-    if bad:
-        raise ValueError(f"resolutions {bad} are not available for preset {preset!r}; available: {allowed}")
-
+    resolutions = _chosen_resolutions(config, preset, resolutions)
     # A GPU finishes a 2048-wide product in tens of microseconds, where launch and synchronisation
     # overheads dominate the clock; 8192 wide takes milliseconds there and seconds on a CPU.
     if matmul_size is None:
         matmul_size = 8192 if device.type == "cuda" else 2048
     peak = matmul_peak(device, dtype, size=matmul_size)
     pipe = _build_pipeline(config, device, dtype) if preset in PRESETS else _load_shipped(preset, device, dtype)
-    generation = []
-    for resolution in resolutions:
-        for batch in batch_sizes:
-            row = bench_generation(pipe, resolution, batch, repeats, peak["flops_per_s"], speed=speed)
-            generation.append(row)
-            if progress:
-                print(
-                    f"{preset} {resolution}px batch {batch}: {row['latency_s']:.3f} s, "
-                    f"{row['images_per_s']:.2f} img/s, "
-                    f"{100 * row['share_of_matmul_peak']:.1f}% of peak",
-                    flush=True,
-                )
+    generation = [
+        _generation_row(pipe, preset, resolution, batch, repeats, peak["flops_per_s"], speed, progress)
+        for resolution in resolutions
+        for batch in batch_sizes
+    ]
     return {
         "preset": preset,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        },
+        "machine": _machine(device),
         "repeats": repeats,
         "decoding": "compiled" if compile else "static_cache" if static_cache else "eager",
         "matmul_peak": peak,
@@ -276,6 +247,65 @@ def run_benchmark(
         "generation": generation,
         "understanding": bench_understanding(pipe, text_new_tokens, repeats, speed),
         "full_size_weight_memory": weight_memory(VARGPTConfig.from_preset(FULL_SIZE_PRESET)),
+    }
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _device_and_dtype(device: str | torch.device, dtype: str | torch.dtype) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    return device, dtype
+
+
+def _chosen_resolutions(config: VARGPTConfig, preset: str, resolutions: Sequence[int] | None) -> list[int]:
+    """The asked resolutions (default: every available one), each checked to be available."""
+    allowed = available_resolutions(config)
+    chosen = list(resolutions) if resolutions else allowed
+    bad = [r for r in chosen if r not in allowed]
+    if bad:
+        raise ValueError(f"resolutions {bad} are not available for preset {preset!r}; available: {allowed}")
+    return chosen
+
+
+def _generation_row(
+    pipe,
+    preset: str,
+    resolution: int,
+    batch: int,
+    repeats: int,
+    peak_flops: float,
+    speed: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    row = bench_generation(pipe, resolution, batch, repeats, peak_flops, speed=speed)
+    if progress:
+        print(
+            f"{preset} {resolution}px batch {batch}: {row['latency_s']:.3f} s, "
+            f"{row['images_per_s']:.2f} img/s, "
+            f"{100 * row['share_of_matmul_peak']:.1f}% of peak",
+            flush=True,
+        )
+    return row
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
 
 

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..schedule import as_grids, block_causal_mask, scale_token_ids, token_count
+from ..schedule import Schedule, as_grids, block_causal_mask, scale_token_ids, token_count
 from .attention import CosineSelfAttention, CrossAttention, TextAttentivePool
 from .block import BlockChunk, DecoderBlock
 from .cache import DecoderKVCache
 from .configuration import VisualDecoderConfig
 from .layers import AdaLNBeforeHead, RMSNorm, ffn_hidden_size
-from .rope import reference_grid, rope_cos_sin, scale_positions, schedule_positions
+from .rope import rope_cos_sin, scale_positions, schedule_positions, schedule_reference
 
 # Infinity draws the unconditional embedding table from this seed (truncated normal, std 1.2, / sqrt(dim)).
 _CFG_UNCOND_SEED = 0
@@ -188,14 +188,16 @@ class InfinityDecoder(nn.Module):
         cond_BD: torch.Tensor,
         context_BNC: torch.Tensor,
         context_mask_BN: torch.Tensor | None,
-        schedule: Sequence[Sequence[int]],
+        schedule: Sequence[Sequence[int]] | Schedule,
     ) -> torch.Tensor:
-        """Training path over all scales at once (block-causal self-attention); logits [B, L, d, 2]."""
+        """Training path over all scales at once (block-causal self-attention); logits [B, L, d, 2].
+
+        A `Schedule` brings its own 2D RoPE reference grid; a plain list of grids gets the template's."""
         grids = as_grids(schedule, self.config.num_scale_levels)
         self._check_inputs(h_BLC, cond_BD, context_BNC, context_mask_BN, token_count(grids))
         device = h_BLC.device
         x_BLC = h_BLC + self.lvl_embed(scale_token_ids(grids, device)).to(h_BLC.dtype)
-        positions = schedule_positions(grids, self.config.rope_max_grid, device)
+        positions = schedule_positions(schedule, self.config.rope_max_grid, device)  # `as_grids` checked it
         cos_Lp, sin_Lp = rope_cos_sin(positions, self.head_dim, self.config.rope_theta, h_BLC.dtype)
         attn_mask_LL = block_causal_mask(grids, device)
         shared_gss = self._shared_gss(cond_BD)
@@ -214,7 +216,7 @@ class InfinityDecoder(nn.Module):
         cond_BD: torch.Tensor,
         context_BNC: torch.Tensor,
         context_mask_BN: torch.Tensor | None,
-        schedule: Sequence[Sequence[int]],
+        schedule: Sequence[Sequence[int]] | Schedule,
         scale_index: int,
         cache: DecoderKVCache,
         *,
@@ -242,7 +244,7 @@ class InfinityDecoder(nn.Module):
         cache.check_batch(h_BlC.shape[0])
         device = h_BlC.device
         x_BlC = h_BlC + self.lvl_embed.weight[scale_index].to(h_BlC.dtype)
-        positions = scale_positions(grid, reference_grid(grids, self.config.rope_max_grid), device)
+        positions = scale_positions(grid, schedule_reference(schedule, self.config.rope_max_grid), device)
         cos_lp, sin_lp = rope_cos_sin(positions, self.head_dim, self.config.rope_theta, h_BlC.dtype)
         shared_gss = self._shared_gss(cond_BD)
         if scale_index == 0:

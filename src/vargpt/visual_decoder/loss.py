@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..schedule import as_grids, token_count
+from ..schedule import as_grids, scale_token_ids, token_count
 
 WEIGHTINGS = ("scale", "uniform")
 REDUCTIONS = ("mean", "none")
@@ -24,8 +24,7 @@ def scale_token_weights(
     grids = as_grids(schedule)
     last_area = float(grids[-1][0] * grids[-1][1])
     per_scale = torch.tensor([(last_area / (h * w)) ** 0.5 for h, w in grids], dtype=torch.float64)
-    sizes = torch.tensor([h * w for h, w in grids])
-    weights = torch.repeat_interleave(per_scale, sizes)
+    weights = per_scale[scale_token_ids(grids)]
     return (weights / weights.sum()).to(device=device, dtype=dtype)
 
 

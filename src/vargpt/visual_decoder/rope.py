@@ -4,7 +4,8 @@ Every scale is laid on a common reference grid (H, W): token (i, j) of a (h, w) 
 (round(i * H / h), round(j * W / w)), rounding half to even as `torch.round` does. For a square schedule
 (H, W) is (rope_max_grid, rope_max_grid), i.e. (64, 64) for the full model, the last grid of the 1024 px
 schedule. A non-square schedule must be a prefix of one of Infinity's aspect-ratio templates and takes
-that template's reference grid (the original looks its RoPE table up by the exact schedule).
+that template's reference grid (the original looks its RoPE table up by the exact schedule). A `Schedule`
+(`VARGPTForConditionalGeneration.generation_schedule`) carries its reference grid, so no lookup is needed.
 
 Each head's channels are split in halves: the first half rotates with the row (y) position, the second
 with the column (x) position; inside a half, adjacent channel pairs (2p, 2p + 1) form the rotated planes
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..schedule import SUPPORTED_ASPECT_RATIOS, Grid, rope_reference_grid, scale_schedule
+from ..schedule import SUPPORTED_ASPECT_RATIOS, Grid, Schedule, rope_reference_grid, scale_schedule
 
 # Resolution and stride that select a template's full 13-step list.
 _FULL_TEMPLATE_RESOLUTION, _FULL_TEMPLATE_STRIDE = 1024, 16
@@ -54,11 +55,19 @@ def scale_positions(grid: Grid, reference: Grid, device: torch.device | str | No
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(h * w, 2)
 
 
+def schedule_reference(schedule: Sequence[Grid] | Schedule, max_grid: int) -> Grid:
+    """The reference grid of a schedule: a `Schedule` carries it (from its template, found when it was built);
+    for a plain list of grids it is looked up with `reference_grid`."""
+    if isinstance(schedule, Schedule):
+        return schedule.rope_reference
+    return reference_grid(schedule, max_grid)
+
+
 def schedule_positions(
-    schedule: Sequence[Grid], max_grid: int, device: torch.device | str | None = None
+    schedule: Sequence[Grid] | Schedule, max_grid: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """(y, x) positions of every token of a schedule, scales concatenated, shape [L, 2] (long)."""
-    reference = reference_grid(schedule, max_grid)
+    reference = schedule_reference(schedule, max_grid)
     return torch.cat([scale_positions(grid, reference, device) for grid in schedule])
 
 
