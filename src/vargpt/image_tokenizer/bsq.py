@@ -7,15 +7,21 @@ straight-through estimator whose gradient is that of the L2-normalised input, as
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 def bits_to_codes(bits_Nd: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Map 0/1 bits along the last dimension (d) to codes of +-1/sqrt(d) (bit 1 -> positive)."""
-    scale = bits_Nd.shape[-1] ** -0.5
-    return (bits_Nd.to(dtype) * 2 - 1) * scale
+    """Map 0/1 bits along the last dimension (d) to codes of +-1/sqrt(d) (bit 1 -> positive).
+
+    Computed as the original does (signs times the float64 1/sqrt(d), then L2-normalised), not as the
+    shorter `signs * d**-0.5`: the two differ in the last bit for d = 8 and 32, and that ulp is enough to
+    move a decoded pixel across an integer boundary."""
+    signs = bits_Nd.to(dtype) * 2 - 1
+    return F.normalize(signs * (1 / math.sqrt(bits_Nd.shape[-1])), dim=-1)
 
 
 def quantize(residual: Tensor, dim: int = 1) -> tuple[Tensor, Tensor]:

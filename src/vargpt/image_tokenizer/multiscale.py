@@ -6,8 +6,9 @@ r_k = area-downsample(f - F) to (h_k, w_k) (no resize at the full-size scale) as
 adds their codes, bilinearly upsampled to (H, W), to F. The visual decoder predicts scale k + 1 from
 the bilinear resize of F to (h_{k+1}, w_{k+1}).
 
-Bilinear resizes use align_corners=False; the original's trilinear resize over a time axis of length 1
-is the same operation. Per-scale bits are laid out (B, h*w, d), positions in row-major order.
+Upsampling resizes are the original's trilinear resize over a time axis of length 1 (align_corners=False):
+mathematically a bilinear resize, but computed in the original's order so that the summed codes are
+bitwise the original's. Per-scale bits are laid out (B, h*w, d), positions in row-major order.
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ def _unflatten(x_B_hw_d: Tensor, grid_hw: Grid) -> Tensor:
 def _resize_bilinear(x_BdHW: Tensor, grid_hw: Grid) -> Tensor:
     if tuple(x_BdHW.shape[-2:]) == tuple(grid_hw):
         return x_BdHW
-    return F.interpolate(x_BdHW, size=tuple(grid_hw), mode="bilinear", align_corners=False)
+    # the original's trilinear resize over a time axis of length 1: the same values as a bilinear resize up
+    # to summation order, and that order decides the last bit of the summed codes. The CPU kernel's order
+    # also follows the memory layout, so the input is laid out channels-last, as the original's codes arrive
+    # (a permuted (B, 1, h, w, d) tensor): the training targets, the inference loop and the original then agree
+    # bit for bit whatever views the bits come in.
+    x_Bd1HW = x_BdHW.unsqueeze(2).contiguous(memory_format=torch.channels_last_3d)
+    return F.interpolate(x_Bd1HW, size=(1, *grid_hw), mode="trilinear").squeeze(2)
 
 
 def _downsample_area(x_BdHW: Tensor, grid_hw: Grid) -> Tensor:
