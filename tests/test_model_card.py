@@ -99,7 +99,7 @@ def test_checkpoints_without_a_card_have_none(tiny_checkpoint):
 # -- the commands ------------------------------------------------------------------------------------------------
 def test_generate_warns_in_one_line_and_records_the_warning(tmp_path, capsys):
     out = tmp_path / "gen"
-    assert _run(["generate", "a dog on a beach", "--size", "16", "--out", str(out)]) == 0
+    assert _run(["generate", "a dog on a beach", "--resolution", "16", "--out", str(out)]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vargpt: warning:")]
     assert len(warnings) == 2 and "'dog'" in warnings[0] and "16 px" in warnings[1]
     report = json.loads((out / "generations.json").read_text())

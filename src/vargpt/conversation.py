@@ -3,32 +3,46 @@
 `VARGPTPipeline.converse` answers one conversation whose earlier turns carry no images; the server batches
 several conversations, each with images anywhere in its history, and streams every row's text as it is decoded.
 This module adds exactly that on top of the pipeline's encoding and segmenting, so both front ends behave alike.
+
+It also holds the one check of a prompt's text (`require_prompt`) that the pipeline, the commands, the server
+and the web page refuse empty prompts with, each in its own way (exit code 2, a 400, a message on the page).
+The pipeline's names are imported for annotations only, so the pipeline can import this module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from .pipeline import ChatTurn, ImageInput, VARGPTPipeline
+    from .pipeline import ChatTurn, ImageInput, VARGPTPipeline
 
 Message = dict[str, Any]
 
 
-def user_message(text: str, num_images: int = 0) -> Message:
-    """A user message in the chat template's part format: image placeholders first, then the text.
+class EmptyPromptError(ValueError):
+    """A prompt, question or instruction that is missing or only white space: refused before the model runs."""
+
+
+def require_prompt(text: object, what: str = "the prompt", hint: str = "give some text") -> str:
+    """`text` itself when it holds something other than white space; otherwise EmptyPromptError saying
+    "`what` is empty: `hint`"."""
+    if not isinstance(text, str) or not text.strip():
+        raise EmptyPromptError(f"{what} is empty: {hint}")
+    return text
+
+
+def user_message(text: str, num_images: int = 0, num_videos: int = 0) -> Message:
+    """A user message in the chat template's part format: image then video placeholders first, then the text.
 
     Text always travels as a text part, so a literal "<image>" typed by a user stays text instead of becoming an
     image placeholder (the template only rewrites string contents).
     """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("the prompt is empty: give some text")
-    return {
-        "role": "user",
-        "content": [*({"type": "image"} for _ in range(num_images)), {"type": "text", "text": text}],
-    }
+    require_prompt(text)
+    placeholders = [*({"type": "image"} for _ in range(num_images)), *({"type": "video"} for _ in range(num_videos))]
+    return {"role": "user", "content": [*placeholders, {"type": "text", "text": text}]}
 
 
 def assistant_message(text: str) -> Message:

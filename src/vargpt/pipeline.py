@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .configuration import PRESETS, VARGPTConfig
+from .conversation import user_message
 from .generation.config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
 from .hub import SHIPPED_MODELS as SHIPPED_MODELS  # re-exported: importable from here as before
 from .hub import resolve_checkpoint, shipped_model_path
@@ -153,7 +154,7 @@ class VARGPTPipeline:
         images = [list(row) for row in images] if images is not None else [[] for _ in texts]
         if len(images) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(images)} image lists")
-        messages = [[_user_message(t, len(row))] for t, row in zip(texts, images, strict=True)]
+        messages = [[user_message(t, len(row))] for t, row in zip(texts, images, strict=True)]
         inputs = self._encode(messages, images)
         ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **settings)
         new = ids[:, inputs["input_ids"].shape[1] :]
@@ -165,7 +166,7 @@ class VARGPTPipeline:
         """Several edits in one batch, one output image per (image, instruction)."""
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
-        messages = [[_user_message(text, 1)] for text in instructions]
+        messages = [[user_message(text, 1)] for text in instructions]
         inputs = self._encode(messages, [[img] for img in images], editing=True)
         seeds = None if seed is None else [seed] * len(instructions)  # each edit depends on its own inputs only
         out = self._draw(inputs, seeds, settings.pop("preset", None), settings)
@@ -187,7 +188,7 @@ class VARGPTPipeline:
         messages = [*history] if history else []
         if videos is not None and (not isinstance(videos, (list, tuple)) or not all(map(is_video, videos))):
             raise ValueError("videos must be a list of videos, each a list of frames or a [T, H, W, 3] array")
-        messages.append(_user_message(text, len(images or []), len(videos or [])))
+        messages.append(user_message(text, len(images or []), len(videos or [])))
         inputs = self._encode([messages], [list(images or [])], videos=list(videos or []))
         mode = "interleaved" if allow_images else "text"
         config = self.image_config.updated(**{k: v for k, v in settings.items() if k in _IMAGE_SETTING_NAMES})
@@ -232,7 +233,7 @@ class VARGPTPipeline:
             if len(base_seeds) != len(prompts):
                 raise ValueError(f"got {len(base_seeds)} seeds for {len(prompts)} prompts: give one per prompt")
         batch = [p for p in prompts for _ in range(num_images)]
-        messages = [[_user_message(p, 0)] for p in batch]
+        messages = [[user_message(p, 0)] for p in batch]
         inputs = self._encode(messages, [[] for _ in batch])
         seeds = None if base_seeds is None else [s + j for s in base_seeds for j in range(num_images)]
         out = self._draw(inputs, seeds, preset, settings)
@@ -240,7 +241,7 @@ class VARGPTPipeline:
 
     def edit(self, image: ImageInput, instruction: str, seed: int | None = None, **settings: Any) -> Image.Image:
         """Instruction-based editing: the input image goes to the ViT, the output comes from the scale loop."""
-        messages = [[_user_message(instruction, 1)]]
+        messages = [[user_message(instruction, 1)]]
         inputs = self._encode(messages, [[image]], editing=True)
         out = self._draw(inputs, seed, settings.pop("preset", None), settings)
         return self.processor.postprocess_generated(out.images[0][0].unsqueeze(0))[0]
@@ -360,15 +361,6 @@ def default_model_name() -> str:
     """What commands use without `--model`: the shipped shapes-world model when present, else the random
     `tiny` preset."""
     return "vargpt-shapes-tiny" if shipped_model_path("vargpt-shapes-tiny") is not None else "tiny"
-
-
-def _user_message(text: str, num_images: int, num_videos: int = 0) -> dict:
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("the prompt is empty: give some text")
-    content: list[dict] = [{"type": "image"} for _ in range(num_images)]
-    content.extend({"type": "video"} for _ in range(num_videos))
-    content.append({"type": "text", "text": text})
-    return {"role": "user", "content": content}
 
 
 def preset_processor(name: str) -> VARGPTProcessor:

@@ -114,7 +114,7 @@ def test_generate_batches_and_records_every_setting(tmp_path, pipe):
         "2",
         "--seed",
         "4",
-        "--cfg",
+        "--cfg-scale",
         "2.0",
     ]
     assert vargpt([*argv, "--top-p", "0.9", "--out", str(out)]) == 0
@@ -157,8 +157,8 @@ def test_generate_errors_exit_2(tmp_path, capsys):
         (["generate", "x", "--prompts", str(bad_json), "--out", out], "exactly one"),
         (["generate", "--prompts", str(tmp_path / "none.txt"), "--out", out], "none.txt"),
         (["generate", "--prompts", str(bad_json), "--out", out], "line 2"),
-        (["generate", "x", "--size", "100", "--out", out], "--size 100"),
-        (["generate", "x", "--size", "-3", "--out", out], "--size"),
+        (["generate", "x", "--resolution", "100", "--out", out], "--resolution 100"),
+        (["generate", "x", "--resolution", "-3", "--out", out], "--resolution"),
         (["generate", "x", "--preset", "fast", "--out", out], "unknown image preset"),
         (["generate", "x", "--tau", "0", "--out", out], "tau"),
         (["generate", "x", "-n", "0", "--out", out], "-n"),
@@ -196,7 +196,7 @@ def test_serve_refuses_bad_options_before_loading_the_model(capsys):
 
 def test_generate_takes_the_unconditional_branch_mode(tmp_path, pipe):
     out = tmp_path / "null"
-    argv = ["generate", "a red circle", "--model", "tiny", "--uncond-mode", "null_prompt", "--cfg", "3"]
+    argv = ["generate", "a red circle", "--model", "tiny", "--uncond-mode", "null_prompt", "--cfg-scale", "3"]
     assert vargpt([*argv, "--out", str(out)]) == 0
     record = json.loads((out / "generations.json").read_text())
     assert record["image_settings"]["uncond_mode"] == "null_prompt"

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..shapes.scene import SPLITS
+from .options import add_quiet_argument
 
 DEFAULT_RECIPE = "shapes-tiny"
 
@@ -32,7 +33,7 @@ def register_data_commands(subparsers: argparse._SubParsersAction) -> None:
         help=f"which of {', '.join(SPLITS)} to write (default: all; the recipe's train split takes a minute or two)",
     )
     s.add_argument("--recipe", default=DEFAULT_RECIPE, help="packaged recipe name or JSON file (default: %(default)s)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_argument(s)
     s.set_defaults(func=run_data_shapes)
 
 

@@ -8,6 +8,7 @@ not mistaken for the model's quality.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import io
@@ -19,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from ..model_card import ModelCard, model_card_of
+from .options import add_model_arguments, model_load_kwargs
 
 DEMO_PROMPTS = ("a photo of a red circle", "a blue square above a yellow triangle", "draw three green triangles")
 # What each prompt asks for, in GenEval's metadata format (anchor first, then the object placed relative to it)
@@ -41,6 +43,30 @@ DEMO_QUESTION = "Which colour is the circle?"
 DEMO_ANSWER = "red"  # the demo scene's circle
 DEMO_EDIT = "Change the colour of the circle to blue."
 IMAGES_PER_PROMPT = 4
+
+
+def register_demo_command(subparsers: argparse._SubParsersAction) -> None:
+    """Add `demo` to a `vargpt` sub-command parser."""
+    p = subparsers.add_parser("demo", help="chat, generate and edit on a model; write an HTML report")
+    add_model_arguments(p)
+    p.add_argument("--out", default="vargpt-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--web", action="store_true", help="serve the interactive web demo instead (needs gradio)")
+    p.add_argument("--host", default="127.0.0.1", help="web demo interface (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="web demo port (default: %(default)s)")
+    p.set_defaults(func=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """The HTML report, or with --web the interactive page (until interrupted)."""
+    if args.web:
+        from ..serving.web import launch_web_demo
+
+        launch_web_demo(args.model, host=args.host, port=args.port, **model_load_kwargs(args))
+        return 0
+    path = run_demo(args.model, args.out, seed=args.seed, **model_load_kwargs(args))
+    print(f"report written to {path}")
+    return 0
 
 
 def _png_data_url(image: Image.Image) -> str:

@@ -1,49 +1,117 @@
-"""Command-line entries of the benchmark samplers, scorers and `vargpt bench` (wired into `vargpt.cli`).
+"""`vargpt eval ...` and `vargpt bench` (wired into `vargpt.cli.main`).
 
-`register_eval_commands(eval_subparsers)` adds `geneval-sample`, `dpg-sample`, `geneval-score`,
-`dpg-score` and `fit` under `vargpt eval`; `register_bench_command(subparsers)` adds `vargpt bench`. Each sets
-`func(args) -> int` like the other commands.
+`register_eval_group(subparsers)` adds `vargpt eval` with `shapes`, `geneval-sample`, `dpg-sample`,
+`geneval-score`, `dpg-score` and `fit` (`register_eval_commands(eval_subparsers)` adds those to an existing
+`eval`); `register_bench_command(subparsers)` adds `vargpt bench`. Each sets `func(args) -> int` like the other
+commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..evaluation.teacher_forced import SWAPS, THROUGH
-from ..generation.config import POSITION_MODES, UNCOND_MODES
-from ..pipeline import default_model_name
+from ..generation.config import POSITION_MODES
 from ..rope_index import FORWARD_POSITIONS
-from .inference import add_model_arguments, model_load_kwargs
+from .options import (
+    add_device_arguments,
+    add_image_arguments,
+    add_model_arguments,
+    add_quiet_argument,
+    image_settings,
+    model_load_kwargs,
+)
 
-DEFAULT_MODEL = default_model_name()
-_SETTINGS = ("cfg_scale", "tau", "top_k", "top_p", "resolution", "aspect_ratio", "position_mode", "uncond_mode")
+# the image settings `eval shapes` takes (the model's own settings otherwise)
+SHAPES_SETTINGS = ("cfg_scale", "tau", "top_p", "uncond_mode")
+# the settings of the distribution `eval fit --through inference` scores
+FIT_SETTINGS = ("resolution", "cfg_scale", "tau", "uncond_mode")
 
 
-def _add_generation_arguments(p: argparse.ArgumentParser, batch_default: int = 16) -> None:
-    add_model_arguments(p, DEFAULT_MODEL)
+def register_eval_group(subparsers: argparse._SubParsersAction) -> None:
+    """Add `eval` with every evaluation below it to a `vargpt` sub-command parser."""
+    evals = subparsers.add_parser("eval", help="evaluate a model").add_subparsers(dest="suite", required=True)
+    register_eval_commands(evals)
+
+
+def register_eval_commands(eval_subparsers: argparse._SubParsersAction) -> None:
+    """Add the shapes-world scores, the GenEval and DPG-Bench samplers and scorers, and the teacher-forced fit."""
+    _register_shapes(eval_subparsers)
+    _register_samplers(eval_subparsers)
+    _register_geneval_score(eval_subparsers)
+    _register_dpg_score(eval_subparsers)
+    _register_fit(eval_subparsers)
+
+
+# -- shapes world ------------------------------------------------------------------------------------------------
+def _register_shapes(evals: argparse._SubParsersAction) -> None:
+    e = evals.add_parser("shapes", help="shapes-world generation / understanding / editing scores")
+    add_model_arguments(e)
+    e.add_argument("--data", required=True, help="folder with <split>.jsonl (a run's data/ folder) or a JSONL file")
+    e.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    e.add_argument("--json", default=None, help="write the report here (and a sample grid PNG beside it)")
+    e.add_argument("--limit", type=int, default=None, help="rows per task (default: all)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    add_image_arguments(e, SHAPES_SETTINGS, preset_help="image settings preset (default: the model's own settings)")
+    add_quiet_argument(e)
+    e.set_defaults(func=_eval_shapes)
+
+
+def _eval_shapes(args: argparse.Namespace) -> int:
+    from ..pipeline import VARGPTPipeline
+    from ..shapes.evaluate import evaluate_split
+
+    data = Path(args.data)
+    split_file = data / f"{args.split}.jsonl" if data.is_dir() else data
+    if not split_file.is_file():
+        raise FileNotFoundError(f"no split file {split_file}: write one with the shapes-world data writer")
+    pipe = VARGPTPipeline.from_pretrained(args.model, image_preset=args.preset, **model_load_kwargs(args))
+    pipe.image_config = pipe.image_config.updated(**image_settings(args, SHAPES_SETTINGS))
+    grid = Path(args.json).with_suffix(".png") if args.json else None
+    report = evaluate_split(
+        pipe,
+        split_file,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        grid_path=grid,
+        progress=not args.quiet,
+    )
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
+# -- GenEval and DPG-Bench samplers --------------------------------------------------------------------------------
+def _register_samplers(evals: argparse._SubParsersAction) -> None:
+    p = evals.add_parser("geneval-sample", help="draw GenEval prompts in its official folder layout")
+    _add_sampler_arguments(p)
+    p.add_argument("--metadata", default=None, help="GenEval-format JSONL (default: the packaged 553 prompts)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.set_defaults(func=_geneval_sample)
+
+    p = evals.add_parser("dpg-sample", help="draw DPG-Bench prompts as 2x2 grids named by prompt id")
+    _add_sampler_arguments(p)
+    p.add_argument("--prompts", default=None, help="{id, prompt} JSONL (default: the packaged 1,065 prompts)")
+    p.set_defaults(func=_dpg_sample)
+
+
+def _add_sampler_arguments(p: argparse.ArgumentParser, batch_default: int = 16) -> None:
+    add_model_arguments(p)
     p.add_argument("--out", required=True, help="output folder (an interrupted run resumes in the same folder)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--batch-size", type=int, default=batch_default, help="images per model call (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--preset", default=None, help="image setting preset: original-code or paper")
-    p.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--tau", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's)")
-    p.add_argument("--aspect-ratio", type=float, default=None)
-    p.add_argument("--position-mode", default=None, choices=("mrope", "cache"))
-    p.add_argument("--uncond-mode", default=None, choices=UNCOND_MODES, help="guidance's unconditional branch")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _SETTINGS if getattr(args, k) is not None}
+    add_device_arguments(p)
+    add_image_arguments(p, preset_help="image settings preset: original-code or paper")
+    add_quiet_argument(p)
 
 
 def _pipeline(args: argparse.Namespace):
@@ -59,51 +127,41 @@ def _pipeline(args: argparse.Namespace):
     return pipe, state
 
 
-def _geneval_sample(args: argparse.Namespace) -> int:
-    from ..evaluation.geneval import read_geneval_metadata, sample_geneval
-
-    metadata = read_geneval_metadata(args.metadata, args.limit)
+def _sample(args: argparse.Namespace, sampler: Callable[..., dict], items: Any, **extra: Any) -> int:
+    """Run a benchmark's sampler over its prompts on this process's share (all processes under accelerate)."""
     pipe, state = _pipeline(args)
-    manifest = sample_geneval(
+    manifest = sampler(
         pipe,
         args.out,
-        metadata,
+        items,
         model_name=str(args.model),
-        images_per_prompt=args.images_per_prompt,
         batch_size=args.batch_size,
         seed=args.seed,
         preset=args.preset,
-        settings=_settings(args),
+        settings=image_settings(args),
         state=state,
         progress=not args.quiet,
+        **extra,
     )
     if state.is_main_process:
         print(json.dumps({"out": args.out, "prompts": len(manifest.get("prompts", {}))}))
     return 0
+
+
+def _geneval_sample(args: argparse.Namespace) -> int:
+    from ..evaluation.geneval import read_geneval_metadata, sample_geneval
+
+    metadata = read_geneval_metadata(args.metadata, args.limit)
+    return _sample(args, sample_geneval, metadata, images_per_prompt=args.images_per_prompt)
 
 
 def _dpg_sample(args: argparse.Namespace) -> int:
     from ..evaluation.dpg import read_dpg_prompts, sample_dpg
 
-    prompts = read_dpg_prompts(args.prompts, args.limit)
-    pipe, state = _pipeline(args)
-    manifest = sample_dpg(
-        pipe,
-        args.out,
-        prompts,
-        model_name=str(args.model),
-        batch_size=args.batch_size,
-        seed=args.seed,
-        preset=args.preset,
-        settings=_settings(args),
-        state=state,
-        progress=not args.quiet,
-    )
-    if state.is_main_process:
-        print(json.dumps({"out": args.out, "prompts": len(manifest.get("prompts", {}))}))
-    return 0
+    return _sample(args, sample_dpg, read_dpg_prompts(args.prompts, args.limit))
 
 
+# -- scorers -------------------------------------------------------------------------------------------------------
 def _geneval_score(args: argparse.Namespace) -> int:
     from ..evaluation.geneval import NO_FILTER, OFFICIAL_FILTER, geneval_images, make_detector, score_geneval_folder
 
@@ -123,9 +181,7 @@ def _geneval_score(args: argparse.Namespace) -> int:
         results_path=results_path,
         progress=not args.quiet,
     )
-    summary_path = results_path.with_name(results_path.stem + "_summary.json")
-    summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    print(json.dumps(summary, indent=2))
+    _write_summary(summary, results_path)
     return 0
 
 
@@ -148,11 +204,114 @@ def _dpg_score(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     summary["vqa"] = args.vqa
-    summary_path = results_path.with_name(results_path.stem + "_summary.json")
-    summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     write_category_csv(summary, results_path.with_name(results_path.stem + "_categories.csv"))
-    print(json.dumps(summary, indent=2))
+    _write_summary(summary, results_path)
     return 0
+
+
+def _write_summary(summary: dict, results_path: Path) -> None:
+    """The scores beside the per-image results (`<results>_summary.json`), and on stdout."""
+    text = json.dumps(summary, indent=2)
+    results_path.with_name(results_path.stem + "_summary.json").write_text(text, encoding="utf-8")
+    print(text)
+
+
+def _register_geneval_score(evals: argparse._SubParsersAction) -> None:
+    p = evals.add_parser("geneval-score", help="score a GenEval-layout folder (results JSONL + summary)")
+    p.add_argument("images", help="the folder geneval-sample wrote")
+    p.add_argument(
+        "--detector",
+        default="shapes",
+        choices=("shapes", "geneval"),
+        help="'shapes' (exact shapes-world detector) or 'geneval' (the official judge's models: Mask2Former "
+        "COCO instances + CLIP colours, official thresholds always on) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--detector-model",
+        default=None,
+        help="geneval: Mask2Former Hub id or folder (default: facebook/mask2former-swin-small-coco-instance)",
+    )
+    p.add_argument(
+        "--clip-model", default=None, help="geneval: CLIP Hub id or folder (default: openai/clip-vit-large-patch14)"
+    )
+    add_device_arguments(p, with_dtype=False, role="geneval: ")
+    p.add_argument("--results", default=None, help="results JSONL (default: IMAGES/results.jsonl)")
+    p.add_argument(
+        "--official-thresholds",
+        action="store_true",
+        help="apply GenEval's confidence thresholds (0.3; 0.9 for counting) to the detector's scores",
+    )
+    add_quiet_argument(p)
+    p.set_defaults(func=_geneval_score)
+
+
+def _register_dpg_score(evals: argparse._SubParsersAction) -> None:
+    p = evals.add_parser("dpg-score", help="score a DPG-Bench folder with a VQA model")
+    p.add_argument("images", help="the folder dpg-sample wrote")
+    p.add_argument("--questions", required=True, help="DPG-Bench question file (dpg_bench.csv)")
+    p.add_argument(
+        "--vqa",
+        default="shapes",
+        help="judge: 'shapes' (the shapes world's VQA) or 'hf:<Hub id or folder>', a transformers "
+        "AutoModelForVisualQuestionAnswering model, e.g. hf:Salesforce/blip-vqa-capfilt-large (default: %(default)s)",
+    )
+    add_device_arguments(p, with_dtype=False, role="hf: judge's device: ")
+    p.add_argument("--resolution", type=int, default=None, help="tile side in px (default: half the grid)")
+    p.add_argument("--pic-num", type=int, default=4, help="tiles scored per grid (official default 4)")
+    p.add_argument("--results", default=None, help="results JSONL (default: beside IMAGES)")
+    add_quiet_argument(p)
+    p.set_defaults(func=_dpg_score)
+
+
+# -- teacher-forced fit --------------------------------------------------------------------------------------------
+def _register_fit(evals: argparse._SubParsersAction) -> None:
+    p = evals.add_parser(
+        "fit", help="teacher-forced bit cross-entropy and bit error per scale (training forward or inference loop)"
+    )
+    add_model_arguments(p)
+    p.add_argument("--data", nargs="+", required=True, help="sharegpt JSON/JSONL rows with <image_gen> targets")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows with a generation target")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--swap",
+        default="none",
+        choices=SWAPS,
+        help="give each row the next row's understanding images or prompt (how much the fit depends on them)",
+    )
+    p.add_argument(
+        "--through",
+        default="forward",
+        choices=THROUGH,
+        help="forward: the training forward, one pass (the model's own image loss); inference: generate's KV-cached "
+        "scale loop on the targets' bits, with the sampler's --cfg-scale and --tau (default: %(default)s)",
+    )
+    p.add_argument(
+        "--positions",
+        default=None,
+        choices=(*FORWARD_POSITIONS, *(m for m in POSITION_MODES if m not in FORWARD_POSITIONS)),
+        help="LLM rotary positions: mrope (as generate), sequential (the original's training forward; forward "
+        "only) or cache (the original's inference; inference only); default: the model's forward_positions on "
+        "the forward, mrope on the inference loop",
+    )
+    add_image_arguments(
+        p,
+        FIT_SETTINGS,
+        preset_help=None,
+        defaults={"cfg_scale": 1.0, "tau": 1.0, "uncond_mode": "original"},
+        helps={
+            "resolution": "generation-target pixels (default: the model's)",
+            "cfg_scale": "guidance scale of the scored distribution (--through inference; default: 1.0, none)",
+            "tau": "sampling temperature (--through inference; default: 1.0)",
+            "uncond_mode": "guidance's unconditional branch (--through inference with --cfg-scale other than 1; "
+            "default: original)",
+        },
+    )
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--strict-data", action="store_true", help="fail on the first bad row instead of skipping")
+    add_device_arguments(p)
+    p.add_argument("--seed", type=int, default=0, help="seeds a preset's random weights")
+    add_quiet_argument(p)
+    p.set_defaults(func=_fit)
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -192,118 +351,7 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_eval_commands(eval_subparsers) -> None:
-    """Add the GenEval and DPG-Bench samplers and scorers, and the teacher-forced fit, under `vargpt eval`."""
-    p = eval_subparsers.add_parser("geneval-sample", help="draw GenEval prompts in its official folder layout")
-    _add_generation_arguments(p)
-    p.add_argument("--metadata", default=None, help="GenEval-format JSONL (default: the packaged 553 prompts)")
-    p.add_argument("--images-per-prompt", type=int, default=4)
-    p.set_defaults(func=_geneval_sample)
-
-    p = eval_subparsers.add_parser("dpg-sample", help="draw DPG-Bench prompts as 2x2 grids named by prompt id")
-    _add_generation_arguments(p)
-    p.add_argument("--prompts", default=None, help="{id, prompt} JSONL (default: the packaged 1,065 prompts)")
-    p.set_defaults(func=_dpg_sample)
-
-    p = eval_subparsers.add_parser("geneval-score", help="score a GenEval-layout folder (results JSONL + summary)")
-    p.add_argument("images", help="the folder geneval-sample wrote")
-    p.add_argument(
-        "--detector",
-        default="shapes",
-        choices=("shapes", "geneval"),
-        help="'shapes' (exact shapes-world detector) or 'geneval' (the official judge's models: Mask2Former "
-        "COCO instances + CLIP colours, official thresholds always on) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--detector-model",
-        default=None,
-        help="geneval: Mask2Former Hub id or folder (default: facebook/mask2former-swin-small-coco-instance)",
-    )
-    p.add_argument(
-        "--clip-model", default=None, help="geneval: CLIP Hub id or folder (default: openai/clip-vit-large-patch14)"
-    )
-    p.add_argument("--device", default=None, help="geneval: cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--results", default=None, help="results JSONL (default: IMAGES/results.jsonl)")
-    p.add_argument(
-        "--official-thresholds",
-        action="store_true",
-        help="apply GenEval's confidence thresholds (0.3; 0.9 for counting) to the detector's scores",
-    )
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_geneval_score)
-
-    p = eval_subparsers.add_parser("dpg-score", help="score a DPG-Bench folder with a VQA model")
-    p.add_argument("images", help="the folder dpg-sample wrote")
-    p.add_argument("--questions", required=True, help="DPG-Bench question file (dpg_bench.csv)")
-    p.add_argument(
-        "--vqa",
-        default="shapes",
-        help="judge: 'shapes' (the shapes world's VQA) or 'hf:<Hub id or folder>', a transformers "
-        "AutoModelForVisualQuestionAnswering model, e.g. hf:Salesforce/blip-vqa-capfilt-large (default: %(default)s)",
-    )
-    p.add_argument(
-        "--device", default=None, help="hf: judge's device: cpu, cuda, cuda:1 ... (default: cuda when available)"
-    )
-    p.add_argument("--resolution", type=int, default=None, help="tile side in px (default: half the grid)")
-    p.add_argument("--pic-num", type=int, default=4, help="tiles scored per grid (official default 4)")
-    p.add_argument("--results", default=None, help="results JSONL (default: beside IMAGES)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_dpg_score)
-
-    p = eval_subparsers.add_parser(
-        "fit", help="teacher-forced bit cross-entropy and bit error per scale (training forward or inference loop)"
-    )
-    add_model_arguments(p, DEFAULT_MODEL)
-    p.add_argument("--data", nargs="+", required=True, help="sharegpt JSON/JSONL rows with <image_gen> targets")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows with a generation target")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--resolution", type=int, default=None, help="generation-target pixels (default: the model's)")
-    p.add_argument(
-        "--swap",
-        default="none",
-        choices=SWAPS,
-        help="give each row the next row's understanding images or prompt (how much the fit depends on them)",
-    )
-    p.add_argument(
-        "--through",
-        default="forward",
-        choices=THROUGH,
-        help="forward: the training forward, one pass (the model's own image loss); inference: generate's KV-cached "
-        "scale loop on the targets' bits, with the sampler's --cfg and --tau (default: %(default)s)",
-    )
-    p.add_argument(
-        "--positions",
-        default=None,
-        choices=(*FORWARD_POSITIONS, *(m for m in POSITION_MODES if m not in FORWARD_POSITIONS)),
-        help="LLM rotary positions: mrope (as generate), sequential (the original's training forward; forward "
-        "only) or cache (the original's inference; inference only); default: the model's forward_positions on "
-        "the forward, mrope on the inference loop",
-    )
-    p.add_argument(
-        "--cfg",
-        dest="cfg_scale",
-        type=float,
-        default=1.0,
-        help="guidance scale of the scored distribution (--through inference; default: %(default)s, none)",
-    )
-    p.add_argument(
-        "--tau", type=float, default=1.0, help="sampling temperature (--through inference; default: %(default)s)"
-    )
-    p.add_argument(
-        "--uncond-mode",
-        default="original",
-        choices=UNCOND_MODES,
-        help="guidance's unconditional branch (--through inference with --cfg other than 1)",
-    )
-    p.add_argument("--json", default=None, help="write the report here")
-    p.add_argument("--strict-data", action="store_true", help="fail on the first bad row instead of skipping")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seeds a preset's random weights")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_fit)
-
-
+# -- speed -------------------------------------------------------------------------------------------------------
 def _bench(args: argparse.Namespace) -> int:
     from ..bench.speed import run_benchmark, write_report
 
@@ -325,7 +373,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_bench_command(subparsers) -> None:
+def register_bench_command(subparsers: argparse._SubParsersAction) -> None:
     """Add `vargpt bench`."""
     p = subparsers.add_parser("bench", help="generation / understanding speed, FLOP share and memory")
     p.add_argument(
@@ -334,8 +382,7 @@ def register_bench_command(subparsers) -> None:
         help="model preset (tiny, bench-100m ...) or shipped model (vargpt-shapes-tiny) (default: %(default)s)",
     )
     p.add_argument("--json", required=True, help="report path (a PNG plot is written beside it)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: %(default)s)")
+    add_device_arguments(p, device="cpu", dtype="float32")
     p.add_argument("--resolutions", type=int, nargs="+", default=None, help="default: all the preset supports")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3)
@@ -347,5 +394,5 @@ def register_bench_command(subparsers) -> None:
         action="store_true",
         help="time the compiled path: static cache + torch.compile (CUDA graphs on cuda); warm-up compiles",
     )
-    p.add_argument("--quiet", action="store_true")
+    add_quiet_argument(p)
     p.set_defaults(func=_bench)

@@ -18,12 +18,12 @@ from typing import Any, TextIO
 from PIL import Image
 
 from ..configuration import PRESETS
-from ..generation.config import UNCOND_MODES
+from ..conversation import require_prompt
 from ..model_card import ModelCard, model_card_of
-from ..pipeline import default_model_name
-from ..quantization import QUANTIZATION_MODES
+from .options import add_image_arguments, add_model_arguments, image_config, model_load_kwargs
 
-DEFAULT_MODEL = default_model_name()
+# the image settings `generate` and `edit` take (besides --preset)
+IMAGE_COMMAND_SETTINGS = ("cfg_scale", "tau", "top_k", "top_p", "resolution", "uncond_mode")
 EXIT_COMMANDS = ("/exit", "/quit")
 # typed without the slash they still mean "leave", never a prompt (a drawing of "exit" helps nobody)
 BARE_EXIT_WORDS = ("exit", "quit", "exit()", "quit()")
@@ -66,62 +66,15 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
-def add_model_arguments(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
-    """`--model` and `--revision`: how every command names the model it loads (resolved by `vargpt.hub`)."""
-    p.add_argument(
-        "--model",
-        default=default,
-        help="checkpoint folder, shipped model, preset or Hub repo id owner/name (default: %(default)s)",
-    )
-    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id (default: main)")
-    p.add_argument(
-        "--quantize",
-        default=None,
-        choices=QUANTIZATION_MODES,
-        help="store the LLM's layers and the decoder's blocks in 8 or 4 bits (bitsandbytes)",
-    )
-    p.add_argument(
-        "--device-map",
-        default=None,
-        choices=("auto",),
-        help="spread the model over the GPUs, then the CPU, then --offload-folder (see --max-memory)",
-    )
-    p.add_argument(
-        "--max-memory",
-        nargs="+",
-        default=None,
-        metavar="DEVICE=SIZE",
-        help="weight budget per device for --device-map auto, in order of use, e.g. 0=20GiB cpu=60GiB disk=200GB",
-    )
-    p.add_argument("--offload-folder", default=None, help="folder for weights offloaded to disk")
-
-
-def model_load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The `VARGPTPipeline.from_pretrained` keywords the model arguments of a command give."""
-    from ..device_map import parse_max_memory_argument
-
-    max_memory = parse_max_memory_argument(args.max_memory)
-    if max_memory is not None and args.device_map is None:
-        raise ValueError("--max-memory needs --device-map auto")
-    loading = {
-        "quantization": args.quantize,
-        "device_map": args.device_map,
-        "max_memory": max_memory,
-        "offload_folder": args.offload_folder,
-    }
-    return {"revision": args.revision} | {k: v for k, v in loading.items() if v is not None}
-
-
 def _image_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=None, help="square side in pixels (default: the model's, e.g. 512)")
-    p.add_argument("--preset", default=None, help="image settings preset: original-code (default) or paper")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (overrides the preset)")
-    p.add_argument("--tau", type=float, default=None, help="bit-logit temperature (overrides the preset)")
-    p.add_argument("--top-k", type=int, default=None, help="bit top-k (overrides the preset)")
-    p.add_argument("--top-p", type=float, default=None, help="bit top-p (overrides the preset)")
-    p.add_argument("--uncond-mode", default=None, choices=UNCOND_MODES, help="guidance's unconditional branch")
+    add_image_arguments(
+        p,
+        IMAGE_COMMAND_SETTINGS,
+        preset_help="image settings preset: original-code or paper (default: the model's own settings)",
+        helps={"resolution": "square side in pixels (default: the model's, e.g. 512)"},
+    )
 
 
 # -- chat ---------------------------------------------------------------------------------------------------------
@@ -131,8 +84,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     from ..image_io import load_image
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    if args.prompt is not None and not args.prompt.strip():
-        raise ValueError("the prompt is empty: give some text")
+    if args.prompt is not None:
+        require_prompt(args.prompt)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -271,11 +224,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"-n must be >= 1, got {args.num_images}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _image_config(args)  # refuse bad settings before the model loads
+    image_config(args)  # refuse bad settings before the model loads
     pipe = _load(args)
-    settings = _image_config(args, pipe.image_config)
-    _check_size(pipe, args.size)
-    resolved = settings.updated(resolution=args.size or pipe.model.config.image_resolution)
+    settings = image_config(args, pipe.image_config)
+    _check_resolution(pipe, args.resolution)
+    resolved = settings.updated(resolution=args.resolution or pipe.model.config.image_resolution)
     card = model_card_of(pipe)
     warnings = [] if card is None else card.warnings(prompts, resolved.resolution)
     _warn(warnings)
@@ -337,8 +290,7 @@ def _collect_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
         if not prompts:
             raise ValueError(f"the prompts file {prompts_file} holds no prompts")
     for n, text in enumerate(prompts, 1):
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"prompt {n} is empty: give some text")
+        require_prompt(text, f"prompt {n}")
     return prompts
 
 
@@ -372,20 +324,19 @@ def run_edit(args: argparse.Namespace) -> int:
     from ..image_io import load_image
 
     source = load_image(_existing_file(args.image, "image"))
-    if not args.instruction.strip():
-        raise ValueError("the instruction is empty: say what to change")
-    _image_config(args)  # refuse bad settings before the model loads
+    require_prompt(args.instruction, "the instruction", "say what to change")
+    image_config(args)  # refuse bad settings before the model loads
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}-edited.png")
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out}")
     pipe = _load(args)
-    settings = _image_config(args, pipe.image_config)
-    _check_size(pipe, args.size)
+    settings = image_config(args, pipe.image_config)
+    _check_resolution(pipe, args.resolution)
     card = model_card_of(pipe)
     if card is not None:
-        _warn(card.warnings(args.instruction, args.size))
+        _warn(card.warnings(args.instruction, args.resolution))
     changes = {k: v for k, v in settings.to_dict().items() if k != "resolution"}
-    edited = pipe.edit(source, args.instruction, seed=args.seed, resolution=args.size, **changes)
+    edited = pipe.edit(source, args.instruction, seed=args.seed, resolution=args.resolution, **changes)
     out.parent.mkdir(parents=True, exist_ok=True)
     edited.save(out)
     print(f"edited image written to {out}")
@@ -421,33 +372,13 @@ def _existing_file(path: str, what: str) -> str:
     return path
 
 
-def _image_config(args: argparse.Namespace, model_defaults: Any = None):
-    """`--preset` (else the model's own defaults, else the default preset) with the command line's overrides;
-    invalid values raise ValueError naming them."""
-    from ..generation.config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
-
-    if args.size is not None and args.size <= 0:
-        raise ValueError(f"--size must be a positive number of pixels, got {args.size}")
-
-    overrides = {
-        "cfg_scale": args.cfg,
-        "tau": args.tau,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "uncond_mode": args.uncond_mode,
-    }
-    if args.preset or model_defaults is None:
-        return ImageGenerationConfig.from_preset(args.preset or DEFAULT_IMAGE_PRESET, **overrides)
-    return model_defaults.updated(**overrides)
-
-
-def _check_size(pipe: Any, size: int | None) -> None:
-    if size is None:
+def _check_resolution(pipe: Any, resolution: int | None) -> None:
+    if resolution is None:
         return
     try:
-        pipe.model.generation_schedule(size)
+        pipe.model.generation_schedule(resolution)
     except ValueError as error:
-        raise ValueError(f"--size {size} is not supported by this model: {error}") from None
+        raise ValueError(f"--resolution {resolution} is not supported by this model: {error}") from None
 
 
 def _load(args: argparse.Namespace) -> Any:

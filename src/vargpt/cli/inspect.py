@@ -5,6 +5,7 @@ The checkpoint is named as every loader names it (a folder, a shipped model, a H
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +22,55 @@ if TYPE_CHECKING:
     from ..training.memory_plan import TrainingSetup
 
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}  # quantized sizes: the memory table (only some layers are)
+
+
+def register_inspect_command(subparsers: argparse._SubParsersAction) -> None:
+    """Add `inspect` (with its training memory plan options) to a `vargpt` sub-command parser."""
+    from ..training.memory_plan import SHARDINGS
+    from ..training.stages import STAGES
+
+    p = subparsers.add_parser("inspect", help="parameters per module, dtypes, layout problems, memory estimates")
+    p.add_argument(
+        "model", nargs="?", default=None, help="checkpoint folder, shipped model, preset or Hub repo id (owner/name)"
+    )
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo id (default: main)")
+    p.add_argument("--preset", default=None, help="describe a preset's architecture instead (e.g. vargpt-v1.1)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="estimate memory for a GPU or a CPU run")
+    t = p.add_argument_group("training memory plan (per rank; --train STAGE prints it instead of the inference table)")
+    t.add_argument("--train", default=None, choices=sorted(STAGES), metavar="STAGE", help="training stage to plan")
+    t.add_argument("--gpus", type=int, default=1, help="data-parallel ranks (default: %(default)s)")
+    t.add_argument("--zero", default="none", choices=SHARDINGS, help="2 / 3: DeepSpeed ZeRO; fsdp: full shard")
+    t.add_argument("--resolution", type=int, default=512, help="generated image side in px (default: %(default)s)")
+    t.add_argument("--batch", type=int, default=1, help="micro-batch per GPU (default: %(default)s)")
+    t.add_argument("--lora", action="store_true", help="train LoRA adapters on the stage's linear layers")
+    t.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in backward")
+    t.add_argument("--quantize", default=None, choices=("int4",), help="NF4 base weights under LoRA (QLoRA)")
+    t.add_argument("--prompt-tokens", type=int, default=64, help="text tokens before the image (default: %(default)s)")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """The inference report, or with --train the training memory plan."""
+    if args.train is None:
+        print(inspect_checkpoint(args.model, full_size=args.preset, revision=args.revision, device=args.device))
+        return 0
+    from ..training.memory_plan import TrainingSetup
+
+    setup = TrainingSetup(
+        stage=args.train,
+        gpus=args.gpus,
+        zero=args.zero,
+        resolution=args.resolution,
+        batch=args.batch,
+        lora_rank=args.lora_rank if args.lora else None,
+        gradient_checkpointing=args.gradient_checkpointing,
+        quantize=args.quantize,
+        prompt_tokens=args.prompt_tokens,
+        device=args.device,
+    )
+    print(inspect_training(args.model, setup, full_size=args.preset, revision=args.revision))
+    return 0
 
 
 def module_parameter_counts(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:

@@ -55,8 +55,15 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..conversation import StreamDecoder, assistant_message, converse_batch, user_message
-from ..generation.decoding import GenerationCancelled, stop_when
+from ..conversation import (
+    EmptyPromptError,
+    StreamDecoder,
+    assistant_message,
+    converse_batch,
+    require_prompt,
+    user_message,
+)
+from ..generation import GenerationCancelled, stop_when
 from ..image_io import ImageInputError, load_image
 from ..model_card import model_card_of
 from ..pipeline import VARGPTPipeline
@@ -404,13 +411,7 @@ class _Service:
 
         All text is checked (Unicode, total length) before any image is decoded or anything is tokenised."""
         parts_of = [_parts(message) for message in messages]
-        texts = [
-            (part["text"] or "", f"messages[{i}].content" + ("" if isinstance(m.content, str) else f"[{j}]"))
-            for i, (m, parts) in enumerate(zip(messages, parts_of, strict=True))
-            for j, part in enumerate(parts)
-            if part["type"] == "text"
-        ]
-        self.check_prompt(texts, "messages")
+        self.check_prompt(_message_texts(messages, parts_of), "messages")
         conversation: list[dict] = []
         images: list[Image.Image] = []
         for i, (message, parts) in enumerate(zip(messages, parts_of, strict=True)):
@@ -420,23 +421,25 @@ class _Service:
             elif message.role == "assistant":
                 conversation.append(assistant_message("".join(texts)))
             else:
-                urls = [(j, p["image_url"]) for j, p in enumerate(parts) if p["type"] == "image_url"]
-                for j, url in urls:
-                    param = f"messages[{i}].content[{j}]"
-                    if url is None or not url.get("url"):
-                        raise APIError(400, "image_url parts need an image_url.url", param=param)
-                    if len(images) == self.config.max_images_per_request:
-                        raise APIError(
-                            400, f"at most {self.config.max_images_per_request} images per request", param="messages"
-                        )
-                    images.append(await self.image_from_url(url["url"], param))
-                try:
-                    conversation.append(user_message("\n".join(t for t in texts if t), len(urls)))
-                except ValueError as error:
-                    raise APIError(400, str(error), param=f"messages[{i}].content") from None
+                conversation.append(await self.user_turn(i, parts, texts, images))
         if conversation[-1]["role"] != "user":
             raise APIError(400, "the last message must come from the user", param="messages")
         return conversation, images
+
+    async def user_turn(self, index: int, parts: list[dict], texts: list[str], images: list[Image.Image]) -> dict:
+        """Message `index` (a user's) as a template message; its images are decoded and appended to `images`."""
+        urls = [(j, p["image_url"]) for j, p in enumerate(parts) if p["type"] == "image_url"]
+        for j, url in urls:
+            param = f"messages[{index}].content[{j}]"
+            if url is None or not url.get("url"):
+                raise APIError(400, "image_url parts need an image_url.url", param=param)
+            if len(images) == self.config.max_images_per_request:
+                raise APIError(
+                    400, f"at most {self.config.max_images_per_request} images per request", param="messages"
+                )
+            images.append(await self.image_from_url(url["url"], param))
+        with _refused_as(f"messages[{index}].content"):
+            return user_message("\n".join(t for t in texts if t), len(urls))
 
     def _run_chat(self, jobs: Sequence[Job]) -> list[tuple[Any, dict]]:
         decoders = [StreamDecoder(self.pipe) for _ in jobs]
@@ -493,8 +496,8 @@ class _Service:
         self.check_n(body.n)
         self.check_format(body.response_format)
         self.check_prompt([(body.prompt, "prompt")], "prompt")
-        if not body.prompt.strip():
-            raise APIError(400, "the prompt is empty: give some text", param="prompt")
+        with _refused_as("prompt"):
+            require_prompt(body.prompt)
         settings = self.image_settings(body.model_dump(), body.size)
         await self.check_tokens(body.prompt, 1, "prompt")
         payload = {"prompt": body.prompt}
@@ -515,8 +518,8 @@ class _Service:
             fields = {k: v for k, v in form.items() if isinstance(v, str)}
             prompt = fields.get("prompt", "")
             self.check_prompt([(prompt, "prompt")], "prompt")
-            if not prompt.strip():
-                raise APIError(400, "the prompt is empty: give an edit instruction", param="prompt")
+            with _refused_as("prompt"):
+                require_prompt(prompt, hint="give an edit instruction")
             self.check_model(fields.get("model"))
             n = _form_number(fields, "n", int, 1)
             self.check_n(n)
@@ -600,6 +603,25 @@ def _form_number(fields: dict[str, str], name: str, kind: type, default: Any) ->
         return kind(fields[name])
     except ValueError:
         raise APIError(400, f"{name} must be a number, got {fields[name]!r}", param=name) from None
+
+
+@contextlib.contextmanager
+def _refused_as(param: str) -> Iterator[None]:
+    """An empty prompt found inside (the check every front end shares) answered as a 400 naming `param`."""
+    try:
+        yield
+    except EmptyPromptError as error:
+        raise APIError(400, str(error), param=param) from None
+
+
+def _message_texts(messages: Sequence[ChatMessage], parts_of: Sequence[list[dict]]) -> list[tuple[str, str]]:
+    """Every text part of a chat as (text, param naming where it is), for the Unicode and length checks."""
+    return [
+        (part["text"] or "", f"messages[{i}].content" + ("" if isinstance(m.content, str) else f"[{j}]"))
+        for i, (m, parts) in enumerate(zip(messages, parts_of, strict=True))
+        for j, part in enumerate(parts)
+        if part["type"] == "text"
+    ]
 
 
 def _last_user_text(messages: Sequence[ChatMessage]) -> str:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..cli.inference import add_model_arguments, model_load_kwargs
-from ..pipeline import default_model_name
-
-DEFAULT_MODEL = default_model_name()
+from ..cli.options import add_model_arguments, model_load_kwargs
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, DEFAULT_MODEL)
+    """The options of `vargpt serve` and `python -m vargpt.serving`: the model's, then the server's limits."""
+    add_model_arguments(parser)
     parser.add_argument("--model-name", default=None, help="id reported by /v1/models (default: the --model value)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000)

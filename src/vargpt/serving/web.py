@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
+from ..conversation import EmptyPromptError, require_prompt
 from ..generation.config import IMAGE_PRESETS
 from ..model_card import ModelCard, model_card_of
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 # Every event names this concurrency group (limit 1), so chat, generate and edit never overlap.
 MODEL_QUEUE = "vargpt-model"
+_MODEL_EVENT: dict[str, Any] = {"concurrency_limit": 1, "concurrency_id": MODEL_QUEUE}
 MAX_NEW_TOKENS_LIMIT = 1024
 MAX_IMAGES_PER_PROMPT = 8
 # the preset choice that keeps the image settings the checkpoint ships (image_generation_config.json)
@@ -90,10 +92,10 @@ class _Handlers:
         picture uploaded earlier is not seen again (upload it again to ask about it).
         """
         message = message or {}
-        text = str(message.get("text") or "").strip()
+        text = _required(
+            message.get("text"), "Type a question or an instruction first (a picture alone is not a prompt)."
+        )
         paths = [str(path) for path in message.get("files") or []]
-        if not text:
-            raise _refusal("Type a question or an instruction first (a picture alone is not a prompt).")
         images = [_open_image(path) for path in paths]
         self.warn(text)
         turn = _call(
@@ -121,9 +123,7 @@ class _Handlers:
         top_p: float,
         resolution: float,
     ) -> list[Image.Image]:
-        prompt = (prompt or "").strip()
-        if not prompt:
-            raise _refusal("Describe the picture to draw first: the prompt is empty.")
+        prompt = _required(prompt, "Describe the picture to draw first: the prompt is empty.")
         if preset != MODEL_DEFAULTS and preset not in IMAGE_PRESETS:
             raise _refusal(f"Unknown preset {preset!r}; choose {MODEL_DEFAULTS!r} or one of {sorted(IMAGE_PRESETS)}.")
         size = _positive_int(resolution, "resolution")
@@ -141,11 +141,9 @@ class _Handlers:
         )
 
     def edit(self, image: Image.Image | None, instruction: str, seed: float | None) -> Image.Image:
-        instruction = (instruction or "").strip()
         if image is None:
             raise _refusal("Upload the picture to edit first.")
-        if not instruction:
-            raise _refusal("Say how to change the picture: the instruction is empty.")
+        instruction = _required(instruction, "Say how to change the picture: the instruction is empty.")
         self.warn(instruction)
         return _call(self.pipe.edit, image.convert("RGB"), instruction, seed=_seed(seed))
 
@@ -162,83 +160,88 @@ class _Handlers:
 def build_web_demo(pipe: VARGPTPipeline) -> gr.Blocks:
     """The page for one pipeline (not launched): Chat, Generate and Edit tabs sharing one model queue."""
     handlers = _Handlers(pipe)
-    config = pipe.model.config
-    sizes = supported_resolutions(pipe)
-    default_preset = pipe.image_config
-    token_limit = min(MAX_NEW_TOKENS_LIMIT, config.text_config.max_position_embeddings)
-    queued: dict[str, Any] = {"concurrency_limit": 1, "concurrency_id": MODEL_QUEUE}
-
     # Uploads and drawn pictures are cached as files by Gradio: drop them after an hour, and all at shutdown.
     with gr.Blocks(title="vargpt", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# vargpt\nAsk about pictures, draw them and edit them with one model." + _card_summary(handlers.card)
         )
-        with gr.Tab("Chat", id="chat"):
-            chatbot = gr.Chatbot(label="Conversation", elem_id="chat-box", height=420, feedback_options=None)
-            history = gr.State([])
-            chat_input = gr.MultimodalTextbox(
-                placeholder="Ask a question; attach pictures with the clip button",
-                file_types=["image"],
-                file_count="multiple",
-                show_label=False,
-                elem_id="chat-input",
-            )
-            with gr.Row():
-                max_new_tokens = gr.Slider(1, token_limit, value=min(128, token_limit), step=1, label="Max new tokens")
-                chat_seed = gr.Number(value=0, precision=0, label="Seed (empty: random)")
-                clear = gr.Button("Clear conversation", elem_id="chat-clear")
-            chat_input.submit(
-                handlers.chat,
-                [chat_input, chatbot, history, max_new_tokens, chat_seed],
-                [chatbot, history, chat_input],
-                **queued,
-            )
-            clear.click(handlers.clear, None, [chatbot, history, chat_input], queue=False)
-
-        with gr.Tab("Generate", id="generate"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
-                    with gr.Row():
-                        num_images = gr.Slider(1, MAX_IMAGES_PER_PROMPT, value=1, step=1, label="Number of images")
-                        gen_seed = gr.Number(value=0, precision=0, label="Seed (empty: random)")
-                    preset = gr.Dropdown(
-                        [MODEL_DEFAULTS, *sorted(IMAGE_PRESETS)],
-                        value=MODEL_DEFAULTS,
-                        label="Preset",
-                        elem_id="gen-preset",
-                    )
-                    cfg_scale = gr.Slider(0.0, 10.0, value=default_preset.cfg_scale, step=0.1, label="CFG scale")
-                    tau = gr.Slider(0.05, 2.0, value=default_preset.tau, step=0.05, label="Tau (temperature)")
-                    top_p = gr.Slider(0.0, 1.0, value=default_preset.top_p, step=0.01, label="Top-p")
-                    resolution = gr.Dropdown(
-                        sizes, value=config.image_resolution, label="Resolution (pixels, square)", elem_id="gen-res"
-                    )
-                    draw = gr.Button("Generate", variant="primary", elem_id="gen-button")
-                with gr.Column(scale=1):
-                    gallery = gr.Gallery(label="Images", format="png", columns=2, elem_id="gen-gallery")
-            preset.change(handlers.preset_values, preset, [cfg_scale, tau, top_p], queue=False)
-            gen_inputs = [prompt, num_images, gen_seed, preset, cfg_scale, tau, top_p, resolution]
-            draw.click(handlers.generate, gen_inputs, gallery, **queued)
-            prompt.submit(handlers.generate, gen_inputs, gallery, **queued)
-
-        with gr.Tab("Edit", id="edit"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    source = gr.Image(type="pil", image_mode="RGB", label="Picture", elem_id="edit-input")
-                    instruction = gr.Textbox(label="Instruction", lines=2, elem_id="edit-instruction")
-                    edit_seed = gr.Number(value=0, precision=0, label="Seed (empty: random)")
-                    apply = gr.Button("Edit", variant="primary", elem_id="edit-button")
-                with gr.Column(scale=1):
-                    edited = gr.Image(
-                        type="pil", format="png", label="Edited", interactive=False, elem_id="edit-output"
-                    )
-            if handlers.card is not None and handlers.card.score_line("editing"):
-                gr.Markdown(html.escape(handlers.card.score_line("editing")), elem_id="edit-score")
-            apply.click(handlers.edit, [source, instruction, edit_seed], edited, **queued)
-
+        _chat_tab(handlers)
+        _generate_tab(handlers)
+        _edit_tab(handlers)
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+def _chat_tab(handlers: _Handlers) -> None:
+    config = handlers.pipe.model.config
+    token_limit = min(MAX_NEW_TOKENS_LIMIT, config.text_config.max_position_embeddings)
+    with gr.Tab("Chat", id="chat"):
+        chatbot = gr.Chatbot(label="Conversation", elem_id="chat-box", height=420, feedback_options=None)
+        history = gr.State([])
+        chat_input = gr.MultimodalTextbox(
+            placeholder="Ask a question; attach pictures with the clip button",
+            file_types=["image"],
+            file_count="multiple",
+            show_label=False,
+            elem_id="chat-input",
+        )
+        with gr.Row():
+            max_new_tokens = gr.Slider(1, token_limit, value=min(128, token_limit), step=1, label="Max new tokens")
+            chat_seed = gr.Number(value=0, precision=0, label="Seed (empty: random)")
+            clear = gr.Button("Clear conversation", elem_id="chat-clear")
+        chat_input.submit(
+            handlers.chat,
+            [chat_input, chatbot, history, max_new_tokens, chat_seed],
+            [chatbot, history, chat_input],
+            **_MODEL_EVENT,
+        )
+        clear.click(handlers.clear, None, [chatbot, history, chat_input], queue=False)
+
+
+def _generate_tab(handlers: _Handlers) -> None:
+    pipe = handlers.pipe
+    own = pipe.image_config
+    with gr.Tab("Generate", id="generate"), gr.Row():
+        with gr.Column(scale=1):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
+            with gr.Row():
+                num_images = gr.Slider(1, MAX_IMAGES_PER_PROMPT, value=1, step=1, label="Number of images")
+                seed = gr.Number(value=0, precision=0, label="Seed (empty: random)")
+            preset = gr.Dropdown(
+                [MODEL_DEFAULTS, *sorted(IMAGE_PRESETS)], value=MODEL_DEFAULTS, label="Preset", elem_id="gen-preset"
+            )
+            cfg_scale = gr.Slider(0.0, 10.0, value=own.cfg_scale, step=0.1, label="CFG scale")
+            tau = gr.Slider(0.05, 2.0, value=own.tau, step=0.05, label="Tau (temperature)")
+            top_p = gr.Slider(0.0, 1.0, value=own.top_p, step=0.01, label="Top-p")
+            resolution = gr.Dropdown(
+                supported_resolutions(pipe),
+                value=pipe.model.config.image_resolution,
+                label="Resolution (pixels, square)",
+                elem_id="gen-res",
+            )
+            draw = gr.Button("Generate", variant="primary", elem_id="gen-button")
+        with gr.Column(scale=1):
+            gallery = gr.Gallery(label="Images", format="png", columns=2, elem_id="gen-gallery")
+    preset.change(handlers.preset_values, preset, [cfg_scale, tau, top_p], queue=False)
+    inputs = [prompt, num_images, seed, preset, cfg_scale, tau, top_p, resolution]
+    draw.click(handlers.generate, inputs, gallery, **_MODEL_EVENT)
+    prompt.submit(handlers.generate, inputs, gallery, **_MODEL_EVENT)
+
+
+def _edit_tab(handlers: _Handlers) -> None:
+    with gr.Tab("Edit", id="edit"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                source = gr.Image(type="pil", image_mode="RGB", label="Picture", elem_id="edit-input")
+                instruction = gr.Textbox(label="Instruction", lines=2, elem_id="edit-instruction")
+                seed = gr.Number(value=0, precision=0, label="Seed (empty: random)")
+                apply = gr.Button("Edit", variant="primary", elem_id="edit-button")
+            with gr.Column(scale=1):
+                edited = gr.Image(type="pil", format="png", label="Edited", interactive=False, elem_id="edit-output")
+        score = None if handlers.card is None else handlers.card.score_line("editing")
+        if score:
+            gr.Markdown(html.escape(score), elem_id="edit-score")
+        apply.click(handlers.edit, [source, instruction, seed], edited, **_MODEL_EVENT)
 
 
 def web_launch_options(host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> dict[str, Any]:
@@ -278,6 +281,14 @@ def _refusal(message: str) -> gr.Error:
     """An error the page shows as a message. Expected, so no traceback in the log; escaped, because Gradio
     renders the message as HTML and it may quote a file name or a prompt."""
     return gr.Error(html.escape(message), print_exception=False)
+
+
+def _required(text: str | None, refusal: str) -> str:
+    """The text without surrounding white space; `refusal` on the page when it is empty (the pipeline's check)."""
+    try:
+        return require_prompt(text).strip()
+    except EmptyPromptError:
+        raise _refusal(refusal) from None
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
