@@ -9,9 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vargpt.shapes.recipe import shapes_judges
 from vargpt.training.recipe import load_recipe
 from vargpt.training.runner import _sft_dataset, run_recipe
 
+# the shapes world's scorer, validation and read-back: what `vargpt train` hands a shapes-world run
+JUDGES = shapes_judges()
 CPU_BITS = pytest.mark.skipif(
     torch.cuda.is_available(), reason="bit-exact training is a CPU guarantee; GPU kernels are not deterministic"
 )
@@ -104,7 +107,7 @@ def finished_run(tmp_path_factory):
     spec = load_recipe(path)
     # 3136 pixels: 2 x 2 merged ViT tokens, which cannot tile 3 x 3 cells; the run says so and goes on
     with pytest.warns(UserWarning, match=r"2 x 2 merged ViT tokens, which do not tile"):
-        summary = run_recipe(spec, root / "run", progress=False)
+        summary = run_recipe(spec, root / "run", progress=False, judges=JUDGES)
     return spec, root / "run", summary
 
 
@@ -170,7 +173,7 @@ def test_final_model_loads_in_the_pipeline_and_eval_command_runs(finished_run, t
                 str(report_path),
                 "--limit",
                 "2",
-                "--cfg",
+                "--cfg-scale",
                 "2.5",
             ]
         )
@@ -211,7 +214,7 @@ def test_the_text_tokenizer_learns_merges_from_the_training_split(finished_run):
 
 def test_a_finished_run_is_skipped_on_rerun(finished_run):
     spec, run, summary = finished_run
-    again = run_recipe(spec, run, progress=False)
+    again = run_recipe(spec, run, progress=False, judges=JUDGES)
     assert [s["wall_seconds"] for s in again["stages"]] == [s["wall_seconds"] for s in summary["stages"]]
     assert again["wall_seconds_this_run"] < summary["wall_seconds_this_run"]
 
@@ -233,9 +236,9 @@ def test_a_run_resumed_between_stages_ends_bit_identical_to_a_run_straight_throu
         path.write_text(json.dumps(dict(recipe, stages=stages[:count])))
         return load_recipe(path)
 
-    run_recipe(spec(3), tmp_path / "straight", progress=False)
-    run_recipe(spec(2), tmp_path / "resumed", progress=False)
-    run_recipe(spec(3), tmp_path / "resumed", progress=False)
+    run_recipe(spec(3), tmp_path / "straight", progress=False, judges=JUDGES)
+    run_recipe(spec(2), tmp_path / "resumed", progress=False, judges=JUDGES)
+    run_recipe(spec(3), tmp_path / "resumed", progress=False, judges=JUDGES)
     for name in ("01-dpo-32", "02-dpo-again"):
         straight = load_file(tmp_path / "straight" / "stages" / name / "model" / "model.safetensors")
         resumed = load_file(tmp_path / "resumed" / "stages" / name / "model" / "model.safetensors")
@@ -249,10 +252,10 @@ def test_a_run_stopped_after_its_tokenizer_step_resumes_to_the_straight_runs_bit
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(dict(SMOKE, stages=SMOKE["stages"][:1])))
     spec = load_recipe(path)
-    run_recipe(spec, tmp_path / "straight", progress=False)
+    run_recipe(spec, tmp_path / "straight", progress=False, judges=JUDGES)
     for step in ("data", "tokenizer"):
         shutil.copytree(tmp_path / "straight" / step, tmp_path / "resumed" / step)
-    run_recipe(spec, tmp_path / "resumed", progress=False)
+    run_recipe(spec, tmp_path / "resumed", progress=False, judges=JUDGES)
     for weights in ("vision/visual.safetensors", "stages/00-projectors-16/model/model.safetensors"):
         straight, resumed = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "resumed" / weights)
         assert straight.keys() == resumed.keys()
@@ -330,7 +333,7 @@ def test_a_recipe_that_pins_its_threads_trains_the_same_bits_whatever_the_proces
             path = tmp_path / f"{name}.json"
             path.write_text(json.dumps(dict(recipe, threads=pinned)))
             torch.set_num_threads(process_threads)
-            run_recipe(load_recipe(path), tmp_path / name, progress=False)
+            run_recipe(load_recipe(path), tmp_path / name, progress=False, judges=JUDGES)
             assert torch.get_num_threads() == process_threads  # restored after the run
             weights[name] = load_file(tmp_path / name / "stages" / "00-llm" / "model" / "model.safetensors")
     finally:
@@ -357,7 +360,7 @@ def test_two_identical_dpo_stages_are_two_rounds_with_fresh_prompts(tmp_path):
     recipe = {**SMOKE, "tokenizer": {**SMOKE["tokenizer"], "steps": 1}, "stages": [dpo, dpo]}
     path = tmp_path / "twice.json"
     path.write_text(json.dumps(recipe))
-    run_recipe(load_recipe(path), tmp_path / "run", progress=False)
+    run_recipe(load_recipe(path), tmp_path / "run", progress=False, judges=JUDGES)
 
     def prompts(stage: str) -> list[str]:
         rows = (tmp_path / "run" / "stages" / stage / "pairs" / "pairs.jsonl").read_text().splitlines()
@@ -371,7 +374,7 @@ def test_a_curriculum_stage_trains_on_the_categories_it_names(tmp_path):
     recipe = {**SMOKE, "tokenizer": {**SMOKE["tokenizer"], "steps": 1}, "stages": [first]}
     path = tmp_path / "curriculum.json"
     path.write_text(json.dumps(recipe))
-    run_recipe(load_recipe(path), tmp_path / "run", progress=False)
+    run_recipe(load_recipe(path), tmp_path / "run", progress=False, judges=JUDGES)
     every = (tmp_path / "run" / "data" / "train-generation.jsonl").read_text().splitlines()
     kept = (tmp_path / "run" / "data" / "train-generation-colors-counting.jsonl").read_text()
     expected = [row for row in every if json.loads(row)["meta"]["category"] in ("colors", "counting")]
@@ -385,7 +388,7 @@ def test_a_quiet_run_draws_no_progress_bars(tmp_path, capfd):
     recipe = {**SMOKE, "stages": SMOKE["stages"][:1]}
     path = tmp_path / "quiet.json"
     path.write_text(json.dumps(recipe))
-    run_recipe(load_recipe(path), tmp_path / "run", progress=False)
+    run_recipe(load_recipe(path), tmp_path / "run", progress=False, judges=JUDGES)
     err = capfd.readouterr().err
     assert "it/s]" not in err and "s/it]" not in err, err[-500:]
 
@@ -416,25 +419,23 @@ class _PipelineDrawingMagenta:
 
 
 @pytest.mark.parametrize("losers", ["own_samples", "own_samples_or_other_prompts"])
-def test_mixed_dpo_losers_take_another_prompts_scene_where_the_models_sample_is_right(tmp_path, monkeypatch, losers):
+def test_mixed_dpo_losers_take_another_prompts_scene_where_the_models_sample_is_right(tmp_path, losers):
     from PIL import Image
 
-    from vargpt.shapes import scoring as shapes_scoring
-    from vargpt.training import runner
+    from vargpt.shapes.recipe import ShapesScorer
+    from vargpt.training.runner import build_stage_pairs
 
-    real_scorer = shapes_scoring.evaluate_generated_image
+    real_scorer = ShapesScorer()
 
-    def scorer(image, metadata):  # the model's (magenta) samples satisfy every prompt; scenes are scored truly
+    def scorer(image, row):  # the model's (magenta) samples satisfy every prompt; scenes are scored truly
         if image.getpixel((0, 0)) == (255, 0, 255):
-            return True, {}
-        return real_scorer(image, metadata)
+            return True
+        return real_scorer(image, row)
 
-    monkeypatch.setattr(shapes_scoring, "evaluate_generated_image", scorer)
-    monkeypatch.setattr(runner, "_stage_pipeline", lambda *args: _PipelineDrawingMagenta())
     dpo = dict(SMOKE["stages"][3], dpo_pairs=6, dpo_losers=losers)
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(dict(SMOKE, stages=[dpo])))
-    pairs_file = runner._build_preference_pairs(load_recipe(path), 0, torch.nn.Linear(1, 1), None, tmp_path / "p")
+    pairs_file = build_stage_pairs(load_recipe(path), 0, _PipelineDrawingMagenta(), scorer, tmp_path / "p")
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     stats = json.loads((tmp_path / "p" / "pairs_stats.json").read_text())
     if losers == "own_samples":  # every sample is right: no pair has a loser

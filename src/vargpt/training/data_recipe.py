@@ -21,11 +21,12 @@ previous stage's saved model:
 
 A re-run skips finished stages and resumes an interrupted one from its last complete checkpoint; it refuses a
 stage whose saved settings differ from the recipe's (a new --out, or delete that stage's folder).
+
+`vargpt train --recipe R` (its flags are `vargpt.cli.training`'s) calls `run_data_recipe` for such a recipe.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,6 +36,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from ..data.sources import (
     SourceSpec,
     build_stage_data,
@@ -43,6 +46,7 @@ from ..data.sources import (
     parse_source,
     plain_files,
 )
+from .finetune import FinetuneArgs, run_finetune
 from .recipe import read_recipe_text
 from .stages import STAGES
 
@@ -201,8 +205,6 @@ def _number(value: Any, where: str, minimum: float, inclusive: bool = True, belo
 
 def _options(raw: Any, where: str) -> dict[str, Any]:
     """Extra `FinetuneArgs` fields (e.g. gradient_checkpointing, deepspeed): only real ones, never managed ones."""
-    from .finetune import FinetuneArgs
-
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be an object of FinetuneArgs fields, got {raw!r}")
     managed = sorted(set(raw) & set(_MANAGED))
@@ -215,39 +217,56 @@ def _options(raw: Any, where: str) -> dict[str, Any]:
     return dict(raw)
 
 
-def _stage(raw: Any, index: int) -> DataStageSpec:
+def _stage_name(raw: Any, index: int) -> str:
+    """The stage's name (a folder name), after checking the stage is an object with only known fields."""
     if not isinstance(raw, dict):
         raise ValueError(f"stage {index} must be an object, got {raw!r}")
     name = raw.get("name")
     if not isinstance(name, str) or not _STAGE_NAME.match(name):
         raise ValueError(f"stage {index}: name must be letters, digits, '.', '_' or '-' (a folder name), got {name!r}")
-    where = f"stage {name!r}"
     unknown = sorted(set(raw) - set(_STAGE_FIELDS))
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; a stage takes {list(_STAGE_FIELDS)}")
+        raise ValueError(f"stage {name!r}: unknown field(s) {unknown}; a stage takes {list(_STAGE_FIELDS)}")
     for key in ("plan", "data", "steps", "batch_size"):
         if key not in raw:
-            raise ValueError(f"{where}: missing field {key!r}")
-    plan = raw["plan"]
-    if plan not in STAGES:
-        raise ValueError(f"{where}: unknown plan {plan!r}; choose one of {sorted(STAGES)}")
-    if not isinstance(raw["data"], list) or not raw["data"]:
-        raise ValueError(f"{where}: data must be a non-empty list of sources")
-    sources = tuple(parse_source(s, f"{where} data[{i}]") for i, s in enumerate(raw["data"]))
-    check_mixture(sources, f"{where} data")
-    trainable = raw.get("trainable")
-    if trainable is not None:
-        if not isinstance(trainable, list) or not trainable or not all(isinstance(t, str) and t for t in trainable):
-            raise ValueError(f"{where}: trainable must be a non-empty list of parameter-name prefixes")
-        if any(t.startswith("vae_local.") for t in trainable):
-            raise ValueError(
-                f"{where}: trainable names the image tokenizer (vae_local.), which never trains in a stage"
-            )
-        trainable = tuple(trainable)
+            raise ValueError(f"stage {name!r}: missing field {key!r}")
+    return name
+
+
+def _refuse_dpo_settings_of_sft(raw: dict[str, Any], plan: str, where: str) -> None:
     if STAGES[plan].kind != "dpo":
         for key in ("beta", "chosen_nll_weight"):
             if key in raw:
                 raise ValueError(f"{where}: {key} is a DPO setting, but plan {plan!r} is SFT")
+
+
+def _stage_sources(raw: dict[str, Any], where: str) -> tuple[SourceSpec, ...]:
+    if not isinstance(raw["data"], list) or not raw["data"]:
+        raise ValueError(f"{where}: data must be a non-empty list of sources")
+    sources = tuple(parse_source(s, f"{where} data[{i}]") for i, s in enumerate(raw["data"]))
+    check_mixture(sources, f"{where} data")
+    return sources
+
+
+def _stage_trainable(trainable: Any, where: str) -> tuple[str, ...] | None:
+    if trainable is None:
+        return None
+    if not isinstance(trainable, list) or not trainable or not all(isinstance(t, str) and t for t in trainable):
+        raise ValueError(f"{where}: trainable must be a non-empty list of parameter-name prefixes")
+    if any(t.startswith("vae_local.") for t in trainable):
+        raise ValueError(f"{where}: trainable names the image tokenizer (vae_local.), which never trains in a stage")
+    return tuple(trainable)
+
+
+def _stage(raw: Any, index: int) -> DataStageSpec:
+    name = _stage_name(raw, index)
+    where = f"stage {name!r}"
+    plan = raw["plan"]
+    if plan not in STAGES:
+        raise ValueError(f"{where}: unknown plan {plan!r}; choose one of {sorted(STAGES)}")
+    sources = _stage_sources(raw, where)
+    trainable = _stage_trainable(raw.get("trainable"), where)
+    _refuse_dpo_settings_of_sft(raw, plan, where)
     learning_rate = raw.get("learning_rate")
     resolution = raw.get("resolution")
     notes = raw.get("notes", "")
@@ -315,8 +334,6 @@ def parse_data_recipe(raw: dict[str, Any], origin: str | None = None) -> DataRec
 
 def _rank() -> int:
     """This process's rank; before the first stage has set up the process group, the launcher's RANK."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
@@ -331,16 +348,12 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def _barrier() -> None:
     """All processes wait here (after a stage, so none loads its model before the main process has saved it)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def finetune_args(**kwargs: Any):
     """`FinetuneArgs(**kwargs)`, with an unknown setting named instead of a bare TypeError."""
-    from .finetune import FinetuneArgs
-
     unknown = sorted(set(kwargs) - set(FinetuneArgs.__dataclass_fields__))
     if unknown:
         raise ValueError(f"vargpt finetune has no setting {', '.join(unknown)}")
@@ -381,8 +394,6 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _run_stage(stage: DataStageSpec, folder: Path, settings: dict[str, Any], data_root: Path | None, quiet: bool):
     """One stage through `run_finetune`; returns its result and the data report (None when finetune read files)."""
-    from .finetune import run_finetune
-
     files = plain_files(stage.data, data_root)
     common = {
         "model": settings["model"],
@@ -434,6 +445,32 @@ def run_data_recipe(
     out = Path(out)
     root = Path(data_root) if data_root is not None else (Path(recipe.origin) if recipe.origin else None)
     stages = [scale.apply(s) if scale else s for s in recipe.stages]
+    to_run = _stages_to_run(recipe, stages, stop_after, root)
+    use_bf16 = recipe.bf16 if bf16 is None else bf16
+    current = model or recipe.model
+    summary: dict[str, Any] = {"recipe": recipe.name, "stages": []}
+    for index, stage in enumerate(to_run):
+        folder = out / "stages" / f"{index + 1:02d}-{stage.name}"
+        settings = _stage_settings(recipe, stage, current, root, strict_data, cpu, use_bf16)
+        _check_saved_settings(stage, folder, settings)
+        if (folder / DONE).is_file():
+            status, metrics = "done earlier", json.loads((folder / "metrics.json").read_text())
+        else:
+            status, metrics = "trained", _train_stage(stage, folder, settings, root, quiet)
+        summary["stages"].append({"stage": stage.name, "folder": str(folder), "status": status, **metrics})
+        current = str(folder / "final")
+    summary["final"] = current
+    summary["complete"] = len(to_run) == len(stages)
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomically(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _stages_to_run(
+    recipe: DataRecipe, stages: list[DataStageSpec], stop_after: str | None, root: Path | None
+) -> list[DataStageSpec]:
+    """The stages up to `stop_after` (all when None), after checking their data files exist (before any trains)."""
     names = [s.name for s in stages]
     if stop_after is not None and stop_after not in names:
         raise ValueError(f"--stop-after {stop_after!r} is not a stage of {recipe.name}; stages: {names}")
@@ -442,108 +479,42 @@ def run_data_recipe(
         if root is None and any(s.path is not None and not Path(s.path).is_absolute() for s in stage.data):
             raise ValueError(f"stage {stage.name!r} names files relative to a data root: give --data-root")
         check_files_exist(stage.data, root, f"stage {stage.name!r}")
-    use_bf16 = recipe.bf16 if bf16 is None else bf16
-    current = model or recipe.model
-    summary: dict[str, Any] = {"recipe": recipe.name, "stages": []}
-    for index, stage in enumerate(stages[: last + 1]):
-        folder = out / "stages" / f"{index + 1:02d}-{stage.name}"
-        settings = _stage_settings(recipe, stage, current, root, strict_data, cpu, use_bf16)
-        saved = folder / "stage.json"
-        if saved.is_file():
-            changes = _changed(json.loads(saved.read_text()), settings)
-            if changes:
-                raise ValueError(
-                    f"stage {stage.name!r} in {folder} was started with other settings ({'; '.join(changes)}): "
-                    "use a new --out or delete that stage's folder"
-                )
-        if (folder / DONE).is_file():
-            status, metrics = "done earlier", json.loads((folder / "metrics.json").read_text())
-        else:
-            if _rank() == 0:
-                folder.mkdir(parents=True, exist_ok=True)
-                _write_atomically(saved, json.dumps(settings, indent=2))
-            started = time.time()
-            result, report = _run_stage(stage, folder, settings, root, quiet)
-            metrics = {
-                "stage": stage.name,
-                "plan": stage.plan,
-                "steps": stage.steps,
-                "seconds": round(time.time() - started, 1),
-                "losses": result.get("losses", []),
-                "trainable": result.get("trainable"),
-                "data": None if report is None else report.to_dict(),
-            }
-            _barrier()
-            if _rank() == 0:
-                _write_atomically(folder / "metrics.json", json.dumps(metrics, indent=2))
-                _write_atomically(folder / DONE, time.strftime("%Y-%m-%dT%H:%M:%S"))
-            _barrier()
-            status = "trained"
-        summary["stages"].append({"stage": stage.name, "folder": str(folder), "status": status, **metrics})
-        current = str(folder / "final")
-    summary["final"] = current
-    summary["complete"] = last == len(stages) - 1
+    return stages[: last + 1]
+
+
+def _check_saved_settings(stage: DataStageSpec, folder: Path, settings: dict[str, Any]) -> None:
+    saved = folder / "stage.json"
+    if saved.is_file():
+        changes = _changed(json.loads(saved.read_text()), settings)
+        if changes:
+            raise ValueError(
+                f"stage {stage.name!r} in {folder} was started with other settings ({'; '.join(changes)}): "
+                "use a new --out or delete that stage's folder"
+            )
+
+
+def _train_stage(
+    stage: DataStageSpec, folder: Path, settings: dict[str, Any], root: Path | None, quiet: bool
+) -> dict[str, Any]:
+    """Train one stage in every process; the main one records its settings first and its metrics and DONE
+    marker once all processes have finished it."""
     if _rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomically(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
-
-
-# --- command line --------------------------------------------------------------------------------------------
-
-_CLI_FLAGS = {
-    "data_root": None,
-    "model": None,
-    "max_steps": None,
-    "resolution": None,
-    "batch_size": None,
-    "gradient_accumulation_steps": None,
-    "stop_after": None,
-    "strict_data": False,
-    "cpu": False,
-    "no_bf16": False,
-}
-
-
-def add_data_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """`vargpt train` flags for fine-tuning recipes (`"kind": "finetune"`)."""
-    group = parser.add_argument_group('fine-tuning recipes ("kind": "finetune")')
-    group.add_argument("--data-root", default=None, help="folder the recipe's data paths are relative to")
-    group.add_argument("--model", default=None, help="starting checkpoint (default: the recipe's model)")
-    group.add_argument("--max-steps", type=int, default=None, help="cap every stage's steps (run the recipe small)")
-    group.add_argument("--resolution", type=int, default=None, help="generation resolution of every stage")
-    group.add_argument(
-        "--batch-size", type=int, default=None, help="per-device batch of every stage (accumulation becomes 1)"
-    )
-    group.add_argument("--gradient-accumulation-steps", type=int, default=None, help="of every stage")
-    group.add_argument("--stop-after", default=None, help="end after this stage (a later run continues)")
-    group.add_argument("--strict-data", action="store_true", help="fail on the first bad row instead of skipping")
-    group.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
-    group.add_argument("--no-bf16", action="store_true", help="full precision even where the recipe asks for bf16")
-
-
-def data_recipe_flags_given(args: argparse.Namespace) -> list[str]:
-    """The fine-tuning-recipe flags set on the command line (an error for a shapes-world recipe)."""
-    return [f"--{k.replace('_', '-')}" for k, default in _CLI_FLAGS.items() if getattr(args, k, default) != default]
-
-
-def run_data_recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """`vargpt train --recipe R` for a fine-tuning recipe (`args.out` None: runs/<recipe name>)."""
-    for name in ("max_steps", "resolution", "batch_size", "gradient_accumulation_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    scale = ScaleDown(args.max_steps, args.resolution, args.batch_size, args.gradient_accumulation_steps)
-    recipe = load_data_recipe(args.recipe)
-    return run_data_recipe(
-        recipe,
-        args.out or Path("runs") / recipe.name,
-        data_root=args.data_root,
-        model=args.model,
-        scale=scale,
-        strict_data=args.strict_data,
-        cpu=args.cpu,
-        bf16=False if args.no_bf16 else None,
-        stop_after=args.stop_after,
-        quiet=args.quiet,
-    )
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(folder / "stage.json", json.dumps(settings, indent=2))
+    started = time.time()
+    result, report = _run_stage(stage, folder, settings, root, quiet)
+    metrics = {
+        "stage": stage.name,
+        "plan": stage.plan,
+        "steps": stage.steps,
+        "seconds": round(time.time() - started, 1),
+        "losses": result.get("losses", []),
+        "trainable": result.get("trainable"),
+        "data": None if report is None else report.to_dict(),
+    }
+    _barrier()
+    if _rank() == 0:
+        _write_atomically(folder / "metrics.json", json.dumps(metrics, indent=2))
+        _write_atomically(folder / DONE, time.strftime("%Y-%m-%dT%H:%M:%S"))
+    _barrier()
+    return metrics

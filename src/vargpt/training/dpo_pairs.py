@@ -60,7 +60,6 @@ process finds every prompt recorded merges the part files into `pairs.jsonl` and
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import importlib
@@ -74,17 +73,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any
 
+import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
-from ..evaluation.sampling import save_png_atomic, write_text_atomic
+from ..atomic_files import save_png_atomic, write_text_atomic
+from ..pipeline import VARGPTPipeline
 from ..tokenization import (
     IMAGE_GEN_SPECIAL_TOKENS,
     QWEN2_VL_SPECIAL_TOKENS,
     SHAREGPT_IMAGE_GEN_PLACEHOLDER,
     SHAREGPT_IMAGE_PLACEHOLDER,
 )
+from .preference_pairs import PromptRow, PromptScorer
 
 FORMAT = "vargpt-dpo-pairs/1"
 INDEX_DIGITS = 6
@@ -97,22 +100,9 @@ NO_WINNER = "no_winner"
 LOSER_SATISFIES_PROMPT = "loser_satisfies_prompt"
 WINNER_UNREADABLE = "winner_unreadable"
 INVALID_PROMPT = "invalid_prompt"
-# image settings the command line may set (ImageGenerationConfig fields)
-SETTING_NAMES = ("cfg_scale", "tau", "top_k", "top_p", "resolution", "uncond_mode")
 
 
 # ---------------------------------------------------------------- prompts
-
-
-@dataclass(frozen=True)
-class PromptRow:
-    """One prompt: `index` is its position among the prompts, `metadata` its source row (empty for text lines),
-    `problem` why it cannot become a training row (None when it can)."""
-
-    index: int
-    prompt: str
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    problem: str | None = None
 
 
 def load_prompts(
@@ -286,41 +276,14 @@ def _images_in(folder: Path) -> list[Path]:
 # ---------------------------------------------------------------- scorers
 
 
-class PromptScorer(Protocol):
-    """True when `image` already satisfies the prompt of `row` (it then carries no preference signal)."""
-
-    def __call__(self, image: Image.Image, row: PromptRow) -> bool: ...
-
-
-class ShapesScorer:
-    """The shapes-world detector and GenEval rules on the row's metadata (`tag`, `include`, `exclude`)."""
-
-    def __init__(self, world_config: Any = None) -> None:
-        self.world_config = world_config
-
-    def check(self, row: PromptRow) -> None:
-        """Refuse a row without GenEval metadata before any model loads."""
-        if not isinstance(row.metadata.get("include"), list):
-            raise ValueError(
-                f"scorer 'shapes' reads GenEval metadata, and prompt {row.index} ({row.prompt!r}) has no "
-                '"include" list: give the prompts as JSONL rows with tag/include/exclude'
-            )
-
-    def __call__(self, image: Image.Image, row: PromptRow) -> bool:
-        from ..shapes.scoring import evaluate_generated_image
-
-        correct, _ = evaluate_generated_image(image, row.metadata, self.world_config)
-        return correct
-
-
-BUILTIN_SCORERS: Mapping[str, Callable[[], PromptScorer]] = MappingProxyType({"shapes": ShapesScorer})
+# built-in scorers by name: `module:NAME` as `--scorer` takes it, loaded only when asked for (a world's scorer
+# is evaluation code, which training does not import)
+BUILTIN_SCORERS: Mapping[str, str] = MappingProxyType({"shapes": "vargpt.shapes.recipe:ShapesScorer"})
 
 
 def load_scorer(name: str) -> PromptScorer:
     """A built-in scorer by name, or `module:NAME` (a class built without arguments, or a callable)."""
-    if name in BUILTIN_SCORERS:
-        return BUILTIN_SCORERS[name]()
-    module_name, _, attribute = name.partition(":")
+    module_name, _, attribute = BUILTIN_SCORERS.get(name, name).partition(":")
     if not attribute:
         raise ValueError(f"unknown scorer {name!r}: built in are {', '.join(BUILTIN_SCORERS)}; or give module:NAME")
     try:
@@ -338,7 +301,8 @@ def load_scorer(name: str) -> PromptScorer:
 
 @dataclass
 class DPOPairsConfig:
-    """Everything one `vargpt dpo-pairs` process does (the command line's flags, by the same names)."""
+    """Everything one `vargpt dpo-pairs` process does (the command line's flags, by the same names; the command,
+    `vargpt.cli.training`, fills it and calls `build_dpo_pairs`)."""
 
     prompts: str
     models: list[str]
@@ -511,29 +475,17 @@ def build_dpo_pairs(config: DPOPairsConfig, load_pipeline: PipelineLoader | None
     """
     config.validate()
     rows = load_prompts(config.prompts, config.prompt_column, config.prompt_split, config.limit)
-    scorer = load_scorer(config.scorer) if config.scorer else None
-    check = getattr(scorer, "check", None)
-    if check is not None:
-        for row in rows:
-            check(row)
+    scorer = _checked_scorer(config.scorer, rows) if config.scorer else None
     winners = WinnerIndex.load(config.winners) if config.winners is not None else None
     folder = PairsFolder(config.out)
     folder.check_identity(config.identity(rows))
     if config.merge_only:
-        stats = merge_parts(folder, rows, config)
-        if stats is None:
-            missing = len(rows) - len(folder.records())
-            raise ValueError(f"{missing} of {len(rows)} prompts are not finished yet: run the missing shards first")
-        return {"merged": True, "stats": stats}
-
+        return _merge_only(folder, rows, config)
     part = folder.part(config.shard_index, config.num_shards)
     done = folder.records(own_part=part)
     mine = [r for r in rows if r.index % config.num_shards == config.shard_index and r.index not in done]
     if config.strict and winners is not None:
-        lacking = [r for r in mine if r.problem is None and not winners.winners(r)]
-        if lacking:
-            named = ", ".join(f"{r.index} ({r.prompt!r})" for r in lacking[:5])
-            raise ValueError(f"{len(lacking)} prompt(s) have no winner in {winners.source}, e.g. {named}")
+        _refuse_missing_winners(mine, winners)
     # a prompt without a winner is skipped anyway: drawing its losers would waste the model's time
     to_draw = [r for r in mine if r.problem is None and (winners is None or winners.winners(r))]
     loader = load_pipeline or _default_loader(config)
@@ -549,10 +501,34 @@ def build_dpo_pairs(config: DPOPairsConfig, load_pipeline: PipelineLoader | None
     return result | ({"merged": True, "stats": stats} if stats is not None else {})
 
 
+def _checked_scorer(name: str, rows: Sequence[PromptRow]) -> PromptScorer:
+    """The named scorer, after its own `check(row)` (where it has one) accepted every row: a scorer that cannot
+    read the prompts fails before any model loads."""
+    scorer = load_scorer(name)
+    check = getattr(scorer, "check", None)
+    if check is not None:
+        for row in rows:
+            check(row)
+    return scorer
+
+
+def _merge_only(folder: PairsFolder, rows: Sequence[PromptRow], config: DPOPairsConfig) -> dict[str, Any]:
+    stats = merge_parts(folder, rows, config)
+    if stats is None:
+        missing = len(rows) - len(folder.records())
+        raise ValueError(f"{missing} of {len(rows)} prompts are not finished yet: run the missing shards first")
+    return {"merged": True, "stats": stats}
+
+
+def _refuse_missing_winners(rows: Sequence[PromptRow], winners: WinnerIndex) -> None:
+    lacking = [r for r in rows if r.problem is None and not winners.winners(r)]
+    if lacking:
+        named = ", ".join(f"{r.index} ({r.prompt!r})" for r in lacking[:5])
+        raise ValueError(f"{len(lacking)} prompt(s) have no winner in {winners.source}, e.g. {named}")
+
+
 def _default_loader(config: DPOPairsConfig) -> PipelineLoader:
     def load(name: str) -> Pipeline:
-        from ..pipeline import VARGPTPipeline
-
         return VARGPTPipeline.from_pretrained(
             name, device=config.device, dtype=config.dtype, image_preset=config.preset, **config.load_kwargs
         )
@@ -589,8 +565,6 @@ def _draw_samples(
 
 
 def _progress_bar(total: int, config: DPOPairsConfig, what: str) -> Any:
-    from tqdm.auto import tqdm
-
     desc = f"{what} [shard {config.shard_index + 1}/{config.num_shards}]"
     return tqdm(total=total, desc=desc, unit="prompt", disable=not config.progress, file=sys.stderr)
 
@@ -598,8 +572,6 @@ def _progress_bar(total: int, config: DPOPairsConfig, what: str) -> Any:
 def _release_memory() -> None:
     """Free one checkpoint before the next loads (a GPU holds one model of this size at a time)."""
     gc.collect()
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -711,111 +683,3 @@ def merge_parts(folder: PairsFolder, rows: Sequence[PromptRow], config: DPOPairs
     write_text_atomic("".join(json.dumps(p) + "\n" for p in pairs), folder.root / "pairs.jsonl")
     write_text_atomic(json.dumps(stats, indent=2), folder.root / "stats.json")
     return stats
-
-
-# ---------------------------------------------------------------- command line
-
-
-def register_dpo_pairs_command(subparsers: argparse._SubParsersAction) -> None:
-    """Add `dpo-pairs` to a `vargpt` sub-command parser."""
-    from ..cli.inference import add_model_arguments
-    from ..generation.config import UNCOND_MODES
-
-    # "resolve": the shared model flags stay in step with the other commands, and `--model` becomes repeatable
-    p = subparsers.add_parser(
-        "dpo-pairs",
-        help="preference pairs for image DPO: checkpoint samples (losers) against winner images",
-        description=__doc__.split("\n\n", 1)[0],
-        conflict_handler="resolve",
-    )
-    add_model_arguments(p)
-    p.add_argument(
-        "--model", action="append", required=True, metavar="CKPT", help="a checkpoint to draw losers from (repeatable)"
-    )
-    p.add_argument(
-        "--prompts", required=True, metavar="FILE|DATASET", help="text file, JSONL, or a datasets name / folder"
-    )
-    p.add_argument("--prompt-column", default="prompt", help="the prompt field of JSONL rows or dataset rows")
-    p.add_argument("--prompt-split", default="train", help="split of a datasets dataset (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    p.add_argument("--winners", default=None, metavar="FOLDER|JSONL", help="winner images keyed by prompt")
-    p.add_argument(
-        "--scorer",
-        default=None,
-        help=f"drops losers that satisfy the prompt: {', '.join(BUILTIN_SCORERS)} or module:NAME",
-    )
-    p.add_argument("--out", required=True, help="output folder (an interrupted run resumes in the same folder)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per model call (default: %(default)s)")
-    p.add_argument("--samples-per-prompt", type=int, default=1, help="losers per prompt and checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--num-shards", type=int, default=None, help="processes sharing the prompts (default: WORLD_SIZE or 1)"
-    )
-    p.add_argument("--shard-index", type=int, default=None, help="this process's shard (default: RANK or 0)")
-    p.add_argument("--merge", action="store_true", help="only merge finished shards into pairs.jsonl")
-    p.add_argument("--strict", action="store_true", help="a prompt without a winner is an error, not a skip")
-    p.add_argument("--response", default=DEFAULT_RESPONSE, help="assistant text of both sides (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK when available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 ... (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--preset", default=None, help="image settings preset (default: each checkpoint's own settings)")
-    p.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--tau", type=float, default=None, help="bit-logit temperature")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--resolution", type=int, default=None, help="sample side in pixels (default: the model's)")
-    p.add_argument("--uncond-mode", default=None, choices=UNCOND_MODES, help="guidance's unconditional branch")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_dpo_pairs_command)
-
-
-def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> DPOPairsConfig:
-    from ..cli.inference import model_load_kwargs
-
-    environ = os.environ if environ is None else environ
-    num_shards, shard_index = resolve_shard(args.num_shards, args.shard_index, environ)
-    load_kwargs = model_load_kwargs(args)
-    return DPOPairsConfig(
-        prompts=args.prompts,
-        models=list(args.model),
-        out=args.out,
-        winners=args.winners,
-        scorer=args.scorer,
-        prompt_column=args.prompt_column,
-        prompt_split=args.prompt_split,
-        limit=args.limit,
-        samples_per_prompt=args.samples_per_prompt,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        num_shards=num_shards,
-        shard_index=shard_index,
-        merge_only=args.merge,
-        strict=args.strict,
-        progress=not args.quiet,
-        preset=args.preset,
-        settings={k: getattr(args, k) for k in SETTING_NAMES if getattr(args, k) is not None},
-        device=args.device or _rank_device(environ),
-        dtype=args.dtype,
-        load_kwargs=load_kwargs,
-        response=args.response,
-    )
-
-
-def _rank_device(environ: Mapping[str, str]) -> str | None:
-    """`cuda:LOCAL_RANK` for a launched process on a GPU machine, so ranks do not share one GPU."""
-    if "LOCAL_RANK" not in environ:
-        return None
-    import torch
-
-    return f"cuda:{int(environ['LOCAL_RANK'])}" if torch.cuda.is_available() else None
-
-
-def run_dpo_pairs_command(args: argparse.Namespace) -> int:
-    result = build_dpo_pairs(config_from_args(args))
-    where = Path(args.out) / "pairs.jsonl"
-    if result["merged"]:
-        stats = result["stats"]
-        print(f"{stats['pairs']} pairs written to {where}; skipped: {json.dumps(stats['skipped'])}")
-    else:
-        shard, shards = result["shard"]
-        print(f"shard index {shard} of {shards} shards done; {where} is written once every shard has finished")
-    return 0

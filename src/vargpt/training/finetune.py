@@ -1,12 +1,12 @@
 """`vargpt finetune`: SFT (or DPO) of any checkpoint on your own sharegpt data, one stage at a time.
 
 Runs under `accelerate launch` unchanged (the Trainer handles the processes); an interrupted run resumes
-from its last complete checkpoint when started again with the same `--out`.
+from its last complete checkpoint when started again with the same `--out`. The flags are `vargpt.cli.training`'s;
+each sets the `FinetuneArgs` field of the same name, and `run_finetune` is what the command calls.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -20,10 +20,13 @@ from transformers import TrainingArguments, set_seed
 from transformers.integrations import is_fsdp_enabled
 from transformers.modeling_utils import is_local_dist_rank_0
 
-from ..rope_index import FORWARD_POSITIONS
-from .resume import CompleteCheckpointCallback, last_complete_checkpoint
-from .stages import STAGES, StagePlan, apply_stage
-from .trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments
+from ..configuration import PRESETS, VARGPTConfig
+from ..hub import resolve_checkpoint
+from ..modeling import VARGPTForConditionalGeneration
+from ..pipeline import preset_processor
+from ..processing import VARGPTProcessor
+from .stage_trainer import StageSetup, build_stage_trainer, stage_training_arguments, train_resuming
+from .stages import StagePlan, apply_stage, get_stage
 
 TRAINING_DTYPES = ("float32", "bfloat16")
 DPO_REFERENCES = ("auto", "snapshot", "adapter", "copy")
@@ -69,120 +72,25 @@ class FinetuneArgs:
     quantize: str | None = None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory or preset")
-    parser.add_argument("--data", required=True, action="append", help="sharegpt JSON/JSONL (repeatable)")
-    parser.add_argument("--out", required=True, help="output folder (resumes if it holds checkpoints)")
-    parser.add_argument("--stage", default="stage3-decoder", choices=sorted(STAGES))
-    parser.add_argument("--trainable", nargs="+", default=None, help="override the stage's parameter prefixes")
-    parser.add_argument("--resolution", type=int, default=None, help="generation-target pixels (default: model's)")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=4, help="per process")
-    parser.add_argument("--learning-rate", type=float, default=None, help="default: the stage's")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--save-steps", type=int, default=50)
-    parser.add_argument("--logging-steps", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (dpo stages)")
-    parser.add_argument(
-        "--chosen-nll-weight",
-        type=float,
-        default=0.0,
-        help="add this multiple of the winners' per-bit NLL to the DPO loss (RPO; 0: plain DPO)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--strict-data", action="store_true", help="fail on the first bad row instead of skipping")
-    parser.add_argument(
-        "--no-image-noise",
-        action="store_true",
-        help="turn off bitwise self-correction and condition dropout (exactly reproducible across process counts)",
-    )
-    parser.add_argument(
-        "--positions",
-        default=None,
-        choices=FORWARD_POSITIONS,
-        help="LLM rotary positions of rows with understanding images: mrope (as generate) or sequential (what "
-        "the published checkpoint was trained with); default: the model's forward_positions, saved with it",
-    )
-    parser.add_argument(
-        "--cpu", action="store_true", help="train on the CPU even where a GPU is present (CPU process groups: gloo)"
-    )
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        choices=TRAINING_DTYPES,
-        help="dtype the weights load in; default: bfloat16 under DeepSpeed with bf16 (it keeps fp32 master weights in "
-        "its optimizer), else float32 (mixed precision autocasts from fp32 weights)",
-    )
-    parser.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="recompute the LLM layers' and the visual decoder blocks' activations in the backward pass",
-    )
-    parser.add_argument(
-        "--report-to",
-        nargs="+",
-        default=None,
-        help="experiment trackers (transformers' names: tensorboard, wandb, ...; default: none)",
-    )
-    parser.add_argument("--dataloader-workers", type=int, default=0, help="data loading worker processes per rank")
-    parser.add_argument(
-        "--dpo-reference",
-        default="auto",
-        choices=DPO_REFERENCES,
-        help="how DPO holds its reference: auto (the LoRA base with adapters off, else a snapshot of the trained "
-        "tensors), snapshot, adapter, or copy (a whole second model)",
-    )
-    parser.add_argument(
-        "--lora", action="store_true", help="train LoRA adapters instead of the stage's weights; saved merged"
-    )
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--lora-alpha", type=float, default=32.0)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
-    parser.add_argument("--lora-parts", default="both", help="llm, decoder or both (default: both)")
-    parser.add_argument(
-        "--quantize",
-        default=None,
-        choices=("int8", "int4"),
-        help="load the frozen base quantized (bitsandbytes); with --lora and int4 this is QLoRA",
-    )
-    parser.add_argument(
-        "--deepspeed",
-        default=None,
-        help="a DeepSpeed JSON config, for launchers other than `accelerate launch` with a DeepSpeed config "
-        "(torchrun, deepspeed)",
-    )
-
-
-def from_namespace(ns: argparse.Namespace) -> FinetuneArgs:
-    return FinetuneArgs(**{k: v for k, v in vars(ns).items() if k in FinetuneArgs.__dataclass_fields__})
-
-
 def training_arguments(args: FinetuneArgs, plan: StagePlan) -> TrainingArguments:
     """The run's `TrainingArguments`. Built before the model: creating them sets up the process group and, under
     DeepSpeed ZeRO-3, the config that makes `from_pretrained` partition each tensor as it loads; under FSDP with
     CPU-RAM-efficient loading, only local rank 0 reads weights and the others wait on the meta device."""
     if args.dataloader_workers < 0:
         raise ValueError(f"--dataloader-workers must not be negative, got {args.dataloader_workers}")
-    return TrainingArguments(
-        output_dir=args.out,
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+    return stage_training_arguments(
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
         learning_rate=args.learning_rate if args.learning_rate is not None else plan.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_ratio,  # a float below 1 is a ratio of max_steps
-        weight_decay=0.0,
+        seed=args.seed,
+        bf16=args.bf16,
+        warmup_ratio=args.warmup_ratio,
+        force_cpu=args.cpu,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,
-        save_total_limit=2,
         report_to=args.report_to or "none",
-        seed=args.seed,
-        data_seed=args.seed,
-        bf16=args.bf16,
-        **device_arguments(force_cpu=args.cpu),
-        remove_unused_columns=False,
         dataloader_num_workers=args.dataloader_workers,
         disable_tqdm=args.quiet,
         deepspeed=args.deepspeed,
@@ -207,12 +115,6 @@ def load_for_training(name_or_path: str, dtype: torch.dtype, seed: int, quantiza
     """The model and processor, left where they load (the Trainer places them): a preset builds a seeded random
     model, a checkpoint (folder, shipped name or Hub id) loads through `from_pretrained`, which under ZeRO-3 or
     FSDP never holds the whole model in more than one process."""
-    from ..configuration import PRESETS, VARGPTConfig
-    from ..hub import resolve_checkpoint
-    from ..modeling import VARGPTForConditionalGeneration
-    from ..pipeline import preset_processor
-    from ..processing import VARGPTProcessor
-
     if name_or_path in PRESETS and not Path(name_or_path).is_dir():
         if quantization is not None:
             raise ValueError(f"a preset builds random weights: save it first to load it quantized ({name_or_path!r})")
@@ -287,18 +189,44 @@ def check_plan(args: FinetuneArgs, training_args: TrainingArguments) -> None:
 
 
 def run_finetune(args: FinetuneArgs) -> dict:
-    from ..data.collator import PreferenceCollator, SFTCollator
-    from ..data.formats import load_preference_dataset, load_sft_dataset
-
+    """One stage on `args.data` (or `args.train_dataset`), resumed from `args.out` where it holds checkpoints;
+    returns the losses and where the weights lived (the sharded-training tests read them)."""
     set_seed(args.seed)
-    plan = STAGES[args.stage]
-    if args.trainable:
-        plan = plan.with_trainable(*args.trainable)
+    plan = get_stage(args.stage, args.trainable)
     training_args = training_arguments(args, plan)
     check_plan(args, training_args)
-    dtype = training_dtype(args.dtype, training_args)
-    model, processor = load_for_training(args.model, dtype, args.seed, quantization=args.quantize)
+    model, processor = load_for_training(
+        args.model, training_dtype(args.dtype, training_args), args.seed, quantization=args.quantize
+    )
     loaded_bytes = materialised_bytes(model)
+    model, counts = _prepare_model(model, args, plan)
+    base = model.get_base_model() if args.lora else model
+    setup = StageSetup(
+        kind=plan.kind,
+        resolution=args.resolution or base.config.image_resolution,
+        dpo_beta=args.beta,
+        dpo_chosen_nll_weight=args.chosen_nll_weight,
+        dpo_reference=args.dpo_reference,
+    )
+    dataset = args.train_dataset if args.train_dataset is not None else _read_rows(args, plan)
+    trainer = build_stage_trainer(model, processor, dataset, training_args, setup)
+    train_resuming(trainer, args.out)
+    _save_outputs(args, trainer, model, processor)
+    return {
+        "stage": plan.name,
+        "trainable": counts["trainable"],
+        "steps": args.steps,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "distributed": distributed_kind(trainer),
+        "rank": trainer.args.process_index,
+        "parameter_bytes_after_loading": loaded_bytes,
+        "parameter_bytes_while_training": materialised_bytes(trainer.model_wrapped),
+    }
+
+
+def _prepare_model(model, args: FinetuneArgs, plan: StagePlan) -> tuple[torch.nn.Module, dict[str, int]]:
+    """The loaded model set up as the flags ask (noise, positions, checkpointing), with the stage's parameters
+    (or LoRA adapters) trainable and the rest frozen; returns it (PEFT-wrapped under --lora) and the counts."""
     if args.no_image_noise:
         model.config.bit_flip_max_prob = 0.0
         model.config.visual_decoder_config.cond_drop_rate = 0.0
@@ -307,6 +235,7 @@ def run_finetune(args: FinetuneArgs) -> dict:
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.lora:
+        # peft loads in seconds: only runs with --lora pay for it (every `vargpt` command line imports this module)
         from .lora import LoraSettings, apply_lora, parameter_counts, parse_parts
 
         settings = LoraSettings(
@@ -318,53 +247,24 @@ def run_finetune(args: FinetuneArgs) -> dict:
     else:
         counts = apply_stage(model, plan)
     model.train()
-    base = model.get_base_model() if args.lora else model
-    resolution = args.resolution or base.config.image_resolution
-    collator_args = {
-        "image_gen_resolution": resolution,
-        "num_image_gen_pad_tokens": base.num_image_gen_pad_tokens(base.generation_schedule(resolution)),
-        "max_length": base.config.text_config.max_position_embeddings,
-    }
-    if args.train_dataset is not None:
-        dataset = args.train_dataset
-    else:
-        loader = load_preference_dataset if plan.kind == "dpo" else load_sft_dataset
-        dataset, report = loader(args.data, strict=args.strict_data)
-        if report.skipped_rows:
-            print(f"data: {report}")
-        if len(dataset) == 0:
-            raise ValueError(f"no usable rows in {args.data}: {report}")
-    common = {
-        "model": model,
-        "args": training_args,
-        "train_dataset": dataset,
-        "callbacks": [CompleteCheckpointCallback()],
-    }
-    if plan.kind == "dpo":
-        trainer = ImageDPOTrainer(
-            **common,
-            data_collator=PreferenceCollator(processor, **collator_args),
-            beta=args.beta,
-            chosen_nll_weight=args.chosen_nll_weight,
-            reference=args.dpo_reference,
-        )
-    else:
-        trainer = VARGPTTrainer(**common, data_collator=SFTCollator(processor, **collator_args))
-    resume = last_complete_checkpoint(args.out) if trainer.is_world_process_zero() else None
-    if resume is None:
-        resume = last_complete_checkpoint(args.out, remove_incomplete=False)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result = {
-        "stage": plan.name,
-        "trainable": counts["trainable"],
-        "steps": args.steps,
-        "losses": losses,
-        "distributed": distributed_kind(trainer),
-        "rank": trainer.args.process_index,
-        "parameter_bytes_after_loading": loaded_bytes,
-        "parameter_bytes_while_training": materialised_bytes(trainer.model_wrapped),
-    }
+    return model, counts
+
+
+def _read_rows(args: FinetuneArgs, plan: StagePlan):
+    """The stage's rows from `args.data`: preference pairs for a DPO plan, conversations otherwise."""
+    from ..data.formats import load_preference_dataset, load_sft_dataset  # `datasets`: seconds to import
+
+    loader = load_preference_dataset if plan.kind == "dpo" else load_sft_dataset
+    dataset, report = loader(args.data, strict=args.strict_data)
+    if report.skipped_rows:
+        print(f"data: {report}")
+    if len(dataset) == 0:
+        raise ValueError(f"no usable rows in {args.data}: {report}")
+    return dataset
+
+
+def _save_outputs(args: FinetuneArgs, trainer, model, processor) -> None:
+    """`final/` (merged under --lora, with the adapter beside it) and the log history, from the main process."""
     out = Path(args.out)
     if args.lora:
         from .lora import merge_lora, save_adapter
@@ -378,4 +278,3 @@ def run_finetune(args: FinetuneArgs) -> dict:
         save_final(trainer, model, processor, out / "final")
     if trainer.is_world_process_zero():
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return result

@@ -44,7 +44,9 @@ from torch import nn
 
 from ..configuration import VARGPTConfig
 from ..memory_plan import GPU_SIZES_GB, RUNTIME_BYTES, weight_bytes
+from ..modeling import VARGPTForConditionalGeneration
 from ..schedule import scale_schedule
+from ..visual_decoder.layers import ffn_hidden_size
 from .stages import StagePlan, get_stage
 
 PRECISIONS = ("bf16", "fp32")
@@ -257,7 +259,6 @@ def _llm_layer_bytes(config: VARGPTConfig, flow: _Flow, act: int) -> int:
 
 def _decoder_block_bytes(config: VARGPTConfig, flow: _Flow, act: int, image: int, context: int) -> int:
     """Bytes one visual-decoder block saves for one image (all its scales)."""
-    from ..visual_decoder.layers import ffn_hidden_size
 
     d = config.visual_decoder_config
     C, heads = d.embed_dim, d.num_heads
@@ -319,7 +320,6 @@ def training_memory(config: VARGPTConfig, setup: TrainingSetup) -> TrainingMemor
     """Peak memory of one rank training `setup` on a model of `config`."""
     setup.check()
     plan = resolve_plan(setup)
-    from ..modeling import VARGPTForConditionalGeneration
 
     with torch.device("meta"):
         model = VARGPTForConditionalGeneration(config)

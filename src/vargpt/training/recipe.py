@@ -12,10 +12,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..generation.config import ImageGenerationConfig
+from ..shapes.scene import GENERATION_LAYOUTS
+from ..shapes.world import GENEVAL_CATEGORIES
+from .preference_pairs import DPO_LOSERS
 from .stages import STAGES
 
 TASKS = ("understanding", "generation", "editing")
-DPO_LOSERS = ("own_samples", "other_prompts", "own_samples_or_other_prompts")
+__all__ = ["DPO_LOSERS", "GENEVAL_CATEGORIES", "TASKS", "DataSpec", "RecipeSpec", "StageSpec", "load_recipe"]
 
 
 @dataclass(frozen=True)
@@ -135,45 +139,62 @@ def _stage(raw: dict[str, Any], index: int) -> StageSpec:
         raise ValueError(f"stage {index} of the recipe is malformed: {err}") from err
     if spec.plan not in STAGES:
         raise ValueError(f"stage {spec.name!r}: unknown plan {spec.plan!r}; choose one of {sorted(STAGES)}")
+    dpo = STAGES[spec.plan].kind == "dpo"
+    for check in (_settings_problem, _categories_problem, _task_repeats_problem):
+        problem = check(spec, dpo)
+        if problem:
+            raise ValueError(problem)
+    return spec
+
+
+def _settings_problem(spec: StageSpec, dpo: bool) -> str | None:
+    """What is wrong with a stage's tasks, DPO settings, image settings, prompt dropout or sizes (None: nothing)."""
+    where = f"stage {spec.name!r}"
     bad = set(spec.tasks) - set(TASKS)
     if bad:
-        raise ValueError(f"stage {spec.name!r}: unknown tasks {sorted(bad)}; choose from {TASKS}")
-    if STAGES[spec.plan].kind == "dpo" and spec.dpo_pairs <= 0:
-        raise ValueError(f"stage {spec.name!r} is a DPO stage and needs dpo_pairs > 0")
-    from ..generation.config import ImageGenerationConfig
-
+        return f"{where}: unknown tasks {sorted(bad)}; choose from {TASKS}"
+    if dpo and spec.dpo_pairs <= 0:
+        return f"{where} is a DPO stage and needs dpo_pairs > 0"
     try:
         ImageGenerationConfig().updated(**spec.image_generation)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"stage {spec.name!r}: image_generation: {err}") from None
+        return f"{where}: image_generation: {err}"
     if spec.dpo_beta <= 0:
-        raise ValueError(f"stage {spec.name!r}: dpo_beta must be positive, got {spec.dpo_beta}")
+        return f"{where}: dpo_beta must be positive, got {spec.dpo_beta}"
     if spec.dpo_chosen_nll_weight < 0:
-        raise ValueError(f"stage {spec.name!r}: dpo_chosen_nll_weight must not be negative")
+        return f"{where}: dpo_chosen_nll_weight must not be negative"
     if spec.dpo_losers not in DPO_LOSERS:
-        raise ValueError(f"stage {spec.name!r}: dpo_losers must be one of {list(DPO_LOSERS)}, got {spec.dpo_losers!r}")
+        return f"{where}: dpo_losers must be one of {list(DPO_LOSERS)}, got {spec.dpo_losers!r}"
     if not 0.0 <= spec.prompt_dropout < 1.0:
-        raise ValueError(f"stage {spec.name!r}: prompt_dropout must lie in [0, 1), got {spec.prompt_dropout}")
-    if STAGES[spec.plan].kind == "dpo" and spec.prompt_dropout:
-        raise ValueError(f"stage {spec.name!r}: prompt_dropout applies to SFT stages, not DPO")
-    if spec.categories:
-        from ..shapes.scoring import GENEVAL_CATEGORIES
+        return f"{where}: prompt_dropout must lie in [0, 1), got {spec.prompt_dropout}"
+    if dpo and spec.prompt_dropout:
+        return f"{where}: prompt_dropout applies to SFT stages, not DPO"
+    return None
 
+
+def _categories_problem(spec: StageSpec, dpo: bool) -> str | None:
+    where = f"stage {spec.name!r}"
+    if spec.categories:
         unknown = sorted(set(spec.categories) - set(GENEVAL_CATEGORIES))
         if unknown:
-            raise ValueError(f"stage {spec.name!r}: unknown categories {unknown}; choose from {GENEVAL_CATEGORIES}")
-        if "generation" not in spec.tasks or STAGES[spec.plan].kind == "dpo":
-            raise ValueError(f"stage {spec.name!r}: categories select the generation rows of an SFT stage")
+            return f"{where}: unknown categories {unknown}; choose from {GENEVAL_CATEGORIES}"
+        if "generation" not in spec.tasks or dpo:
+            return f"{where}: categories select the generation rows of an SFT stage"
     if spec.steps <= 0 or spec.batch_size <= 0:
-        raise ValueError(f"stage {spec.name!r}: steps and batch_size must be positive")
+        return f"{where}: steps and batch_size must be positive"
+    return None
+
+
+def _task_repeats_problem(spec: StageSpec, dpo: bool) -> str | None:
+    where = f"stage {spec.name!r}"
     for task, repeats in spec.task_repeats.items():
         if task not in spec.tasks:
-            raise ValueError(f"stage {spec.name!r}: task_repeats names {task!r}, which is not one of its tasks")
+            return f"{where}: task_repeats names {task!r}, which is not one of its tasks"
         if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-            raise ValueError(f"stage {spec.name!r}: task_repeats[{task!r}] must be a positive integer, got {repeats!r}")
-    if spec.task_repeats and STAGES[spec.plan].kind == "dpo":
-        raise ValueError(f"stage {spec.name!r}: task_repeats apply to SFT stages, not DPO")
-    return spec
+            return f"{where}: task_repeats[{task!r}] must be a positive integer, got {repeats!r}"
+    if spec.task_repeats and dpo:
+        return f"{where}: task_repeats apply to SFT stages, not DPO"
+    return None
 
 
 def read_recipe_text(name_or_path: str | Path) -> tuple[str, Path | None]:
@@ -219,14 +240,10 @@ def load_recipe(name_or_path: str | Path) -> RecipeSpec:
             raise ValueError(f"recipe {name_or_path!s}: {part} learning_rate must be positive")
     if spec.threads is not None and spec.threads < 1:
         raise ValueError(f"recipe {name_or_path!s}: threads must be a positive count, got {spec.threads}")
-    from ..shapes.scene import GENERATION_LAYOUTS
-
     if spec.data.generation_layout not in GENERATION_LAYOUTS:
         raise ValueError(
             f"recipe {name_or_path!s}: data.generation_layout must be one of {GENERATION_LAYOUTS}, "
             f"got {spec.data.generation_layout!r}"
         )
-    from ..generation.config import ImageGenerationConfig
-
     ImageGenerationConfig().updated(**spec.image_generation)  # unknown or invalid settings: a clear error now
     return spec

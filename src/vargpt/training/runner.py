@@ -21,10 +21,14 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import datasets
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments, set_seed
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -32,8 +36,14 @@ from transformers.utils import logging as hf_logging
 
 from ..checkpoint import atomic_directory_write, remove_staging_folders
 from ..configuration import VARGPTConfig
+from ..data.formats import load_preference_dataset, load_sft_dataset
+from ..generation.config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
 from ..modeling import VARGPTForConditionalGeneration
-from ..processing import VARGPTProcessor, preprocess_generation_target
+from ..pipeline import VARGPTPipeline
+from ..processing import VARGPTProcessor, postprocess_generated, preprocess_generation_target
+from ..shapes.scene import GRID_SIZE, Scene
+from ..shapes.splits import recipe_world_config, write_recipe_splits
+from ..shapes.world import ShapesWorld
 from ..tokenization import (
     DEFAULT_SYSTEM_PROMPT,
     SHAREGPT_IMAGE_GEN_PLACEHOLDER,
@@ -42,13 +52,48 @@ from ..tokenization import (
     learn_tiny_merges,
 )
 from .plots import image_rows, loss_curve
-from .recipe import RecipeSpec, StageSpec
-from .resume import CompleteCheckpointCallback, last_complete_checkpoint
-from .stages import STAGES, apply_stage
-from .trainer import ImageDPOTrainer, VARGPTTrainer, device_arguments
-from .vae_training import TokenizerTrainingModel, psnr_db, reconstruct
+from .preference_pairs import PromptScorer, build_preference_pairs, draws_own_samples
+from .recipe import GENEVAL_CATEGORIES, RecipeSpec, StageSpec
+from .stage_trainer import StageSetup, build_stage_trainer, stage_training_arguments, train_resuming
+from .stages import STAGES, apply_stage, get_stage
+from .vae_training import psnr_db, reconstruct, train_vae
+from .vision_pretraining import (
+    RenderedScenes,
+    SceneLabels,
+    SceneReadingCollator,
+    cells_aligned,
+    pretrain_scene_reading,
+)
 
 DONE = "DONE"
+
+
+class StageValidation(Protocol):
+    """A stage's validation: scores `pipeline` (the stage's model with its image settings) on the run's
+    `data`, may draw a sample grid to `samples_path`, and returns the report stored as the stage's
+    `metrics["validation"]`."""
+
+    def __call__(
+        self, pipeline: VARGPTPipeline, data: Path, *, rows: int, samples_path: Path, seed: int, progress: bool
+    ) -> dict[str, Any]: ...
+
+
+class SceneReadBack(Protocol):
+    """The share of `images` (reconstructions) read back as exactly their `scenes`."""
+
+    def __call__(self, images: Sequence[Image.Image], scenes: Sequence[Scene]) -> float: ...
+
+
+@dataclass(frozen=True)
+class RecipeJudges:
+    """The judgements a recipe run asks of its world, passed in by the caller so that training holds no
+    evaluation code: whether an image satisfies a prompt (DPO losers), each stage's validation, and how many
+    of the image tokenizer's reconstructions still read as their scenes. `vargpt.shapes.recipe` has the shapes
+    world's."""
+
+    scorer: PromptScorer
+    validate: StageValidation
+    read_back: SceneReadBack
 
 
 def _done(folder: Path) -> bool:
@@ -93,17 +138,9 @@ def learn_text_merges(spec: RecipeSpec, data: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def _world_config(spec: RecipeSpec):
-    from ..shapes.splits import recipe_world_config
-
-    return recipe_world_config(spec.data.image_size, spec.data.generation_layout)
-
-
 def prepare_data(spec: RecipeSpec, folder: Path) -> Path:
     """Write the shapes-world splits once, plus one JSONL per task so stages can pick their mixture (the same
     files `vargpt data shapes` writes)."""
-    from ..shapes.splits import write_recipe_splits
-
     if _done(folder):
         return folder
     _mark_done(folder, {"rows": write_recipe_splits(spec.data, spec.seed, folder)})
@@ -111,32 +148,27 @@ def prepare_data(spec: RecipeSpec, folder: Path) -> Path:
 
 
 def _training_args(spec: RecipeSpec, folder: Path, steps: int, batch: int, lr: float, **extra) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(folder),
-        max_steps=steps,
-        per_device_train_batch_size=batch,
+    """A recipe step's arguments: the stage conventions with the recipe's seed and precision."""
+    return stage_training_arguments(
+        folder,
+        steps=steps,
+        batch_size=batch,
         learning_rate=lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=float(extra.pop("warmup_ratio", 0.1)),  # a float below 1 is a ratio of max_steps
-        weight_decay=0.0,
+        seed=spec.seed,
+        bf16=spec.bf16,
+        warmup_ratio=float(extra.pop("warmup_ratio", 0.1)),
         logging_steps=extra.pop("logging_steps", 10),
         save_steps=extra.pop("save_steps", 200),
-        save_total_limit=2,
         report_to=[],
-        seed=spec.seed,
-        data_seed=spec.seed,
-        bf16=spec.bf16,
-        **device_arguments(),
-        remove_unused_columns=False,
         dataloader_num_workers=0,
         **extra,
     )
 
 
-def _pre_stage_trainer(spec: RecipeSpec, step, model, dataset, collator, folder: Path, progress: bool):
-    """The Trainer of a step before the stages (image tokenizer, vision pretraining): `step` gives its steps,
+def _pre_stage_args(spec: RecipeSpec, step, folder: Path, progress: bool) -> TrainingArguments:
+    """The arguments of a step before the stages (image tokenizer, vision pretraining): `step` gives its steps,
     batch size and learning rate; checkpoints go to `folder/trainer`."""
-    args = _training_args(
+    return _training_args(
         spec,
         folder / "trainer",
         step.steps,
@@ -145,33 +177,16 @@ def _pre_stage_trainer(spec: RecipeSpec, step, model, dataset, collator, folder:
         logging_steps=20,
         disable_tqdm=not progress,
     )
-    return VARGPTTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[CompleteCheckpointCallback()]
-    )
 
 
-def _train(trainer, folder: Path) -> None:
-    resume = last_complete_checkpoint(folder)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+def _save_weights(module: torch.nn.Module, path: Path) -> None:
+    save_file({k: t.contiguous() for k, t in module.state_dict().items()}, str(path))
 
 
 # -- tokenizer ------------------------------------------------------------------------------------------
 
 
-class _Renders(torch.utils.data.Dataset):
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.images[index]}
-
-
 def _render_scenes(spec: RecipeSpec, split: str, count: int, seed_offset: int):
-    from ..shapes.world import ShapesWorld
-
     world = ShapesWorld(spec.seed * 1000 + seed_offset, image_size=spec.data.image_size)
     scenes = [world.sample_scene(split) for _ in range(count)]
     images = [world.render(s) for s in scenes]
@@ -181,12 +196,15 @@ def _render_scenes(spec: RecipeSpec, split: str, count: int, seed_offset: int):
 
 
 def train_tokenizer(
-    spec: RecipeSpec, model: VARGPTForConditionalGeneration, folder: Path, progress: bool = True
+    spec: RecipeSpec,
+    model: VARGPTForConditionalGeneration,
+    folder: Path,
+    progress: bool = True,
+    *,
+    read_back: SceneReadBack,
 ) -> dict[str, Any]:
-    """Train `model.vae_local` on rendered scenes (or load it if this step is done)."""
-    from ..processing import postprocess_generated
-    from ..shapes.detector import matches_scene, read_scene
-
+    """Train `model.vae_local` on rendered scenes (or load it if this step is done); `read_back` (e.g. the
+    shapes world's detector) scores the validation reconstructions."""
     weights = folder / "vae.safetensors"
     if _done(folder):
         model.vae_local.load_state_dict(load_file(str(weights)))
@@ -195,30 +213,17 @@ def train_tokenizer(
     started = time.perf_counter()
     _, _, train_images = _render_scenes(spec, "train", spec.tokenizer.scenes, 1)
     val_scenes, val_images, val_tensor = _render_scenes(spec, "validation", 256, 2)
-    vae = model.vae_local
-    wrapper = TokenizerTrainingModel(vae)
-    trainer = _pre_stage_trainer(
-        spec,
-        spec.tokenizer,
-        wrapper,
-        _Renders(train_images),
-        lambda rows: {"pixel_values": torch.stack([r["pixel_values"] for r in rows])},
-        folder,
-        progress,
-    )
-    _train(trainer, folder / "trainer")
-    vae.eval()
-    recon_B3HW = reconstruct(vae, val_tensor)
+    trainer = train_vae(model.vae_local, train_images, _pre_stage_args(spec, spec.tokenizer, folder, progress))
+    recon_B3HW = reconstruct(model.vae_local, val_tensor)
     recon = postprocess_generated(recon_B3HW)
-    exact = sum(matches_scene(read_scene(img), scene) for img, scene in zip(recon, val_scenes, strict=True))
     metrics = {
         "steps": spec.tokenizer.steps,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "validation_psnr_db": round(psnr_db(recon_B3HW, val_tensor), 2),
-        "validation_detector_exact_match": exact / len(val_scenes),
+        "validation_detector_exact_match": read_back(recon, val_scenes),
         "final_loss": trainer.state.log_history[-1].get("train_loss"),
     }
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(weights))
+    _save_weights(model.vae_local, weights)
     loss_curve(trainer.state.log_history, folder / "loss.png", "image tokenizer")
     image_rows([val_images[:12], recon[:12]]).save(folder / "samples.png")
     _mark_done(folder, metrics)
@@ -228,21 +233,26 @@ def train_tokenizer(
 # -- vision encoder -------------------------------------------------------------------------------------
 
 
+def _rendered(spec: RecipeSpec, split: str, count: int, seed_offset: int) -> RenderedScenes:
+    world = ShapesWorld(spec.seed * 1000 + seed_offset, image_size=spec.data.image_size)
+    scenes = [world.sample_scene(split) for _ in range(count)]  # understanding scenes; held-out pairs stay out
+    return RenderedScenes(scenes, [world.render(s) for s in scenes])
+
+
+def _warn_unless_aligned(spec: RecipeSpec, grid_h: int, grid_w: int) -> None:
+    if not cells_aligned(grid_h, grid_w):
+        warnings.warn(
+            f"processor_pixels={spec.processor_pixels} gives {grid_h} x {grid_w} merged ViT tokens, which do not tile "
+            f"the scene's {GRID_SIZE} x {GRID_SIZE} cells: tokens on cell borders get labels they only half show "
+            f"(a multiple of {GRID_SIZE} tokens a side reads scenes far better, e.g. 168 x 168 = 28224 pixels)",
+            stacklevel=3,
+        )
+
+
 def pretrain_vision(
     spec: RecipeSpec, model: VARGPTForConditionalGeneration, processor: VARGPTProcessor, folder: Path, progress: bool
 ) -> dict[str, Any]:
     """Scene-reading pretraining of `model.visual` (or load it if this step is done); see `vision_pretraining`."""
-    from ..shapes.scene import GRID_SIZE
-    from ..shapes.world import ShapesWorld
-    from .vision_pretraining import (
-        RenderedScenes,
-        SceneLabels,
-        SceneReadingCollator,
-        VisionPretrainingModel,
-        cells_aligned,
-        reading_accuracy,
-    )
-
     weights = folder / "visual.safetensors"
     if _done(folder):
         model.visual.load_state_dict(load_file(str(weights)))
@@ -252,58 +262,33 @@ def pretrain_vision(
         raise ValueError(f"recipe {spec.name!r} has no vision step to run")
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-
-    def rendered(split: str, count: int, seed_offset: int) -> RenderedScenes:
-        world = ShapesWorld(spec.seed * 1000 + seed_offset, image_size=spec.data.image_size)
-        scenes = [world.sample_scene(split) for _ in range(count)]  # understanding scenes; held-out pairs stay out
-        return RenderedScenes(scenes, [world.render(s) for s in scenes])
-
-    world_config = ShapesWorld(0, image_size=spec.data.image_size).config
-    labels = SceneLabels(world_config)
-    collator = SceneReadingCollator(processor.image_processor, labels)
-    validation = rendered("validation", 256, 4)
-    validation_batch = collator([validation[i] for i in range(len(validation))])
-    # seeded here, not by the run: whether the tokenizer step trained in this process or was loaded from an
-    # earlier one changes the global random state, and the read-out head's initial weights must not depend on it
-    set_seed(spec.seed)
-    wrapper = VisionPretrainingModel(
-        model.visual, model.config.vision_config.hidden_size, labels, position_target=vision.position_target
+    labels = SceneLabels(ShapesWorld(0, image_size=spec.data.image_size).config)
+    run = pretrain_scene_reading(
+        model.visual,
+        model.config.vision_config.hidden_size,
+        SceneReadingCollator(processor.image_processor, labels),
+        train=_rendered(spec, "train", vision.scenes, 3),
+        validation=_rendered(spec, "validation", 256, 4),
+        args=_pre_stage_args(spec, vision, folder, progress),
+        position_target=vision.position_target,
     )
-    grid_h, grid_w = wrapper.token_grid(validation_batch["image_grid_thw"])
-    aligned = cells_aligned(grid_h, grid_w)
-    if not aligned:
-        warnings.warn(
-            f"processor_pixels={spec.processor_pixels} gives {grid_h} x {grid_w} merged ViT tokens, which do not tile "
-            f"the scene's {GRID_SIZE} x {GRID_SIZE} cells: tokens on cell borders get labels they only half show "
-            f"(a multiple of {GRID_SIZE} tokens a side reads scenes far better, e.g. 168 x 168 = 28224 pixels)",
-            stacklevel=2,
-        )
-    wrapper.eval()
-    before = reading_accuracy(wrapper, validation_batch)
-    wrapper.train()
-    trainer = _pre_stage_trainer(spec, vision, wrapper, rendered("train", vision.scenes, 3), collator, folder, progress)
-    _train(trainer, folder / "trainer")
-    wrapper.eval()
+    _warn_unless_aligned(spec, *run.token_grid)
     metrics = {
         "steps": vision.steps,
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "token_grid": [grid_h, grid_w],
-        "cells_aligned": aligned,
-        "validation_reading_before": before,
-        "validation_reading": reading_accuracy(wrapper, validation_batch),
-        "final_loss": trainer.state.log_history[-1].get("train_loss"),
+        "token_grid": list(run.token_grid),
+        "cells_aligned": cells_aligned(*run.token_grid),
+        "validation_reading_before": run.before,
+        "validation_reading": run.after,
+        "final_loss": run.trainer.state.log_history[-1].get("train_loss"),
     }
-    save_file({k: t.contiguous() for k, t in model.visual.state_dict().items()}, str(weights))
-    loss_curve(trainer.state.log_history, folder / "loss.png", "ViT scene reading")
+    _save_weights(model.visual, weights)
+    loss_curve(run.trainer.state.log_history, folder / "loss.png", "ViT scene reading")
     _mark_done(folder, metrics)
     return metrics
 
 
 # -- stages ---------------------------------------------------------------------------------------------
-
-
-def _pad_tokens(model, resolution: int) -> int:
-    return model.num_image_gen_pad_tokens(model.generation_schedule(resolution))
 
 
 def _rows_of_categories(rows: Path, categories: tuple[str, ...]) -> Path:
@@ -324,10 +309,6 @@ def _sft_dataset(
     data: Path, tasks: tuple[str, ...], categories: tuple[str, ...] = (), repeats: dict[str, int] | None = None
 ):
     """The stage's training rows: each task's file (`repeats[task]` times, default once), concatenated."""
-    import datasets
-
-    from ..data.formats import load_sft_dataset
-
     parts, reports = [], {}
     for task in tasks:
         path = data / f"train-{task}.jsonl"
@@ -339,94 +320,41 @@ def _sft_dataset(
     return datasets.concatenate_datasets(parts), reports
 
 
-def _image_settings(spec: RecipeSpec):
-    from ..generation.config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
-
+def _image_settings(spec: RecipeSpec) -> ImageGenerationConfig:
     return ImageGenerationConfig.from_preset(DEFAULT_IMAGE_PRESET, **spec.image_generation)
 
 
-def _stage_pipeline(spec: RecipeSpec, model, processor, stage: StageSpec):
+def _stage_pipeline(spec: RecipeSpec, model, processor, stage: StageSpec) -> VARGPTPipeline:
     """The pipeline a stage samples with (DPO losers, validation): the recipe's image settings with the
     stage's own overrides, at the stage's resolution."""
-    from ..pipeline import VARGPTPipeline
-
     settings = _image_settings(spec).updated(**stage.image_generation, resolution=stage.resolution)
     return VARGPTPipeline(model, processor, image_config=settings)
 
 
-def _build_preference_pairs(spec: RecipeSpec, stage_index: int, model, processor, folder: Path) -> Path:
-    """Winners: the renderer's ground truth for a prompt. Losers (`stage.dpo_losers`): "own_samples", the
-    model's own wrong samples for it (the paper's construction); "other_prompts", the ground truth of another
-    prompt of the same category that this prompt rejects, which rewards following the prompt rather than drawing
-    any clean scene; or "own_samples_or_other_prompts", the model's sample where it is wrong and another prompt's
-    ground truth where it is right, so that categories the model already draws right keep pairs (and the
-    winners' NLL term) instead of drifting while the round trains only on the others."""
-    from ..shapes.scoring import GENEVAL_CATEGORIES, evaluate_generated_image
-    from ..shapes.world import ShapesWorld
-
-    folder.mkdir(parents=True, exist_ok=True)
-    # each DPO round (iterative DPO) draws fresh prompts: the world's seed moves on with every earlier DPO stage
+def build_stage_pairs(
+    spec: RecipeSpec, stage_index: int, pipeline: VARGPTPipeline | None, scorer: PromptScorer, folder: Path
+) -> Path:
+    """The DPO stage's pairs (see `preference_pairs`): `pipeline` draws the model's samples where the stage's
+    losers use them (else None). Each DPO round (iterative DPO) draws fresh prompts: the world's seed moves on
+    with every earlier DPO stage."""
     stage = spec.stages[stage_index]
     rounds_before = sum(STAGES[s.plan].kind == "dpo" for s in spec.stages[:stage_index])
     world = ShapesWorld(
-        spec.seed * 1000 + 7 + 1000 * rounds_before, image_size=spec.data.image_size, config=_world_config(spec)
+        spec.seed * 1000 + 7 + 1000 * rounds_before,
+        image_size=spec.data.image_size,
+        config=recipe_world_config(spec.data.image_size, spec.data.generation_layout),
     )
-    samples = stage.dpo_losers in ("own_samples", "own_samples_or_other_prompts")
-    others = stage.dpo_losers in ("other_prompts", "own_samples_or_other_prompts")
-    pipe = _stage_pipeline(spec, model.eval(), processor, stage) if samples else None
-    rows, skipped, index = [], 0, 0
-    attempts = 0
-    from_other_prompts = 0
-    previous: dict[str, Any] = {}  # category -> the last prompt item drawn for it
-    while len(rows) < stage.dpo_pairs and attempts < stage.dpo_pairs * 4:
-        items = [world.t2i_prompt(GENEVAL_CATEGORIES[(attempts + i) % 6], "train") for i in range(16)]
-        attempts += len(items)
-        other_items = []  # per item: the previous prompt of its category (its scene is rendered only when used)
-        for item in items:
-            other_items.append(previous.get(item.metadata["tag"]) if others else None)
-            previous[item.metadata["tag"]] = item
-        if pipe is not None:
-            losers = [
-                s.resize((spec.data.image_size,) * 2)
-                for s in pipe.generate([it.prompt for it in items], seed=spec.seed + attempts)
-            ]
-        else:
-            losers = [None if other is None else world.render(other.scene) for other in other_items]
-        for item, loser, other in zip(items, losers, other_items, strict=True):
-            if loser is None:
-                continue
-            correct, _ = evaluate_generated_image(loser, item.metadata)
-            if correct and pipe is not None and other is not None:
-                loser = world.render(other.scene)  # the model draws this prompt right: another prompt's scene loses
-                correct, _ = evaluate_generated_image(loser, item.metadata)
-                from_other_prompts += not correct
-            if correct:
-                skipped += 1  # the loser satisfies this prompt too: no preference signal
-                continue
-            chosen, rejected = f"pair{index:05d}_chosen.png", f"pair{index:05d}_rejected.png"
-            world.render(item.scene).save(folder / chosen)
-            loser.save(folder / rejected)
-            rows.append(
-                {
-                    "conversations": [{"role": "user", "content": item.prompt}],
-                    "chosen": {"role": "assistant", "content": "<image_gen>"},
-                    "rejected": {"role": "assistant", "content": "<image_gen>"},
-                    "images": [chosen, rejected],
-                }
-            )
-            index += 1
-    rows = rows[: stage.dpo_pairs]  # the last batch of 16 prompts may overshoot
-    path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stats = {
-        "pairs": len(rows),
-        "prompts_drawn": attempts,
-        "losers": stage.dpo_losers,
-        "skipped_loser_satisfies_prompt": skipped,
-        "losers_from_other_prompts": from_other_prompts if pipe is not None and others else None,
-    }
-    (folder / "pairs_stats.json").write_text(json.dumps(stats))
-    return path
+    return build_preference_pairs(
+        world,
+        GENEVAL_CATEGORIES,
+        scorer,
+        folder,
+        count=stage.dpo_pairs,
+        losers=stage.dpo_losers,
+        image_size=spec.data.image_size,
+        seed=spec.seed,
+        generate=None if pipeline is None else pipeline.generate,
+    )
 
 
 def _save_loadable(spec: RecipeSpec, model, processor, target: Path) -> None:
@@ -439,19 +367,36 @@ def _save_loadable(spec: RecipeSpec, model, processor, target: Path) -> None:
     atomic_directory_write(target, write)
 
 
-def run_stage(
-    spec: RecipeSpec, stage_index: int, model, processor, data: Path, folder: Path, progress: bool
-) -> dict[str, Any]:
-    from ..data.collator import PreferenceCollator, SFTCollator
-    from ..data.formats import load_preference_dataset
-    from ..shapes.evaluate import evaluate_split
+def _stage_rows(spec, stage_index, model, processor, data, folder, scorer) -> tuple[Any, Any]:
+    """The stage's dataset and its data report: preference pairs built now for a DPO stage (sampling with the
+    model where its losers need it), the recipe data's task files for an SFT stage."""
+    stage = spec.stages[stage_index]
+    if STAGES[stage.plan].kind != "dpo":
+        return _sft_dataset(data, stage.tasks, stage.categories, stage.task_repeats)
+    pipeline = _stage_pipeline(spec, model.eval(), processor, stage) if draws_own_samples(stage.dpo_losers) else None
+    pairs = build_stage_pairs(spec, stage_index, pipeline, scorer, folder / "pairs")
+    dataset, report = load_preference_dataset(pairs)
+    model.train()
+    return dataset, report.to_dict()
 
+
+def run_stage(
+    spec: RecipeSpec,
+    stage_index: int,
+    model,
+    processor,
+    data: Path,
+    folder: Path,
+    progress: bool,
+    *,
+    judges: RecipeJudges,
+) -> dict[str, Any]:
+    """Train one stage of the recipe on `model` in place, validate it with `judges.validate` and save it
+    loadable in `folder/model`; returns (and writes) its metrics."""
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     stage = spec.stages[stage_index]
-    plan = STAGES[stage.plan]
-    if stage.trainable:
-        plan = plan.with_trainable(*stage.trainable)
+    plan = get_stage(stage.plan, stage.trainable)
     counts = apply_stage(model, plan)
     model.train()
     lr = stage.learning_rate if stage.learning_rate is not None else plan.learning_rate
@@ -466,49 +411,27 @@ def run_stage(
         gradient_accumulation_steps=stage.gradient_accumulation_steps,
         disable_tqdm=not progress,
     )
-    collator_args = {
-        "image_gen_resolution": stage.resolution,
-        "num_image_gen_pad_tokens": _pad_tokens(model, stage.resolution),
-        "max_length": model.config.text_config.max_position_embeddings,
-        "resize_ratio": spec.target_resize_ratio,
-    }
-    extra: dict[str, Any] = {}
-    if plan.kind == "dpo":
-        pairs = _build_preference_pairs(spec, stage_index, model, processor, folder / "pairs")
-        dataset, report = load_preference_dataset(pairs)
-        extra["data_report"] = report.to_dict()
-        model.train()
-        trainer = ImageDPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=PreferenceCollator(processor, **collator_args),
-            callbacks=[CompleteCheckpointCallback()],
-            beta=stage.dpo_beta,
-            chosen_nll_weight=stage.dpo_chosen_nll_weight,
-        )
-    else:
-        dataset, reports = _sft_dataset(data, stage.tasks, stage.categories, stage.task_repeats)
-        extra["data_report"] = reports
-        trainer = VARGPTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=SFTCollator(processor, **collator_args, prompt_dropout=stage.prompt_dropout),
-            callbacks=[CompleteCheckpointCallback()],
-        )
-    _train(trainer, folder / "trainer")
+    dataset, report = _stage_rows(spec, stage_index, model, processor, data, folder, judges.scorer)
+    setup = StageSetup(
+        kind=plan.kind,
+        resolution=stage.resolution,
+        resize_ratio=spec.target_resize_ratio,
+        prompt_dropout=stage.prompt_dropout,
+        dpo_beta=stage.dpo_beta,
+        dpo_chosen_nll_weight=stage.dpo_chosen_nll_weight,
+    )
+    trainer = build_stage_trainer(model, processor, dataset, args, setup)
+    train_resuming(trainer, folder / "trainer")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    pipe = _stage_pipeline(spec, model, processor, stage)
-    evaluation = evaluate_split(
-        pipe,
-        data / "validation.jsonl",
-        limit=stage.eval_rows,
-        grid_path=folder / "samples.png",
-        progress=progress,
+    validation = judges.validate(
+        _stage_pipeline(spec, model, processor, stage),
+        data,
+        rows=stage.eval_rows,
+        samples_path=folder / "samples.png",
         seed=spec.seed,
+        progress=progress,
     )
     history = trainer.state.log_history
     metrics = {
@@ -521,8 +444,8 @@ def run_stage(
         "learning_rate": lr,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "final_train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
-        "validation": evaluation,
-        **extra,
+        "validation": validation,
+        "data_report": report,
     }
     loss_curve(history, folder / "loss.png", f"{stage.name} ({plan.name}, {stage.resolution}px)")
     # model, processor and image settings together, atomically: every stage's checkpoint loads on its own
@@ -532,10 +455,13 @@ def run_stage(
     return metrics
 
 
-def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True, judges: RecipeJudges) -> dict[str, Any]:
     """Run (or resume) a whole recipe; returns the summary that is also written to summary.json.
 
-    `progress=False` also hides transformers' own bars (loading and writing checkpoints) for the run."""
+    `progress=False` also hides transformers' own bars (loading and writing checkpoints) for the run. `judges`
+    score DPO losers, validate each stage and read back the tokenizer's reconstructions; training holds no
+    evaluation code, so the caller brings its world's (`vargpt.shapes.recipe.shapes_judges()` for a
+    shapes-world recipe, which is what `vargpt train` passes)."""
     previous = torch.get_num_threads()
     bars_were_on = hf_logging.is_progress_bar_enabled()
     if spec.threads is not None:
@@ -543,15 +469,29 @@ def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True) 
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        return _run_recipe(spec, out_dir, progress)
+        return _run_recipe(spec, Path(out_dir), progress, judges)
     finally:
         torch.set_num_threads(previous)
         if bars_were_on:
             hf_logging.enable_progress_bar()
 
 
-def _run_recipe(spec: RecipeSpec, out_dir: str | Path, progress: bool) -> dict[str, Any]:
-    out = Path(out_dir)
+def _run_stages(spec: RecipeSpec, model, processor, data: Path, out: Path, progress: bool, judges: RecipeJudges):
+    """Every stage in order, a finished one loaded instead of trained; returns the last model and the metrics."""
+    metrics = []
+    for index, stage in enumerate(spec.stages):
+        folder = out / "stages" / f"{index:02d}-{stage.name}"
+        remove_staging_folders(folder)
+        if _done(folder):
+            model = VARGPTForConditionalGeneration.from_pretrained(folder / "model", dtype=torch.float32)
+            metrics.append(json.loads((folder / "metrics.json").read_text()))
+            continue
+        set_seed(spec.seed + index)
+        metrics.append(run_stage(spec, index, model, processor, data, folder, progress, judges=judges))
+    return model, metrics
+
+
+def _run_recipe(spec: RecipeSpec, out: Path, progress: bool, judges: RecipeJudges) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     remove_staging_folders(out)
     started = time.perf_counter()
@@ -559,22 +499,14 @@ def _run_recipe(spec: RecipeSpec, out_dir: str | Path, progress: bool) -> dict[s
     (out / "recipe.json").write_text(json.dumps(spec.to_dict(), indent=2))
     data = prepare_data(spec, out / "data")
     processor = build_processor(spec, data)
-    config = VARGPTConfig.from_preset(spec.model_preset, **spec.model_overrides)
-    model = VARGPTForConditionalGeneration(config)
-    tokenizer_metrics = train_tokenizer(spec, model, out / "tokenizer", progress)
-    summary: dict[str, Any] = {"recipe": spec.name, "tokenizer": tokenizer_metrics}
+    model = VARGPTForConditionalGeneration(VARGPTConfig.from_preset(spec.model_preset, **spec.model_overrides))
+    summary: dict[str, Any] = {
+        "recipe": spec.name,
+        "tokenizer": train_tokenizer(spec, model, out / "tokenizer", progress, read_back=judges.read_back),
+    }
     if spec.vision is not None:
         summary["vision"] = pretrain_vision(spec, model, processor, out / "vision", progress)
-    summary["stages"] = []
-    for index, stage in enumerate(spec.stages):
-        folder = out / "stages" / f"{index:02d}-{stage.name}"
-        remove_staging_folders(folder)
-        if _done(folder):
-            model = VARGPTForConditionalGeneration.from_pretrained(folder / "model", dtype=torch.float32)
-            summary["stages"].append(json.loads((folder / "metrics.json").read_text()))
-            continue
-        set_seed(spec.seed + index)
-        summary["stages"].append(run_stage(spec, index, model, processor, data, folder, progress))
+    model, summary["stages"] = _run_stages(spec, model, processor, data, out, progress, judges)
     _save_loadable(spec, model, processor, out / "final")
     summary["wall_seconds_this_run"] = round(time.perf_counter() - started, 1)
     summary["total_stage_seconds"] = math.fsum(s.get("wall_seconds", 0) for s in summary["stages"]) + math.fsum(

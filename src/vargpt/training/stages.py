@@ -68,7 +68,10 @@ def apply_stage(model: nn.Module, plan: StagePlan) -> dict[str, int]:
     return {"trainable": trainable, "frozen": frozen}
 
 
-def get_stage(name: str) -> StagePlan:
+def get_stage(name: str, trainable: tuple[str, ...] | list[str] | None = None) -> StagePlan:
+    """The named plan, with its trainable prefixes replaced by `trainable` when given (a recipe's or the
+    command line's override)."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; choose one of {sorted(STAGES)}")
-    return STAGES[name]
+    plan = STAGES[name]
+    return plan.with_trainable(*trainable) if trainable else plan

@@ -25,7 +25,9 @@ from torch import nn
 from torch.func import functional_call
 from transformers import Trainer
 
+from ..modeling import VARGPTForConditionalGeneration
 from ..visual_decoder import bit_log_likelihood
+from .stages import apply_stage, get_stage
 
 
 def release_from_accelerate(accelerator, model) -> None:
@@ -399,9 +401,6 @@ def reference_memory(config, stage: str = "stage3-dpo", dtype: torch.dtype = tor
     """The reference's memory for `config` and `stage`, counted on the meta device (no weights are made), so
     the full-size figure costs seconds and no memory: the deep copy holds every parameter and buffer, the
     snapshot only the stage's trainable parameters (the adapter reference holds nothing)."""
-    from ..modeling import VARGPTForConditionalGeneration
-    from .stages import apply_stage, get_stage
-
     with torch.device("meta"):
         model = VARGPTForConditionalGeneration(config).to(dtype)
     counts = apply_stage(model, get_stage(stage))

@@ -14,9 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainingArguments
 
 from ..image_tokenizer import BSQVAE, encode_to_bits
 from ..schedule import scale_schedule
+from .resume import CompleteCheckpointCallback
+from .stage_trainer import train_resuming
+from .trainer import VARGPTTrainer
 
 
 @dataclass(frozen=True)
@@ -68,3 +72,35 @@ def psnr_db(recon_B3HW: torch.Tensor, images_B3HW: torch.Tensor) -> float:
 def reconstruction_psnr(vae: BSQVAE, images_B3HW: torch.Tensor) -> float:
     """PSNR (dB) of images coded to bits and decoded back."""
     return psnr_db(reconstruct(vae, images_B3HW), images_B3HW)
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """Images `[N, 3, H, W]` in [-1, 1] as Trainer rows (`{"pixel_values": [3, H, W]}`)."""
+
+    def __init__(self, images_N3HW: torch.Tensor) -> None:
+        self.images = images_N3HW
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.images[index]}
+
+
+def stack_pixels(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows])}
+
+
+def train_vae(vae: BSQVAE, images_N3HW: torch.Tensor, args: TrainingArguments) -> VARGPTTrainer:
+    """Train `vae` in place on `images_N3HW` (resuming from the newest complete checkpoint in `args.output_dir`)
+    and leave it in eval mode; returns the trainer, whose `state.log_history` holds the losses."""
+    trainer = VARGPTTrainer(
+        model=TokenizerTrainingModel(vae),
+        args=args,
+        train_dataset=ImageRows(images_N3HW),
+        data_collator=stack_pixels,
+        callbacks=[CompleteCheckpointCallback()],
+    )
+    train_resuming(trainer, args.output_dir)
+    vae.eval()
+    return trainer

@@ -17,13 +17,18 @@ that redraws a source scene (editing) cross-attends to those states, and must kn
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainingArguments, set_seed
 
 from ..shapes.scene import GRID_SIZE, Scene, ShapesWorldConfig, all_cells
+from .resume import CompleteCheckpointCallback
+from .stage_trainer import train_resuming
+from .trainer import VARGPTTrainer
 
 IGNORE = -100
 
@@ -214,3 +219,43 @@ class SceneReadingCollator:
             "image_grid_thw": pixels["image_grid_thw"],
             **self.labels.encode([r["scene"] for r in rows]),
         }
+
+
+@dataclass(frozen=True)
+class SceneReadingRun:
+    """What `pretrain_scene_reading` did: its trainer (losses in `state.log_history`), the merged-token grid, and
+    the held-out reading shares before and after training."""
+
+    trainer: VARGPTTrainer
+    token_grid: tuple[int, int]
+    before: dict[str, float]
+    after: dict[str, float]
+
+
+def pretrain_scene_reading(
+    visual: nn.Module,
+    width: int,
+    collator: SceneReadingCollator,
+    train: RenderedScenes,
+    validation: RenderedScenes,
+    args: TrainingArguments,
+    *,
+    position_target: bool = False,
+) -> SceneReadingRun:
+    """Train `visual` in place to read `train`'s scenes through a throw-away head, measured on `validation`
+    before and after (resuming from the newest complete checkpoint in `args.output_dir`)."""
+    validation_batch = collator([validation[i] for i in range(len(validation))])
+    # seeded here: the head's initial weights must not depend on what ran before in this process (a step that
+    # trained here moves the global random state; the same step loaded from disk does not)
+    set_seed(args.seed)
+    wrapper = VisionPretrainingModel(visual, width, collator.labels, position_target=position_target)
+    grid = wrapper.token_grid(validation_batch["image_grid_thw"])
+    wrapper.eval()
+    before = reading_accuracy(wrapper, validation_batch)
+    wrapper.train()
+    trainer = VARGPTTrainer(
+        model=wrapper, args=args, train_dataset=train, data_collator=collator, callbacks=[CompleteCheckpointCallback()]
+    )
+    train_resuming(trainer, args.output_dir)
+    wrapper.eval()
+    return SceneReadingRun(trainer, grid, before, reading_accuracy(wrapper, validation_batch))
