@@ -6,7 +6,6 @@ from PIL import Image
 
 from vargpt.evaluation.dpg import (
     DPGQuestion,
-    ShapesVQA,
     apply_dependencies,
     grid_tiles,
     make_grid,
@@ -17,6 +16,7 @@ from vargpt.evaluation.dpg import (
     score_dpg_folder,
     summarize_dpg,
 )
+from vargpt.shapes.judges import ShapesVQA
 from vargpt.shapes.render import render
 from vargpt.shapes.scene import Scene, ShapeInstance, ShapesWorldConfig
 
@@ -140,28 +140,6 @@ def test_dpg_sampler_with_the_tiny_model(tmp_path):
     for row in rows:
         with Image.open(tmp_path / f"{row['id']}.png") as grid:
             assert grid.size == (32, 32)
-
-
-def test_shapes_vqa_answers_from_the_detector():
-    config = ShapesWorldConfig()
-    scene = Scene(
-        (
-            ShapeInstance((1, 0), "circle", "red"),
-            ShapeInstance((1, 2), "square", "blue"),
-            ShapeInstance((2, 2), "square", "blue"),
-        ),
-        "grey",
-    )
-    image = render(scene, config, 48)
-    vqa = ShapesVQA(config)
-    assert vqa(image, "Is there a red circle?") == "yes"
-    assert vqa(image, "Is there a blue circle?") == "no"
-    assert vqa(image, "Are there two blue squares?") == "yes"
-    assert vqa(image, "Are there three squares?") == "no"
-    assert vqa(image, "Is the red circle left of the blue square?") == "yes"
-    assert vqa(image, "Is the red circle right of the blue square?") == "no"
-    assert vqa(image, "Is the background grey?") == "yes"
-    assert vqa(image, "Is the background striped?") == "no"
 
 
 def test_score_folder_end_to_end_with_the_shapes_vqa(tmp_path):

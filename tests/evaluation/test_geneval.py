@@ -10,7 +10,6 @@ from vargpt.evaluation.geneval import (
     OFFICIAL_FILTER,
     DetectionFilter,
     ObjectDetection,
-    ShapesDetector,
     read_geneval_metadata,
     sample_geneval,
     score_detections,
@@ -18,6 +17,7 @@ from vargpt.evaluation.geneval import (
     summarize_geneval,
 )
 from vargpt.evaluation.sampling import MANIFEST_NAME
+from vargpt.shapes.judges import ShapesDetector
 from vargpt.shapes.render import render
 from vargpt.shapes.scene import Scene, ShapeInstance, ShapesWorldConfig
 
@@ -272,10 +272,3 @@ def test_score_folder_with_the_shapes_detector(tmp_path):
     assert summary["tasks"]["position"]["score"] == 0.5 and summary["overall"] == 0.5
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert set(json.loads(lines[0])) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
-
-
-def test_shapes_detector_reads_small_generated_images_and_keeps_input_coordinates():
-    image = render(Scene((ShapeInstance((0, 2), "square", "green"),)), ShapesWorldConfig(), 48).resize((24, 24))
-    (found,) = ShapesDetector()(image)
-    assert (found.label, found.colour) == ("square", "green")
-    assert found.bbox[0] >= 12 and found.bbox[2] <= 24

@@ -111,6 +111,42 @@ class SourceSpec:
 
 def parse_source(raw: Any, where: str) -> SourceSpec:
     """A `SourceSpec` from recipe JSON; errors name `where` (e.g. "stage 'sft-256' data[1]") and the field."""
+    raw = _source_object(raw, where)
+    data_files = raw.get("data_files")
+    if data_files is not None and not isinstance(data_files, (str, list, dict)):
+        raise ValueError(f"{where}: data_files must be a string, a list or a split->files mapping")
+    columns = _columns(raw.get("columns", {}), where)
+    streaming = raw.get("streaming", False)
+    if not isinstance(streaming, bool):
+        raise ValueError(f"{where}: streaming must be true or false, got {streaming!r}")
+    weight = raw.get("weight")
+    if weight is not None and (
+        isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0
+    ):
+        raise ValueError(f"{where}: weight must be a positive number, got {weight!r}")
+    repeat = _positive_int(raw, "repeat", 1, where)
+    check = raw.get("check_images", "decode")
+    if check not in IMAGE_CHECKS:
+        raise ValueError(f"{where}: check_images must be one of {list(IMAGE_CHECKS)}, got {check!r}")
+    buffer = _positive_int(raw, "shuffle_buffer", 10_000, where)
+    return SourceSpec(
+        path=raw.get("path"),
+        dataset=raw.get("dataset"),
+        name=raw.get("name"),
+        split=raw.get("split", "train"),
+        data_files=data_files,
+        streaming=streaming,
+        columns=columns,
+        image_root=raw.get("image_root"),
+        weight=None if weight is None else float(weight),
+        repeat=repeat,
+        check_images=check,
+        shuffle_buffer=buffer,
+    )
+
+
+def _source_object(raw: Any, where: str) -> dict[str, Any]:
+    """The source as a dict of known fields naming exactly one of a file or a dataset (a bare string is a path)."""
     if isinstance(raw, str):
         raw = {"path": raw}
     if not isinstance(raw, dict):
@@ -128,46 +164,25 @@ def parse_source(raw: Any, where: str) -> SourceSpec:
         for key in ("name", "split", "data_files", "columns"):
             if key in raw:
                 raise ValueError(f"{where}: {key} belongs to a 'dataset' source, not a 'path' one")
-    data_files = raw.get("data_files")
-    if data_files is not None and not isinstance(data_files, (str, list, dict)):
-        raise ValueError(f"{where}: data_files must be a string, a list or a split->files mapping")
-    columns = raw.get("columns", {})
+    return raw
+
+
+def _columns(columns: Any, where: str) -> dict[str, str]:
+    """A copy of a `columns` renaming, checked: row keys it may rename to dataset column names."""
     if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
         raise ValueError(f"{where}: columns maps row keys to dataset column names, got {columns!r}")
     bad_keys = sorted(set(columns) - set(_RENAMABLE))
     if bad_keys:
         raise ValueError(f"{where}: columns may rename {list(_RENAMABLE)}, not {bad_keys}")
-    streaming = raw.get("streaming", False)
-    if not isinstance(streaming, bool):
-        raise ValueError(f"{where}: streaming must be true or false, got {streaming!r}")
-    weight = raw.get("weight")
-    if weight is not None and (
-        isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0
-    ):
-        raise ValueError(f"{where}: weight must be a positive number, got {weight!r}")
-    repeat = raw.get("repeat", 1)
-    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-        raise ValueError(f"{where}: repeat must be a positive integer, got {repeat!r}")
-    check = raw.get("check_images", "decode")
-    if check not in IMAGE_CHECKS:
-        raise ValueError(f"{where}: check_images must be one of {list(IMAGE_CHECKS)}, got {check!r}")
-    buffer = raw.get("shuffle_buffer", 10_000)
-    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
-        raise ValueError(f"{where}: shuffle_buffer must be a positive integer, got {buffer!r}")
-    return SourceSpec(
-        path=raw.get("path"),
-        dataset=raw.get("dataset"),
-        name=raw.get("name"),
-        split=raw.get("split", "train"),
-        data_files=data_files,
-        streaming=streaming,
-        columns=dict(columns),
-        image_root=raw.get("image_root"),
-        weight=None if weight is None else float(weight),
-        repeat=repeat,
-        check_images=check,
-        shuffle_buffer=buffer,
-    )
+    return dict(columns)
+
+
+def _positive_int(raw: dict[str, Any], key: str, default: int, where: str) -> int:
+    # bool is an int subclass: `true` in JSON must not pass for 1
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
 
 
 def is_streamed(sources: Sequence[SourceSpec]) -> bool:

@@ -19,8 +19,9 @@ proposition_id, dependency, tuple, question_natural_language, ...):
   numbers compare with published ones. `write_category_csv` writes them with the overall score as one
   table (level, category, score, questions).
 
-Judges: `resolve_vqa("shapes")` is the shapes-world VQA; `resolve_vqa("hf:ID_OR_DIR")` a transformers VQA
-model (`dpg_judge.TransformersVQA`, BLIP family) standing in for the official mPLUG-large.
+Judges: `resolve_vqa("shapes")` is the shapes-world VQA (`vargpt.shapes.judges.ShapesVQA`);
+`resolve_vqa("hf:ID_OR_DIR")` a transformers VQA model (`dpg_judge.TransformersVQA`, BLIP family) standing in for
+the official mPLUG-large.
 
 One deliberate difference: the official loader skips the CSV's first data row (`if i == 0: continue`
 after pandas has already consumed the header), which drops item 0's first question, after which its
@@ -31,31 +32,28 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
-import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..shapes.detector import Detection
-from ..shapes.scene import SUPPORTED_SHAPES, ShapesWorldConfig
-from ..shapes.scoring import relative_position
-from .geneval import ShapesDetector
+from ..atomic_files import save_png_atomic, write_jsonl_atomic, write_text_atomic
+from ..data.jsonl import first_rows, read_jsonl
 from .sampling import (
-    ProcessState,
     PromptJob,
+    SamplingOptions,
     is_readable_png,
     sample_prompts,
-    save_png_atomic,
-    write_text_atomic,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 GRID_SIDE = 2
 IMAGES_PER_PROMPT = GRID_SIDE * GRID_SIDE
@@ -73,23 +71,13 @@ def read_dpg_prompts(path: str | os.PathLike | None = None, limit: int | None = 
     """{"id", "prompt"} rows of a DPG-Bench prompt file (default: the packaged one), first `limit` of them."""
     source = Path(path) if path is not None else default_prompts_path()
     rows = []
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source} line {number}: not JSON ({err.msg})") from err
+    for number, row in read_jsonl(source):
         if not isinstance(row.get("id"), str) or not isinstance(row.get("prompt"), str):
             raise ValueError(f"{source} line {number}: a DPG-Bench prompt needs string 'id' and 'prompt'")
         if "/" in row["id"] or row["id"].startswith("."):
             raise ValueError(f"{source} line {number}: id {row['id']!r} cannot be a file name")
         rows.append(row)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        rows = rows[:limit]
-    return rows
+    return first_rows(rows, limit)
 
 
 @dataclass(frozen=True)
@@ -186,28 +174,14 @@ def sample_dpg(
     prompts: Sequence[Mapping[str, str]] | None = None,
     *,
     model_name: str,
-    batch_size: int = 16,
-    seed: int = 0,
-    preset: str | None = None,
-    settings: dict[str, Any] | None = None,
-    state: ProcessState | None = None,
-    progress: bool = True,
+    **options: Unpack[SamplingOptions],
 ) -> dict[str, Any]:
-    """Draw DPG-Bench's prompts (default: all 1,065) as 2x2 grids named by prompt id; resumable."""
+    """Draw DPG-Bench's prompts (default: all 1,065) as 2x2 grids named by prompt id; resumable.
+    `options` are `sample_prompts`' batch_size, seed, preset, settings, state and progress."""
     rows = read_dpg_prompts() if prompts is None else list(prompts)
+    layout = DPGLayout(out_dir)
     return sample_prompts(
-        pipe,
-        dpg_jobs(rows),
-        DPGLayout(out_dir),
-        out_dir,
-        model_name=model_name,
-        images_per_prompt=IMAGES_PER_PROMPT,
-        batch_size=batch_size,
-        seed=seed,
-        preset=preset,
-        settings=settings,
-        state=state,
-        progress=progress,
+        pipe, dpg_jobs(rows), layout, out_dir, model_name=model_name, images_per_prompt=IMAGES_PER_PROMPT, **options
     )
 
 
@@ -354,6 +328,8 @@ def resolve_vqa(spec: str, *, device: str | None = None) -> VQAModel:
 
     kind, target = parse_vqa_spec(spec)
     if kind == "shapes":
+        from ..shapes.judges import ShapesVQA
+
         return ShapesVQA()
     if device is None:
         import torch
@@ -393,69 +369,5 @@ def score_dpg_folder(
                 )
             )
     if results_path is not None:
-        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic("".join(json.dumps(r.to_dict()) + "\n" for r in results), Path(results_path))
+        write_jsonl_atomic((r.to_dict() for r in results), results_path)
     return results, summarize_dpg(results, questions)
-
-
-# ---------------------------------------------------------------- a shapes-world VQA model
-
-
-_NUMBERS = {
-    w: i for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
-}
-_RELATIONS = ("left of", "right of", "above", "below")
-_BACKGROUND_WORDS = {"white": "white", "grey": "grey", "gray": "grey", "striped": "stripes", "stripes": "stripes"}
-
-
-class ShapesVQA:
-    """Answers simple shapes-world yes/no questions from the exact detector, for tests and shapes models.
-
-    Understood: "Is there a (colour) shape?", "Are there N (colour) shapes?" (exact count), "Is the
-    (colour) shape left of / right of / above / below the (colour) shape?" (GenEval's relation rule) and
-    "Is the background white / grey / striped?". Anything else is answered "no".
-    """
-
-    def __init__(self, world_config: ShapesWorldConfig | None = None) -> None:
-        self.detector = ShapesDetector(world_config)
-        self.colours = set((world_config or ShapesWorldConfig()).colours)
-
-    def _mentions(self, words: Sequence[str]) -> list[tuple[str | None, str]]:
-        mentions, colour = [], None
-        for word in words:
-            shape = word[:-1] if word.endswith("s") and word[:-1] in SUPPORTED_SHAPES else word
-            if word in self.colours:
-                colour = word
-            elif shape in SUPPORTED_SHAPES:
-                mentions.append((colour, shape))
-                colour = None
-        return mentions
-
-    @staticmethod
-    def _matching(detections: Sequence[Detection], mention: tuple[str | None, str]) -> list[Detection]:
-        colour, shape = mention
-        return [d for d in detections if d.shape == shape and colour in (None, d.colour)]
-
-    def __call__(self, image: Image.Image, question: str) -> str:
-        text = " ".join(re.findall(r"[a-z0-9]+", question.lower()))
-        words = text.split()
-        reading = self.detector.read(image)
-        size = max(self.detector.min_size, image.width)
-        if "background" in words:
-            wanted = next((_BACKGROUND_WORDS[w] for w in words if w in _BACKGROUND_WORDS), None)
-            return "yes" if wanted is not None and reading.background == wanted else "no"
-        mentions = self._mentions(words)
-        relation = next((r for r in _RELATIONS if f" {r} " in f" {text} "), None)
-        if relation is not None and len(mentions) >= 2:
-            subjects = self._matching(reading.detections, mentions[0])
-            anchors = self._matching(reading.detections, mentions[1])
-            hit = any(relation in relative_position(a, b, size) for a in subjects for b in anchors if a is not b)
-            return "yes" if hit else "no"
-        number = next(
-            (_NUMBERS.get(w, int(w) if w.isdigit() else None) for w in words if w in _NUMBERS or w.isdigit()), None
-        )
-        if number is not None and len(mentions) == 1:
-            return "yes" if len(self._matching(reading.detections, mentions[0])) == number else "no"
-        if mentions and all(self._matching(reading.detections, m) for m in mentions):
-            return "yes"
-        return "no"

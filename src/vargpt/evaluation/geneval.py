@@ -7,13 +7,13 @@ Layout (djghosh13/geneval README, "Image generation"; read by its `evaluation/ev
     OUT/00001/...                 folders are the prompt's index in the metadata file, zero padded to 5
 
 The rules (include / exclude clauses, colour, position, the six-category mean) are those of
-`vargpt.shapes.scoring.evaluate_geneval`; this module adds what the official evaluator does before
+`vargpt.evaluation.geneval_rules.evaluate_geneval`; this module adds what the official evaluator does before
 them, with the detector as a parameter:
 
 * `Detector`: image -> `ObjectDetection`s (class, colour, box, confidence). GenEval's own pipeline is
   Mask2Former boxes + a CLIP colour classifier; `geneval_judge.Mask2FormerCLIPDetector` (`--detector geneval`)
   runs them through transformers.
-  `ShapesDetector` (the exact shapes-world detector) is built in.
+  `--detector shapes` names the shapes world's exact detector (`vargpt.shapes.judges.ShapesDetector`).
 * `DetectionFilter`: the official confidence thresholds (0.3, or 0.9 for counting prompts), at most 16
   objects per class and optional box NMS (`max_overlap`, off at 1.0 as in the official default).
   The shapes detector reports a colour-majority share rather than a confidence, so the shapes scorer runs
@@ -33,22 +33,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..shapes.detector import Detection, SceneReading, read_scene
-from ..shapes.scene import ShapesWorldConfig
-from ..shapes.scoring import evaluate_geneval, geneval_summary
+from ..atomic_files import save_png_atomic, write_jsonl_atomic, write_text_atomic
+from ..data.jsonl import first_rows, read_jsonl
+from .geneval_rules import evaluate_geneval, geneval_summary
 from .sampling import (
-    ProcessState,
     PromptJob,
+    SamplingOptions,
     is_readable_png,
     sample_prompts,
-    save_png_atomic,
-    write_text_atomic,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 FOLDER_DIGITS = 5
 SAMPLE_DIGITS = 4
@@ -69,22 +70,12 @@ def read_geneval_metadata(path: str | os.PathLike | None = None, limit: int | No
     """Metadata lines (tag, include, optional exclude, prompt) of a GenEval-format file, first `limit` of them."""
     source = Path(path) if path is not None else default_metadata_path()
     rows = []
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{source} line {number}: not JSON ({err.msg})") from err
+    for number, row in read_jsonl(source):
         for key in ("tag", "include", "prompt"):
             if key not in row:
                 raise ValueError(f"{source} line {number}: a GenEval metadata line needs {key!r}")
         rows.append(row)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        rows = rows[:limit]
-    return rows
+    return first_rows(rows, limit)
 
 
 # ---------------------------------------------------------------- sampling
@@ -134,28 +125,14 @@ def sample_geneval(
     *,
     model_name: str,
     images_per_prompt: int = 4,
-    batch_size: int = 16,
-    seed: int = 0,
-    preset: str | None = None,
-    settings: dict[str, Any] | None = None,
-    state: ProcessState | None = None,
-    progress: bool = True,
+    **options: Unpack[SamplingOptions],
 ) -> dict[str, Any]:
-    """Draw GenEval's prompts (default: all 553) into the official layout; resumable. Returns the manifest."""
+    """Draw GenEval's prompts (default: all 553) into the official layout; resumable. Returns the manifest.
+    `options` are `sample_prompts`' batch_size, seed, preset, settings, state and progress."""
     rows = read_geneval_metadata() if metadata is None else list(metadata)
+    layout = GenEvalLayout(out_dir)
     return sample_prompts(
-        pipe,
-        geneval_jobs(rows),
-        GenEvalLayout(out_dir),
-        out_dir,
-        model_name=model_name,
-        images_per_prompt=images_per_prompt,
-        batch_size=batch_size,
-        seed=seed,
-        preset=preset,
-        settings=settings,
-        state=state,
-        progress=progress,
+        pipe, geneval_jobs(rows), layout, out_dir, model_name=model_name, images_per_prompt=images_per_prompt, **options
     )
 
 
@@ -179,34 +156,6 @@ class Detector(Protocol):
     def __call__(self, image: Image.Image) -> Sequence[ObjectDetection]: ...
 
 
-class ShapesDetector:
-    """The exact shapes-world detector (`read_scene`) as a GenEval `Detector`: classes are shape names.
-
-    Images smaller than `min_size` (the detector reads 24 px and more) are enlarged with nearest-neighbour
-    sampling first; relations and counts do not depend on the scale.
-    """
-
-    def __init__(self, world_config: ShapesWorldConfig | None = None, min_size: int = 48) -> None:
-        self.world_config = world_config
-        self.min_size = min_size
-
-    def read(self, image: Image.Image) -> SceneReading:
-        """The full reading (shapes-world detections and background) of an image."""
-        if image.width != image.height:
-            raise ValueError(f"the shapes detector reads square images, got {image.width}x{image.height}")
-        if image.width < self.min_size:
-            image = image.resize((self.min_size, self.min_size), Image.NEAREST)
-        return read_scene(image.convert("RGB"), self.world_config)
-
-    def __call__(self, image: Image.Image) -> list[ObjectDetection]:
-        reading = self.read(image)
-        scale = image.width / max(image.width, self.min_size)  # boxes back in the input's pixels
-        return [
-            ObjectDetection(d.shape, d.colour, tuple(float(v) * scale for v in d.bbox), d.score)
-            for d in reading.detections
-        ]
-
-
 DETECTOR_NAMES = ("shapes", "geneval")
 
 
@@ -223,6 +172,8 @@ def make_detector(
     if name == "shapes":
         if detector_model is not None or clip_model is not None:
             raise ValueError("the shapes detector takes no models; --detector-model/--clip-model need 'geneval'")
+        from ..shapes.judges import ShapesDetector
+
         return ShapesDetector()
     if name == "geneval":
         from .geneval_judge import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR_MODEL, Mask2FormerCLIPDetector
@@ -273,19 +224,23 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union else 0.0
 
 
-def _as_rule_detection(d: ObjectDetection) -> Detection:
-    """The shapes-world `Detection` the rule implementation reads (class as `shape`; grid fields unused)."""
-    x0, y0, x1, y1 = d.bbox
-    return Detection(
-        shape=d.label,
-        colour=d.colour or "",
-        size="",
-        cell=(0, 0),
-        bbox=(x0, y0, x1, y1),
-        centre=((x0 + x1) / 2, (y0 + y1) / 2),
-        area=int(max(x1 - x0, 0) * max(y1 - y0, 0)),
-        score=d.score,
-    )
+@dataclass(frozen=True)
+class RuleDetection:
+    """An `ObjectDetection` as the rules read it (`geneval_rules.RuleObject`): class as `shape`, the box's
+    centre and area."""
+
+    shape: str
+    colour: str
+    bbox: tuple[float, float, float, float]
+    centre: tuple[float, float]
+    area: int
+    score: float
+
+    @classmethod
+    def of(cls, d: ObjectDetection) -> RuleDetection:
+        x0, y0, x1, y1 = d.bbox
+        area = int(max(x1 - x0, 0) * max(y1 - y0, 0))
+        return cls(d.label, d.colour or "", (x0, y0, x1, y1), ((x0 + x1) / 2, (y0 + y1) / 2), area, d.score)
 
 
 # ---------------------------------------------------------------- scoring
@@ -301,7 +256,7 @@ def score_detections(
     boxes per class, as the official `details` field does."""
     kept = detection_filter.select(detections, metadata.get("tag", ""))
     width, height = image_size
-    correct, reason = evaluate_geneval([_as_rule_detection(d) for d in kept], metadata, max(width, height))
+    correct, reason = evaluate_geneval([RuleDetection.of(d) for d in kept], metadata, max(width, height))
     details: dict[str, list[list[float]]] = {}
     for d in kept:
         details.setdefault(d.label, []).append([*d.bbox, d.score])
@@ -352,8 +307,7 @@ def score_geneval_folder(
             }
         )
     if results_path is not None:
-        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic("".join(json.dumps(r) + "\n" for r in results), Path(results_path))
+        write_jsonl_atomic(results, results_path)
     return results, summarize_geneval(results)
 
 

@@ -24,11 +24,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..atomic_files import write_text_atomic
 from ..generation.config import ImageGenerationConfig
 
 MANIFEST_NAME = "manifest.json"
@@ -73,24 +74,6 @@ class ProcessState(Protocol):
 
 
 # ---------------------------------------------------------------- atomic files
-
-
-def _temporary_name(path: Path) -> Path:
-    # A leading dot keeps half-written files out of GenEval's `\d+\.png` and DPG-Bench's `<id>.png` patterns.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def save_png_atomic(image: Image.Image, path: Path) -> None:
-    """Write a PNG so that `path` is either absent or complete."""
-    temporary = _temporary_name(path)
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    temporary = _temporary_name(path)
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def is_readable_png(path: Path) -> bool:
@@ -168,6 +151,17 @@ def _batches(jobs: Sequence[PromptJob], size: int) -> Iterator[list[PromptJob]]:
         yield list(jobs[start : start + size])
 
 
+class SamplingOptions(TypedDict, total=False):
+    """The keyword arguments of `sample_prompts` that the benchmark samplers pass through unchanged."""
+
+    batch_size: int
+    seed: int
+    preset: str | None
+    settings: dict[str, Any] | None
+    state: ProcessState | None
+    progress: bool
+
+
 def sample_prompts(
     pipe,
     jobs: Sequence[PromptJob],
@@ -188,13 +182,7 @@ def sample_prompts(
     `batch_size` is the number of images per model call; a call holds `max(1, batch_size // images_per_prompt)`
     prompts. `settings` are `ImageGenerationConfig` fields on top of `preset` (or the pipeline's default).
     """
-    if images_per_prompt < 1:
-        raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    keys = [job.key for job in jobs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("two prompts share an output name; the benchmark file has duplicate ids")
+    _check_request(jobs, images_per_prompt, batch_size)
     if state is None:
         from accelerate import PartialState
 
@@ -202,7 +190,6 @@ def sample_prompts(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / RANK_RECORDS_DIR).mkdir(exist_ok=True)
-    manifest_path = out / MANIFEST_NAME
     header = {
         "format": layout.format_name,
         "model": model_name,
@@ -217,6 +204,30 @@ def sample_prompts(
             "(independent of batch size and batch mates); prompts[key].seed is its first seed"
         ),
     }
+    _start_manifest(out / MANIFEST_NAME, header, state)
+    with _my_share(state, list(jobs)) as mine:
+        _draw_share(pipe, mine, layout, out, header, state, progress)
+    state.wait_for_everyone()
+    merged = _read_manifest(out / MANIFEST_NAME) or header
+    if state.is_main_process:
+        merged["prompts"] = {**merged.get("prompts", {}), **_rank_records(out)}
+        write_text_atomic(json.dumps(merged, indent=2), out / MANIFEST_NAME)
+    state.wait_for_everyone()
+    return merged
+
+
+def _check_request(jobs: Sequence[PromptJob], images_per_prompt: int, batch_size: int) -> None:
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    keys = [job.key for job in jobs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("two prompts share an output name; the benchmark file has duplicate ids")
+
+
+def _start_manifest(manifest_path: Path, header: dict[str, Any], state: ProcessState) -> None:
+    """Refuse a folder written by another run, then (main process) write the header over the prompts so far."""
     existing = _read_manifest(manifest_path)
     if existing is not None:
         _check_same_run(existing, header, manifest_path)
@@ -225,41 +236,44 @@ def sample_prompts(
         write_text_atomic(json.dumps(header | {"prompts": previous}, indent=2), manifest_path)
     state.wait_for_everyone()
 
-    per_call = max(1, batch_size // images_per_prompt)
-    records_file = out / RANK_RECORDS_DIR / f"rank-{state.process_index}.jsonl"
-    with _my_share(state, list(jobs)) as mine:
-        todo = [job for job in mine if not layout.is_complete(job, images_per_prompt)]
-        bar = tqdm(
-            total=len(mine),
-            initial=len(mine) - len(todo),
-            desc=f"{layout.format_name} sampling",
-            unit="prompt",
-            disable=not (progress and state.is_local_main_process),
-        )
-        for batch in _batches(todo, per_call):
-            prompt_seeds = [seed + job.index * images_per_prompt for job in batch]
-            images = pipe.generate(
-                [job.prompt for job in batch], num_images=images_per_prompt, seed=prompt_seeds, **header["settings"]
-            )
-            for row, job in enumerate(batch):
-                layout.write(job, images[row * images_per_prompt : (row + 1) * images_per_prompt])
-                record = {
-                    "key": job.key,
-                    "index": job.index,
-                    "prompt": job.prompt,
-                    "seed": prompt_seeds[row],
-                    "rank": state.process_index,
-                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                }
-                with records_file.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            bar.update(len(batch))
-        bar.close()
-    state.wait_for_everyone()
 
-    merged = _read_manifest(manifest_path) or header
-    if state.is_main_process:
-        merged["prompts"] = {**merged.get("prompts", {}), **_rank_records(out)}
-        write_text_atomic(json.dumps(merged, indent=2), manifest_path)
-    state.wait_for_everyone()
-    return merged
+def _draw_share(
+    pipe,
+    mine: list[PromptJob],
+    layout: OutputLayout,
+    out: Path,
+    header: dict[str, Any],
+    state: ProcessState,
+    progress: bool,
+) -> None:
+    """Draw this process's unfinished prompts batch by batch, recording each finished prompt in its rank file."""
+    images_per_prompt, seed = header["images_per_prompt"], header["seed"]
+    per_call = max(1, header["batch_size"] // images_per_prompt)
+    records_file = out / RANK_RECORDS_DIR / f"rank-{state.process_index}.jsonl"
+    todo = [job for job in mine if not layout.is_complete(job, images_per_prompt)]
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        desc=f"{layout.format_name} sampling",
+        unit="prompt",
+        disable=not (progress and state.is_local_main_process),
+    )
+    for batch in _batches(todo, per_call):
+        prompt_seeds = [seed + job.index * images_per_prompt for job in batch]
+        images = pipe.generate(
+            [job.prompt for job in batch], num_images=images_per_prompt, seed=prompt_seeds, **header["settings"]
+        )
+        for row, job in enumerate(batch):
+            layout.write(job, images[row * images_per_prompt : (row + 1) * images_per_prompt])
+            record = {
+                "key": job.key,
+                "index": job.index,
+                "prompt": job.prompt,
+                "seed": prompt_seeds[row],
+                "rank": state.process_index,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            with records_file.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        bar.update(len(batch))
+    bar.close()

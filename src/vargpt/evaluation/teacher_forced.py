@@ -20,7 +20,7 @@ top-p). At cfg 1 and tau 1 with M-RoPE positions the two paths agree to float ro
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..data.collator import SFTCollator
 from ..generation.config import POSITION_MODES, UNCOND_MODES, ImageGenerationConfig
 from ..rope_index import FORWARD_POSITIONS
+from ..schedule import scale_offsets
 
 SWAPS = ("none", "images", "prompts")
 THROUGH = ("forward", "inference")
@@ -107,10 +108,6 @@ def teacher_forced_fit(
     sampler's logits) averaged over images; `cross_entropy` (the mean per-bit negative log-likelihood, nats)
     and `bit_error` weigh every token alike; `scales` lists a `ScaleFit` dict per scale, coarsest first.
     """
-    from tqdm.auto import tqdm
-
-    from ..visual_decoder.loss import bit_cross_entropy
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     positions = _checked_path(model, through, positions, cfg_scale, tau, uncond_mode)
@@ -131,6 +128,50 @@ def teacher_forced_fit(
     rows = swapped_rows(scored, swap)
     resolution = resolution or model.config.image_resolution
     schedule = model.generation_schedule(resolution)
+
+    def score(batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if through == "inference":
+            return _inference_logits(model, batch, image_config, null_prompt_ids)
+        out = model(**batch, image_noise=False, positions=positions)
+        return out.image_logits.float(), out.image_labels.long()
+
+    ce_NL, error_NL, image_loss_N = _per_token_fit(
+        model, processor, rows, schedule, resolution, batch_size, score, progress
+    )
+    return {
+        "rows": len(rows),
+        "rows_without_target": skipped,
+        "images": int(ce_NL.shape[0]),
+        "swap": swap,
+        "resolution": resolution,
+        "through": through,
+        "positions": positions,
+        "cfg_scale": cfg_scale,
+        "tau": tau,
+        "uncond_mode": uncond_mode,
+        "image_loss": float(image_loss_N.mean()),
+        "cross_entropy": float(ce_NL.mean()),
+        "bit_error": float(error_NL.mean()),
+        "scales": [asdict(scale) for scale in _scale_fits(ce_NL, error_NL, schedule)],
+    }
+
+
+def _per_token_fit(
+    model: Any,
+    processor: Any,
+    rows: Sequence[Mapping[str, Any]],
+    schedule: Any,
+    resolution: int,
+    batch_size: int,
+    score: Callable[[Mapping[str, Any]], tuple[torch.Tensor, torch.Tensor]],
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token bit cross-entropy and error `[N, L]` and per-image loss `[N]` of the rows' targets, batch by
+    batch in eval mode (the model's mode restored after); `score` gives a batch's logits `[N, L, d, 2]` and bits."""
+    from tqdm.auto import tqdm
+
+    from ..visual_decoder.loss import bit_cross_entropy
+
     collate = SFTCollator(
         processor,
         image_gen_resolution=resolution,
@@ -146,11 +187,7 @@ def teacher_forced_fit(
         for start in tqdm(range(0, len(rows), batch_size), desc="teacher-forced fit", disable=not progress):
             batch = collate(rows[start : start + batch_size])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if through == "inference":
-                logits_NLd2, bits_NLd = _inference_logits(model, batch, image_config, null_prompt_ids)
-            else:
-                out = model(**batch, image_noise=False, positions=positions)
-                logits_NLd2, bits_NLd = out.image_logits.float(), out.image_labels.long()
+            logits_NLd2, bits_NLd = score(batch)
             per_bit = F.cross_entropy(logits_NLd2.reshape(-1, 2), bits_NLd.reshape(-1), reduction="none")
             per_token_ce.append(per_bit.view(bits_NLd.shape).mean(-1).cpu())
             per_token_error.append((logits_NLd2.argmax(-1) != bits_NLd).float().mean(-1).cpu())
@@ -161,28 +198,17 @@ def teacher_forced_fit(
             )
     finally:
         model.train(was_training)
-    ce_NL, error_NL = torch.cat(per_token_ce), torch.cat(per_token_error)
-    scales, offset = [], 0
-    for h, w in schedule:
-        span = slice(offset, offset + h * w)
+    return torch.cat(per_token_ce), torch.cat(per_token_error), torch.cat(image_losses)
+
+
+def _scale_fits(ce_NL: torch.Tensor, error_NL: torch.Tensor, schedule: Any) -> list[ScaleFit]:
+    """The per-token numbers averaged over each scale's span of tokens, coarsest scale first."""
+    starts = scale_offsets(schedule)
+    scales = []
+    for k, (h, w) in enumerate(schedule):
+        span = slice(starts[k], starts[k + 1])
         scales.append(ScaleFit((h, w), float(ce_NL[:, span].mean()), float(error_NL[:, span].mean())))
-        offset += h * w
-    return {
-        "rows": len(rows),
-        "rows_without_target": skipped,
-        "images": int(ce_NL.shape[0]),
-        "swap": swap,
-        "resolution": resolution,
-        "through": through,
-        "positions": positions,
-        "cfg_scale": cfg_scale,
-        "tau": tau,
-        "uncond_mode": uncond_mode,
-        "image_loss": float(torch.cat(image_losses).mean()),
-        "cross_entropy": float(ce_NL.mean()),
-        "bit_error": float(error_NL.mean()),
-        "scales": [asdict(scale) for scale in scales],
-    }
+    return scales
 
 
 def _checked_path(model: Any, through: str, positions: str | None, cfg_scale: float, tau: float, uncond: str) -> str:

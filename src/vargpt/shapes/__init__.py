@@ -1,8 +1,9 @@
 """The shapes world: a procedurally drawn world with an exact description of every picture.
 
 Its scenes, language and rendering make training data (`dataset`, `splits`); its detector reads a generated
-picture back, so generation, understanding and editing are scored exactly (`scoring`, `evaluate`). Nothing
-outside this package and the recipes depends on it.
+picture back, so generation, understanding and editing are scored exactly (`scoring`, `evaluate`), and it
+judges GenEval and DPG-Bench for shapes models (`judges`). Nothing outside this package and the recipes depends
+on it: the benchmarks in `vargpt.evaluation` import it only when a command names the "shapes" judge.
 """
 
 from .detector import Detection, SceneReading, detect, read_scene

@@ -7,7 +7,6 @@ and reports the held-out colour-shape combinations separately.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..data.jsonl import read_jsonl
 from .detector import read_scene
 from .scene import Scene
 from .scoring import (
@@ -32,18 +32,11 @@ _OVERLAP_KEYS = ("object_recall", "object_precision", "background")
 def read_rows(jsonl: str | Path) -> list[dict[str, Any]]:
     path = Path(jsonl)
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number}: not JSON ({err.msg})") from err
-            if "meta" not in row or "task" not in row["meta"]:
-                raise ValueError(f"{path} line {number}: a shapes-world row needs meta.task (written by vargpt)")
-            row["_root"] = str(path.parent)
-            rows.append(row)
+    for number, row in read_jsonl(path):
+        if "meta" not in row or "task" not in row["meta"]:
+            raise ValueError(f"{path} line {number}: a shapes-world row needs meta.task (written by vargpt)")
+        row["_root"] = str(path.parent)
+        rows.append(row)
     return rows
 
 
@@ -116,14 +109,7 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Score a model on one split; `limit` caps the rows of each task. Returns the report dict."""
     rows = read_rows(jsonl)
-    by_task: dict[str, list[dict[str, Any]]] = {"generation": [], "understanding": [], "editing": []}
-    for row in rows:
-        task = row["meta"]["task"]
-        if task in by_task and (limit is None or len(by_task[task]) < limit):
-            if task == "understanding" and row["meta"].get("category") == "caption":
-                continue  # free-form captions have no single exact answer
-            by_task[task].append(row)
-
+    by_task = _rows_by_task(rows, limit)
     report: dict[str, Any] = {
         "split_file": Path(jsonl).name,
         "counts": {k: len(v) for k, v in by_task.items()},
@@ -135,89 +121,132 @@ def evaluate_split(
     def to_world(image: Image.Image) -> Image.Image:
         return image if image.size == world_size else image.resize(world_size, Image.NEAREST)
 
-    samples: list[tuple[Image.Image, str, bool]] = []
-
-    gen_results = []
-    drawn: list[tuple[dict[str, Any], Image.Image]] = []
-    for chunk in tqdm(list(_batches(by_task["generation"], batch_size)), desc="generation", disable=not progress):
-        prompts = [_question(r) for r in chunk]
-        # prompt i draws from seed + i: the splits repeat prompts (1,200 test prompts hold 149 distinct texts),
-        # and a shared seed would score one image many times over instead of the model's distribution for it
-        seeds = [seed + len(drawn) + i for i in range(len(chunk))]
-        images = [to_world(i) for i in pipe.generate(prompts, seed=seeds)]
-        for row, image in zip(chunk, images, strict=True):
-            drawn.append((row, image))
-            correct, reason = evaluate_generated_image(image, row["meta"]["geneval"])
-            gen_results.append(
-                {
-                    "tag": row["meta"]["category"],
-                    "correct": correct,
-                    "unseen": bool(row["meta"].get("unseen_combination")),
-                    "reason": reason,
-                }
-            )
-            if len(samples) < 16:
-                samples.append((image, _question(row), correct))
-
-    vqa_preds, vqa_items = [], []
-    for chunk in tqdm(list(_batches(by_task["understanding"], batch_size)), desc="understanding", disable=not progress):
-        answers = pipe.chat_batch(
-            [_question(r) for r in chunk], [[str(_image_path(r, 0))] for r in chunk], max_new_tokens=12
-        )
-        for row, answer in zip(chunk, answers, strict=True):
-            vqa_preds.append(answer)
-            vqa_items.append(
-                {
-                    "answer": row["meta"]["answer"],
-                    "qtype": row["meta"]["category"],
-                    "form": row["meta"].get("form"),  # rows written before forms were recorded have none
-                    "unseen": bool(row["meta"].get("unseen_combination")),
-                }
-            )
-
-    edit_results: list[dict[str, Any]] = []
-    edit_samples: list[tuple[Image.Image, Image.Image, Image.Image, str, bool]] = []
-    for chunk in tqdm(list(_batches(by_task["editing"], batch_size)), desc="editing", disable=not progress):
-        sources = [str(_image_path(r, 0)) for r in chunk]
-        edited = [to_world(i) for i in pipe.edit_batch(sources, [r["meta"]["instruction"] for r in chunk], seed)]
-        for row, image in zip(chunk, edited, strict=True):
-            target = Scene.from_dict(row["meta"]["target_scene"])
-            ok, reason = edit_check(image, target, Scene.from_dict(row["meta"]["source_scene"]))
-            edit_results.append(
-                {
-                    "kind": row["meta"]["category"],
-                    "correct": ok,
-                    "unchanged": reason.startswith("unchanged"),
-                    "unseen": bool(row["meta"].get("unseen_combination")),
-                    **scene_overlap(read_scene(image), target),
-                }
-            )
-            if len(edit_samples) < 8:
-                with Image.open(_image_path(row, 0)) as source, Image.open(_image_path(row, 1)) as wanted:
-                    edit_samples.append(
-                        (source.convert("RGB"), image, wanted.convert("RGB"), row["meta"]["instruction"], ok)
-                    )
+    run = _TaskRun(pipe, batch_size, seed, to_world, progress)
+    gen_results, drawn, samples = run.generation(by_task["generation"])
+    vqa_preds, vqa_items = run.understanding(by_task["understanding"])
+    edit_results, edit_samples = run.editing(by_task["editing"])
 
     report.update(_summaries(gen_results, vqa_preds, vqa_items, edit_results))
     if drawn:
         report["generation_prompt_shuffled"] = prompt_shuffled_baseline(drawn)
     if by_task["editing"]:
         report["editing_baselines"] = editing_baselines(by_task["editing"])
-    seen = _summaries(
+    report["unseen_combinations"] = _summaries(
         [r for r in gen_results if r["unseen"]],
         [p for p, i in zip(vqa_preds, vqa_items, strict=True) if i["unseen"]],
         [i for i in vqa_items if i["unseen"]],
         [r for r in edit_results if r["unseen"]],
     )
-    report["unseen_combinations"] = seen
-    if grid_path is not None and samples:
+    if grid_path is not None:
+        report.update(_save_grids(grid_path, samples, edit_samples))
+    return report
+
+
+def _rows_by_task(rows: Sequence[dict[str, Any]], limit: int | None) -> dict[str, list[dict[str, Any]]]:
+    """The rows of each task in file order, at most `limit` each; free-form captions are left out."""
+    by_task: dict[str, list[dict[str, Any]]] = {"generation": [], "understanding": [], "editing": []}
+    for row in rows:
+        task = row["meta"]["task"]
+        if task in by_task and (limit is None or len(by_task[task]) < limit):
+            if task == "understanding" and row["meta"].get("category") == "caption":
+                continue  # free-form captions have no single exact answer
+            by_task[task].append(row)
+    return by_task
+
+
+class _TaskRun:
+    """The model's answers to one task's rows, batch by batch, scored as they come (one method per task)."""
+
+    def __init__(self, pipe, batch_size: int, seed: int, to_world, progress: bool) -> None:
+        self.pipe, self.batch_size, self.seed = pipe, batch_size, seed
+        self.to_world, self.progress = to_world, progress
+
+    def _chunks(self, rows: Sequence[dict[str, Any]], desc: str):
+        return tqdm(list(_batches(rows, self.batch_size)), desc=desc, disable=not self.progress)
+
+    def generation(self, rows: Sequence[dict[str, Any]]):
+        """(results, (row, image) pairs drawn, up to 16 grid samples) of the text-to-image rows."""
+        results, samples = [], []
+        drawn: list[tuple[dict[str, Any], Image.Image]] = []
+        for chunk in self._chunks(rows, "generation"):
+            prompts = [_question(r) for r in chunk]
+            # prompt i draws from seed + i: the splits repeat prompts (1,200 test prompts hold 149 distinct texts),
+            # and a shared seed would score one image many times over instead of the model's distribution for it
+            seeds = [self.seed + len(drawn) + i for i in range(len(chunk))]
+            images = [self.to_world(i) for i in self.pipe.generate(prompts, seed=seeds)]
+            for row, image in zip(chunk, images, strict=True):
+                drawn.append((row, image))
+                correct, reason = evaluate_generated_image(image, row["meta"]["geneval"])
+                results.append(
+                    {
+                        "tag": row["meta"]["category"],
+                        "correct": correct,
+                        "unseen": bool(row["meta"].get("unseen_combination")),
+                        "reason": reason,
+                    }
+                )
+                if len(samples) < 16:
+                    samples.append((image, _question(row), correct))
+        return results, drawn, samples
+
+    def understanding(self, rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+        """(answers, items to score them against) of the question rows."""
+        preds, items = [], []
+        for chunk in self._chunks(rows, "understanding"):
+            answers = self.pipe.chat_batch(
+                [_question(r) for r in chunk], [[str(_image_path(r, 0))] for r in chunk], max_new_tokens=12
+            )
+            for row, answer in zip(chunk, answers, strict=True):
+                preds.append(answer)
+                items.append(
+                    {
+                        "answer": row["meta"]["answer"],
+                        "qtype": row["meta"]["category"],
+                        "form": row["meta"].get("form"),  # rows written before forms were recorded have none
+                        "unseen": bool(row["meta"].get("unseen_combination")),
+                    }
+                )
+        return preds, items
+
+    def editing(self, rows: Sequence[dict[str, Any]]):
+        """(results, up to 8 grid samples) of the editing rows."""
+        results: list[dict[str, Any]] = []
+        samples: list[tuple[Image.Image, Image.Image, Image.Image, str, bool]] = []
+        for chunk in self._chunks(rows, "editing"):
+            sources = [str(_image_path(r, 0)) for r in chunk]
+            instructions = [r["meta"]["instruction"] for r in chunk]
+            edited = [self.to_world(i) for i in self.pipe.edit_batch(sources, instructions, self.seed)]
+            for row, image in zip(chunk, edited, strict=True):
+                target = Scene.from_dict(row["meta"]["target_scene"])
+                ok, reason = edit_check(image, target, Scene.from_dict(row["meta"]["source_scene"]))
+                results.append(
+                    {
+                        "kind": row["meta"]["category"],
+                        "correct": ok,
+                        "unchanged": reason.startswith("unchanged"),
+                        "unseen": bool(row["meta"].get("unseen_combination")),
+                        **scene_overlap(read_scene(image), target),
+                    }
+                )
+                if len(samples) < 8:
+                    with Image.open(_image_path(row, 0)) as source, Image.open(_image_path(row, 1)) as wanted:
+                        samples.append(
+                            (source.convert("RGB"), image, wanted.convert("RGB"), row["meta"]["instruction"], ok)
+                        )
+        return results, samples
+
+
+def _save_grids(grid_path: str | Path, samples, edit_samples) -> dict[str, str]:
+    """Write the generation grid to `grid_path` and the editing one beside it; the report's entries for them."""
+    saved = {}
+    if samples:
         sample_grid(samples).save(grid_path)
-        report["sample_grid"] = str(grid_path)
-    if grid_path is not None and edit_samples:
+        saved["sample_grid"] = str(grid_path)
+    if edit_samples:
         edit_path = Path(grid_path).with_name(f"{Path(grid_path).stem}-editing.png")
         edit_grid(edit_samples).save(edit_path)
-        report["editing_grid"] = str(edit_path)
-    return report
+        saved["editing_grid"] = str(edit_path)
+    return saved
 
 
 def _summaries(gen_results, vqa_preds, vqa_items, edit_results) -> dict[str, Any]:

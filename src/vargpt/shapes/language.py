@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from itertools import permutations
 from typing import Any
 
+from ..evaluation.geneval_rules import GENEVAL_CATEGORIES
 from .scene import (
     COLUMN_WORDS,
     ROW_WORDS,
@@ -22,7 +23,6 @@ from .scene import (
     cell_name,
 )
 
-GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 VQA_TYPES = ("colour", "shape", "count", "position", "existence")
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")

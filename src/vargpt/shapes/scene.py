@@ -84,6 +84,11 @@ class ShapesWorldConfig:
     generation_layout: str = "random"
 
     def __post_init__(self) -> None:
+        self._check_drawing()
+        self._check_sampling()
+
+    def _check_drawing(self) -> None:
+        """What a picture can show: its size, shape and colour names, backgrounds and object sizes."""
         if not 24 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be in [24, 1024] pixels, got {self.image_size}")
         unknown = set(self.shapes) - set(SUPPORTED_SHAPES)
@@ -103,10 +108,13 @@ class ShapesWorldConfig:
             raise ValueError(f"size fractions must be in [0.2, 0.85] of a cell, got {self.sizes}")
         if any(b - a < 0.2 for a, b in pairwise(fractions)):
             raise ValueError(f"size fractions must differ by at least 0.2 to be told apart, got {self.sizes}")
+
+    def _check_sampling(self) -> None:
+        """How scenes are drawn and split: object counts, held-out pairs, split fractions and the layout."""
         if not 1 <= self.max_objects <= GRID_SIZE * GRID_SIZE:
             raise ValueError(f"max_objects must be in [1, {GRID_SIZE * GRID_SIZE}], got {self.max_objects}")
         for colour, shape in self.held_out_pairs:
-            if colour not in names or shape not in self.shapes:
+            if colour not in self.colours or shape not in self.shapes:
                 raise ValueError(f"held-out pair ({colour!r}, {shape!r}) names an unknown colour or shape")
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ValueError(f"split_fractions must be three numbers summing to 1, got {self.split_fractions}")

@@ -372,31 +372,37 @@ class ShapesWorld:
         """
         include = metadata.get("include", [])
         tag = metadata.get("tag")
-        rng, config = self.rng, self.config
         if not include:
             raise ValueError("metadata has no include clause to violate")
         if tag == "position":
-            subject = next(c for c in include if "position" in c)
-            anchor = include[subject["position"][1]]
-            a = next(o for o in scene.objects if o.shape == subject["class"])
-            b = next(o for o in scene.objects if o.shape == anchor["class"])
-            swapped = [o for o in scene.objects if o not in (a, b)]
-            swapped += [dataclasses.replace(a, cell=b.cell), dataclasses.replace(b, cell=a.cell)]
-            return Scene(tuple(swapped), scene.background)
+            return _swap_positions(include, scene)
         coloured = [c for c in include if "color" in c]
         if coloured:
-            clause = rng.choice(coloured)
-            victim = next(o for o in scene.objects if o.shape == clause["class"] and o.colour == clause["color"])
-            others = [c for c in self._colours_for(victim.shape) if c != clause["color"]]
-            return scene.replace_object(victim, dataclasses.replace(victim, colour=rng.choice(others)))
+            return self._recolour_named(coloured, scene)
         if tag == "counting":
-            clause = include[0]
-            matching = [o for o in scene.objects if o.shape == clause["class"]]
-            empty = [c for c in all_cells() if c not in scene.occupied()]
-            if rng.random() < 0.5 and empty and len(scene.objects) < config.max_objects:
-                extra = dataclasses.replace(matching[0], cell=rng.choice(empty))
-                return Scene((*scene.objects, extra), scene.background)
-            return scene.replace_object(rng.choice(matching), None)
+            return self._miscount(include[0], scene)
+        return self._reshape_named(include, scene)
+
+    def _recolour_named(self, coloured: list[dict[str, Any]], scene: Scene) -> Scene:
+        """One object whose colour a clause names, given another colour its shape may take."""
+        clause = self.rng.choice(coloured)
+        victim = next(o for o in scene.objects if o.shape == clause["class"] and o.colour == clause["color"])
+        others = [c for c in self._colours_for(victim.shape) if c != clause["color"]]
+        return scene.replace_object(victim, dataclasses.replace(victim, colour=self.rng.choice(others)))
+
+    def _miscount(self, clause: dict[str, Any], scene: Scene) -> Scene:
+        """One object of the counted class more (when a cell and the object budget allow, half the time) or less."""
+        rng = self.rng
+        matching = [o for o in scene.objects if o.shape == clause["class"]]
+        empty = [c for c in all_cells() if c not in scene.occupied()]
+        if rng.random() < 0.5 and empty and len(scene.objects) < self.config.max_objects:
+            extra = dataclasses.replace(matching[0], cell=rng.choice(empty))
+            return Scene((*scene.objects, extra), scene.background)
+        return scene.replace_object(rng.choice(matching), None)
+
+    def _reshape_named(self, include: list[dict[str, Any]], scene: Scene) -> Scene:
+        """One object of a named class turned into another shape (keeping its colour where the shape allows it)."""
+        rng, config = self.rng, self.config
         clause = rng.choice(include)
         victim = next(o for o in scene.objects if o.shape == clause["class"])
         # Prefer a shape the prompt does not name, so the victim cannot satisfy another clause by accident.
@@ -408,3 +414,14 @@ class ShapesWorld:
         colours = self._colours_for(shape)
         colour = victim.colour if victim.colour in colours else rng.choice(colours)
         return scene.replace_object(victim, dataclasses.replace(victim, shape=shape, colour=colour))
+
+
+def _swap_positions(include: list[dict[str, Any]], scene: Scene) -> Scene:
+    """The scene with the related pair's cells exchanged, so the relation a position prompt asks for turns round."""
+    subject = next(c for c in include if "position" in c)
+    anchor = include[subject["position"][1]]
+    a = next(o for o in scene.objects if o.shape == subject["class"])
+    b = next(o for o in scene.objects if o.shape == anchor["class"])
+    swapped = [o for o in scene.objects if o not in (a, b)]
+    swapped += [dataclasses.replace(a, cell=b.cell), dataclasses.replace(b, cell=a.cell)]
+    return Scene(tuple(swapped), scene.background)
