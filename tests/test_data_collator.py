@@ -226,3 +226,55 @@ def test_prompt_dropout_empties_only_text_to_image_prompts(data_dir, processor, 
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="prompt_dropout"):
             SFTCollator(processor, RESOLUTION, num_pads, prompt_dropout=bad)
+
+
+# -- video rows --------------------------------------------------------------------------------------------------
+
+
+def test_a_video_row_trains_the_vit_through_the_video_path(data_dir, num_pads):
+    """A sharegpt row with `<video>` and a video file: video slots unlabelled, a finite loss, gradients in the ViT."""
+    from tests.clips import moving_square, write_clip
+    from vargpt.video_io import VideoSampling
+
+    write_clip(data_dir / "clip.mkv", moving_square(25))
+    row = {
+        "messages": [
+            {"role": "user", "content": "<video>Where does the square go?"},
+            {"role": "assistant", "content": "Right."},
+        ],
+        "videos": ["clip.mkv"],
+    }
+    path = data_dir / "video.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    dataset, _ = load_sft_dataset(path, strict=True)
+    sampling = VideoSampling(min_pixels=56 * 56, max_pixels=56 * 56)
+    processor = VARGPTProcessor.from_tokenizer(
+        build_tiny_tokenizer(), video_min_pixels=56 * 56, video_max_pixels=56 * 56
+    )
+    batch = SFTCollator(processor, RESOLUTION, num_pads, video_sampling=sampling)([dataset[0]])
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 4]]  # 4 sampled frames of 56 x 56
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    slots = ids == processor.video_token_id
+    assert int(slots.sum()) == 8 and (labels[slots] == IGNORE_INDEX).all()
+    assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]) == "Right.<|im_end|>"
+    torch.manual_seed(0)
+    model = VARGPTForConditionalGeneration(VARGPTConfig.from_preset("tiny")).train()
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    vit_grads = [p.grad for p in model.visual.parameters() if p.grad is not None]
+    assert vit_grads and any(float(g.abs().sum()) > 0 for g in vit_grads)
+
+
+def test_prompt_dropout_leaves_a_conversation_that_draws_after_a_question(data_dir, processor, num_pads):
+    drawing = sft_rows(data_dir)[1]  # text-to-image, one user turn
+    earlier = [{"role": "user", "content": "How many circles?"}, {"role": "assistant", "content": "two"}]
+    turns = [m for m in drawing["messages"] if m["role"] == "system"] + earlier
+    conversation = {**drawing, "messages": turns + [m for m in drawing["messages"] if m["role"] != "system"]}
+    kept = SFTCollator(processor, RESOLUTION, num_pads)([conversation])["input_ids"]
+    collator = SFTCollator(processor, RESOLUTION, num_pads, prompt_dropout=0.99)
+    torch.manual_seed(0)
+    for _ in range(8):
+        assert torch.equal(collator([conversation])["input_ids"], kept)
+    one_turn = collator([drawing])["input_ids"][0].tolist()  # the same collator still drops the one-turn request
+    assert one_turn[: len(processor.null_prompt_ids())] == processor.null_prompt_ids().tolist()

@@ -186,7 +186,7 @@ BAD_SFT_ROWS = [
     ({"messages": [user("<image> and <image>"), assistant("y")], "images": ["blue.png"]}, "image_count_mismatch"),
     ({"messages": [user("x"), assistant("<image_gen>")]}, "image_count_mismatch"),
     ({"messages": [user("x"), assistant("<image_gen>")], "images": ["nope.png"]}, "missing_image"),
-    ({"messages": [user("x"), assistant("y")], "videos": ["v.mp4"]}, "unsupported_media"),
+    ({"messages": [user("x"), assistant("y")], "audios": ["a.wav"]}, "unsupported_media"),
 ]
 
 
@@ -270,7 +270,7 @@ def test_empty_file_gives_an_empty_dataset_with_the_schema(data_dir):
     path.write_text("\n")
     dataset, report = load_sft_dataset(path)
     assert len(dataset) == 0 and report.total_rows == 0
-    assert set(dataset.column_names) == {"messages", "images", "gen_images", "source_file", "source_row"}
+    assert set(dataset.column_names) == {"messages", "images", "gen_images", "videos", "source_file", "source_row"}
 
 
 def test_a_row_with_bytes_that_are_not_utf8_is_one_bad_row(data_dir):
@@ -311,3 +311,50 @@ def test_an_image_that_exists_but_does_not_decode_is_one_bad_row(data_dir):
     assert "broken.png" in report.examples["unreadable_image"][0].detail
     with pytest.raises(DataValidationError, match=r"row 1: unreadable_image"):
         load_sft_dataset(path, strict=True)
+
+
+# -- videos ------------------------------------------------------------------------------------------------------
+
+VIDEO_ROWS = [
+    ({"messages": [user("x"), assistant("y")], "videos": ["clip.mkv"]}, "video_count_mismatch"),
+    ({"messages": [user("<video> and <video>"), assistant("y")], "videos": ["clip.mkv"]}, "video_count_mismatch"),
+    ({"messages": [user("x"), assistant("see <video>")], "videos": ["clip.mkv"]}, "video_outside_user_turn"),
+    ({"messages": [user("<video>x"), assistant("y")], "videos": ["gone.mp4"]}, "missing_video"),
+    ({"messages": [user("<video>x"), assistant("y")], "videos": ["green.png"]}, "unreadable_video"),
+    ({"messages": [user("<video>x"), assistant("y")], "videos": [7]}, "bad_type"),
+    ({"messages": [user("x"), assistant("y")], "audios": ["a.wav"]}, "unsupported_media"),
+]
+
+
+@pytest.mark.parametrize(("row", "reason"), VIDEO_ROWS, ids=[f"{i}-{r}" for i, (_, r) in enumerate(VIDEO_ROWS)])
+def test_video_rows_load_and_bad_ones_are_counted_like_bad_image_rows(data_dir, row, reason):
+    from tests.clips import moving_square, write_clip
+
+    write_clip(data_dir / "clip.mkv", moving_square(4))
+    good = {"messages": [user("<image><video>What moves?"), assistant("A square.")], "images": ["green.png"]}
+    good["videos"] = "clip.mkv"  # a single path as a string, as for images
+    path = write_jsonl(data_dir / "videos.jsonl", [good, row])
+    dataset, report = load_sft_dataset(path)
+    assert dataset[0]["videos"] == [str(data_dir / "clip.mkv")] and dataset[0]["images"] == [
+        str(data_dir / "green.png")
+    ]
+    assert (report.kept_rows, report.skipped) == (1, {reason: 1})
+    with pytest.raises(DataValidationError, match=f"row 1: {reason}"):
+        load_sft_dataset(path, strict=True)
+
+
+def test_preference_prompts_may_hold_videos(data_dir):
+    from tests.clips import moving_square, write_clip
+
+    write_clip(data_dir / "clip.mkv", moving_square(4))
+    row = {"conversations": [user("<video>Draw it.")], "chosen": "<image_gen>", "rejected": "<image_gen>"}
+    row |= {"images": ["green.png", "blue.png"], "videos": ["clip.mkv"]}
+    dataset, _ = load_preference_dataset(write_jsonl(data_dir / "pref.jsonl", [row]), strict=True)
+    assert dataset[0]["videos"] == [str(data_dir / "clip.mkv")] and dataset[0]["images"] == []
+    no_decode, _ = load_sft_dataset(
+        write_jsonl(
+            data_dir / "sft.jsonl", [{"messages": [user("<video>x"), assistant("y")], "videos": ["green.png"]}]
+        ),
+        decode_images=False,
+    )
+    assert len(no_decode) == 1  # existence only: the picture posing as a video is found by the collator

@@ -248,3 +248,115 @@ def test_video_pixel_bounds_survive_save_and_load(processor, tmp_path):
     assert (loaded.video_min_pixels, loaded.video_max_pixels) == (FRAME_PX * FRAME_PX, FRAME_PX * FRAME_PX)
     with pytest.raises(ValueError, match=r"video_min_pixels .* exceeds video_max_pixels"):
         VARGPTProcessor.from_tokenizer(build_tiny_tokenizer(), video_min_pixels=100, video_max_pixels=10)
+
+
+# -- video files (PyAV) ------------------------------------------------------------------------------------------
+
+from tests.clips import MP4, encode_clip, moving_square, write_clip  # noqa: E402
+from vargpt.video_io import VideoSampling, load_video, probe_video  # noqa: E402
+
+# frames kept at their own 56 x 56 size: no resize, so decoded pixels can be compared with those written
+KEEP_SIZE = VideoSampling(min_pixels=FRAME_PX * FRAME_PX, max_pixels=FRAME_PX * FRAME_PX)
+
+
+def test_qwen2vl_frame_sampling_rules():
+    """qwen-vl-utils' smart_nframes: 2 fps, at least 4, an even count, never more frames than the video has."""
+    sampling = VideoSampling()
+    assert sampling.frame_count(300, 30.0) == 20  # 10 s at 2 fps
+    assert sampling.frame_count(25, 10.0) == 4  # 2.5 s -> 5 -> at least 4 -> even
+    assert sampling.frame_count(5, 1.0) == 4  # 10 frames wanted, only 5 there -> even
+    assert sampling.frame_count(100_000, 30.0) == 768  # max_frames
+    assert sampling.frame_count(31, 10.0) == 6  # 6.2 -> 6
+    assert sampling.frame_indices(25, 10.0) == [0, 8, 16, 24]
+    assert VideoSampling(num_frames=7).frame_indices(9, 1.0) == [0, 1, 2, 3, 5, 6, 7, 8]  # 7 rounds to 8
+    assert VideoSampling(num_frames=6).frame_indices(11, 1.0) == [0, 2, 4, 6, 8, 10]
+    # the per-frame budget: total_pixels shared by the frames, never below 1.05 x min_pixels
+    assert sampling.frame_max_pixels(4) == 768 * 28 * 28
+    assert sampling.frame_max_pixels(768) == int(128 * 28 * 28 * 1.05)
+    assert sampling.frame_size(640, 360, 4) == (644, 364)  # within the bounds: rounded onto the 28-pixel grid
+    assert sampling.frame_size(56, 56, 4) == (336, 336)  # below min_pixels: enlarged
+    with pytest.raises(ImageInputError, match="at least 2 frames"):
+        sampling.frame_count(1, 10.0)
+    with pytest.raises(ValueError, match=r"min_frames \(10\) exceeds max_frames \(8\)"):
+        VideoSampling(min_frames=10, max_frames=8)
+
+
+def test_a_lossless_clip_decodes_to_the_frames_written_at_the_sampled_times(tmp_path):
+    written = moving_square(25)  # 2.5 s at 10 fps: frames 0, 8, 16, 24 sampled
+    path = write_clip(tmp_path / "clip.mkv", written)
+    info = probe_video(path)
+    assert (info.container, info.codec, info.width, info.height, info.frames, info.fps) == (
+        "matroska",
+        "ffv1",
+        56,
+        56,
+        25,
+        10.0,
+    )
+    frames = load_video(path, KEEP_SIZE)
+    assert [f.size for f in frames] == [(56, 56)] * 4
+    for frame, index in zip(frames, [0, 8, 16, 24], strict=True):
+        assert np.array_equal(np.asarray(frame), written[index])  # FFV1 on RGB: bit-exact
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(frames, load_video(path.read_bytes(), KEEP_SIZE), strict=True)
+    )
+
+
+def test_an_mp4_clip_decodes_within_h264_tolerance_and_is_resized_onto_the_grid():
+    written = moving_square(8)
+    data = encode_clip(written, rate=4, kind=MP4)  # 2 s at 4 fps: 4 frames
+    frames = load_video(data, KEEP_SIZE)
+    for frame, index in zip(frames, [0, 2, 5, 7], strict=True):
+        # lossy H.264 with 4:2:0 chroma blurs the square's edges: measured mean error 1.0-1.1 levels, median 0,
+        # largest 23 (libx264 of PyAV 18.1); the bounds leave room for other encoder builds
+        error = np.abs(np.asarray(frame, dtype=np.int16) - written[index])
+        assert error.mean() < 3 and np.median(error) <= 1
+    default = load_video(data)  # Qwen2-VL's defaults: at least 128 x 28 x 28 pixels per frame
+    assert default[0].size == (336, 336) and len(default) == 4
+
+
+def test_bad_video_files_are_named(tmp_path):
+    clip = encode_clip(moving_square(4))
+    with pytest.raises(ImageInputError, match="not a video in an accepted format"):
+        load_video(b"<html>not a video</html>")
+    with pytest.raises(ImageInputError, match="does not exist"):
+        load_video(tmp_path / "missing.mp4")
+    with pytest.raises(ImageInputError, match="is empty"):
+        load_video(b"")
+    with pytest.raises(ImageInputError, match=r"cannot be opened|corrupt|truncated|no frames"):
+        load_video(clip[:200])
+    with pytest.raises(ImageInputError, match="over the limit of 1000 pixels"):
+        probe_video(clip, max_pixels=1000)
+    with pytest.raises(ImageInputError, match="too long: over 3 frames"):
+        probe_video(clip, max_source_frames=3)
+    with pytest.raises(ImageInputError, match="at least 2 frames"):
+        load_video(encode_clip(moving_square(1)))
+    with pytest.raises(ImageInputError, match=r"accepted format \(gif\)"):
+        load_video(clip, formats=["gif"])
+    gif = tmp_path / "clip.png"
+    Image.fromarray(moving_square(1)[0]).save(gif)
+    with pytest.raises(ImageInputError, match="not a video"):
+        load_video(gif)
+
+
+def test_pipeline_answers_about_a_decoded_clip(tmp_path):
+    from vargpt import VARGPTPipeline
+
+    pipe = VARGPTPipeline.from_pretrained("tiny", seed=1)
+    path = write_clip(tmp_path / "clip.mkv", moving_square(25))
+    frames = load_video(path, KEEP_SIZE)
+    answer = pipe.chat("What moves?", videos=[frames], max_new_tokens=4)
+    assert isinstance(answer, str)
+    assert answer == pipe.chat("What moves?", videos=[moving_square(25)[[0, 8, 16, 24]]], max_new_tokens=4)
+
+
+def test_pipeline_takes_a_video_file_path_and_decodes_it_with_the_default_sampling(tmp_path):
+    from vargpt import VARGPTPipeline
+
+    pipe = VARGPTPipeline.from_pretrained("tiny", seed=1)
+    path = write_clip(tmp_path / "clip.mkv", moving_square(25))
+    by_path = pipe.chat("What moves?", videos=[path], max_new_tokens=4)
+    assert by_path == pipe.chat("What moves?", videos=[load_video(path)], max_new_tokens=4)
+    with pytest.raises(ImageInputError):
+        pipe.chat("What moves?", videos=[tmp_path / "missing.mp4"], max_new_tokens=4)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from .image_io import VideoSource
     from .pipeline import ChatTurn, ImageInput, VARGPTPipeline
 
 Message = dict[str, Any]
@@ -92,20 +93,25 @@ def converse_batch(
     conversations: Sequence[Sequence[Message]],
     images: Sequence[Sequence[ImageInput]],
     *,
+    videos: Sequence[Sequence[VideoSource]] | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     seed: int | None = None,
     max_new_tokens: int = 256,
     allow_images: bool = True,
     **settings: Any,
 ) -> list[ChatTurn]:
-    """Answer several conversations in one left-padded batch; `images[i]` fill conversation i's placeholders in order.
+    """Answer several conversations in one left-padded batch; `images[i]` fill conversation i's placeholders in order,
+    and `videos[i]` (each a list of frames or a uint8 [T, H, W, 3] array) its video placeholders.
 
     `on_token` receives every new token id `[B]` as it is sampled (see `generate_interleaved`); `settings` are the
     text sampling settings of `model.generate` (do_sample, temperature, top_p, ...).
     """
     if len(conversations) != len(images):
         raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
-    inputs = pipe._encode([list(c) for c in conversations], [list(row) for row in images])
+    if videos is not None and len(videos) != len(conversations):
+        raise ValueError(f"{len(conversations)} conversations but {len(videos)} video lists")
+    flat_videos = [video for row in videos or [] for video in row]
+    inputs = pipe._encode([list(c) for c in conversations], [list(row) for row in images], videos=flat_videos)
     out = pipe.model.generate(
         **inputs,
         generation_mode="interleaved" if allow_images else "text",

@@ -36,6 +36,7 @@ from .tokenization import (
     VISION_START,
     naming_unreadable_files,
 )
+from .video_io import load_video
 
 # Qwen2-VL's defaults for understanding images (pixels after its smart resize).
 UNDERSTANDING_MIN_PIXELS = 56 * 56
@@ -156,8 +157,9 @@ def _flatten_images(images: Any) -> list[ImageSource]:
 
 
 def is_video(item: Any) -> bool:
-    """A video is an array [T, H, W, 3] or a list of frames; a list of videos (per-prompt nesting) is not."""
-    if hasattr(item, "ndim"):
+    """A video is a file (path or bytes, decoded by `vargpt.video_io.load_video`), an array [T, H, W, 3] or a list
+    of frames; a list of videos (per-prompt nesting) is not."""
+    if hasattr(item, "ndim") or isinstance(item, (str, os.PathLike, bytes)):
         return True
     return (
         isinstance(item, (list, tuple))
@@ -444,7 +446,7 @@ class VARGPTProcessor(ProcessorMixin):
         size = {"shortest_edge": self.video_min_pixels, "longest_edge": self.video_max_pixels}
         pixels, grids, tokens = [], [], []
         for video in videos:
-            frames = load_video_frames(video)
+            frames = load_video(video) if isinstance(video, (str, os.PathLike, bytes)) else load_video_frames(video)
             frames.extend([frames[-1]] * (-len(frames) % temporal))
             processed = processor(frames, return_tensors="pt", size=size)
             _, grid_h, grid_w = processed["image_grid_thw"][0].tolist()

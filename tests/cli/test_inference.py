@@ -260,3 +260,20 @@ def test_interactive_chat_ends_at_end_of_input_after_its_turns(tmp_path, capsys)
 def test_a_one_shot_chat_prints_no_banner(capsys):
     assert run_chat(_chat_args(["hello", "--max-new-tokens", "2"]), stdout=io.StringIO()) == 0
     assert "to leave" not in capsys.readouterr().err
+
+
+def test_chat_answers_about_a_video_file(tmp_path, pipe, capsys):
+    from tests.clips import moving_square, write_clip
+    from vargpt.video_io import load_video
+
+    clip = write_clip(tmp_path / "clip.mkv", moving_square(25))
+    out = io.StringIO()
+    assert run_chat(_chat_args(["what moves?", "--video", str(clip), "--max-new-tokens", "4"]), stdout=out) == 0
+    expected = pipe.converse("what moves?", videos=[load_video(clip)], max_new_tokens=4, seed=0).text
+    assert out.getvalue() == expected + "\n"
+    assert vargpt(["chat", "what moves?", "--video", str(tmp_path / "missing.mp4")]) == 2
+    assert "missing.mp4" in capsys.readouterr().err
+    picture = tmp_path / "still.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    assert vargpt(["chat", "what moves?", "--video", str(picture)]) == 2
+    assert "not a video" in capsys.readouterr().err

@@ -23,7 +23,7 @@ pytest.importorskip("lmms_eval")
 from lmms_eval.api.instance import Instance
 
 from vargpt import VARGPTPipeline
-from vargpt.evaluation.lmms_plugin import VARGPTLmms, launcher_ranks, model_manifest, process_device
+from vargpt.evaluation.lmms_plugin import VARGPTLmms, _visuals, launcher_ranks, model_manifest, process_device
 from vargpt.evaluation.lmms_tasks.shapes_vqa import shapes_vqa_documents, write_shapes_vqa_task
 from vargpt.shapes.dataset import write_sharegpt_dataset
 from vargpt.shapes.evaluate import evaluate_split
@@ -372,3 +372,35 @@ def test_two_processes_give_the_one_process_results(cli_results, two_process_res
         assert accuracy == pytest.approx(sum(s["accuracy"] for s in first) / len(first), abs=1e-12)
     assert len({_response(s) for s in two_process_results["tiny"][1]}) > 1  # answers depend on each document
     assert 0.0 < two_process_results["yes"][0] < 1.0  # a metric that could have come out differently
+
+
+# ---------------------------------------------------------------- video tasks
+
+
+def test_video_requests_are_decoded_and_answered(tmp_path):
+    """A video task's visual is a video file path: generate_until answers it as the pipeline does, next to an
+    image request in the same batch, and loglikelihood scores after the video."""
+    from PIL import Image
+
+    from tests.clips import moving_square, write_clip
+    from vargpt.video_io import load_video
+
+    clip = write_clip(tmp_path / "clip.mkv", moving_square(25))  # 2.5 s at 10 fps: 4 frames sampled
+    picture = tmp_path / "still.png"
+    Image.fromarray(moving_square(1)[0]).save(picture)
+    plugin = _plugin_with_docs("tiny", [{"image": str(clip)}, {"image": str(picture)}])
+    plugin.pipe.processor.video_min_pixels = plugin.pipe.processor.video_max_pixels = 56 * 56  # a short prompt
+    settings = {"max_new_tokens": 3, "until": []}
+    requests = [_request("generate_until", "What moves?", dict(settings), i) for i in (0, 1)]
+    video_answer, image_answer = plugin.generate_until(requests)
+    frames = load_video(clip, plugin.video_sampling)
+    assert len(frames) == 4
+    pipe = plugin.pipe
+    assert video_answer == pipe.converse("What moves?", videos=[frames], allow_images=False, max_new_tokens=3).text
+    assert image_answer == pipe.chat_batch(["What moves?"], [[str(picture)]], max_new_tokens=3, do_sample=False)[0]
+    ((score, _),) = plugin.loglikelihood([_request("loglikelihood", "What moves?", "a square")])
+    assert score < 0.0
+    assert score != plugin.continuation_logprob("What moves?", "a square")[0]  # the video changes the score
+    assert VARGPTLmms(pretrained="tiny", video_fps=1, video_max_frames=8).video_sampling.frame_count(100, 10.0) == 8
+    with pytest.raises(ValueError, match="understands images and videos"):
+        _visuals(["speech.wav"])

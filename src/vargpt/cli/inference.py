@@ -34,6 +34,13 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("chat", help="chat with a model (one question, or interactive from stdin)")
     p.add_argument("prompt", nargs="?", default=None, help="the question; omit it to chat interactively")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for the first turn")
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help='a video file for the first turn (MP4, WebM/MKV, GIF, AVI; needs pip install "vargpt[video]")',
+    )
     add_model_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
@@ -82,6 +89,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     """One answer when a prompt is given, otherwise a conversation read line by line: it opens with a banner saying
     how to leave and ends at end of input or a line that `is_exit_command` (never drawing for it)."""
     from ..image_io import load_image
+    from ..video_io import load_video
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if args.prompt is not None:
@@ -91,22 +99,23 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     images = [load_image(_existing_file(path, "image")) for path in args.image]
+    videos = [load_video(_existing_file(path, "video")) for path in args.video]
     pipe = _load(args)
     session = _ChatSession(pipe, args, stdout, model_card_of(pipe))
     if args.prompt is not None:
-        session.turn(args.prompt, images)
+        session.turn(args.prompt, images, videos)
         return 0
     print(chat_banner(args.model), file=sys.stderr, flush=True)
     interactive = stdin.isatty()
-    pending_images = images
+    pending_images, pending_videos = images, videos
     for line in _lines(stdin, "you> " if interactive else None):
         text = line.strip()
         if not text:
             continue
         if is_exit_command(text):
             break
-        session.turn(text, pending_images)
-        pending_images = []
+        session.turn(text, pending_images, pending_videos)
+        pending_images, pending_videos = [], []
     return 0
 
 
@@ -135,15 +144,16 @@ class _ChatSession:
         self.card = card  # the model's card, if it has one: turns with words it never saw earn a warning
         self.history: list[dict] = []
         self.images: list[Image.Image] = []
+        self.videos: list[list[Image.Image]] = []
         self.turns = 0
         self.turn_offset: int | None = None  # turns of earlier runs in the output folder, read at the first save
 
-    def turn(self, text: str, new_images: Sequence[Image.Image]) -> None:
+    def turn(self, text: str, new_images: Sequence[Image.Image], new_videos: Sequence[list[Image.Image]] = ()) -> None:
         from ..conversation import StreamDecoder, assistant_message, converse_batch, user_message
 
         if self.card is not None:
             _warn(self.card.warnings(text))
-        message = user_message(text, len(new_images))
+        message = user_message(text, len(new_images), len(new_videos))
         decoder = StreamDecoder(self.pipe)
         image_start = self.pipe.model.config.image_gen_start_token_id
 
@@ -163,6 +173,7 @@ class _ChatSession:
             self.pipe,
             [[*self.history, message]],
             [[*self.images, *new_images]],
+            **({"videos": [[*self.videos, *new_videos]]} if self.videos or new_videos else {}),
             on_token=on_token,
             seed=self.args.seed + self.turns,
             allow_images=not self.args.no_images,
@@ -176,6 +187,7 @@ class _ChatSession:
         self.stdout.flush()
         self.history += [message, assistant_message(turn.text)]
         self.images += list(new_images)
+        self.videos += list(new_videos)
 
     def _save(self, image: Image.Image, number: int) -> Path:
         """Write image `number` of this turn to a file no other run wrote: created exclusively, and on a clash

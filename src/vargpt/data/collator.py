@@ -2,7 +2,9 @@
 
 A row is rendered with the processor's chat template (Qwen2-VL format), tokenized, and expanded by the processor:
 each `<image>` becomes `<|vision_start|>` + `<|image_pad|>` x patches + `<|vision_end|>`, each `<image_gen>` becomes
-`<|image_gen_start|>` + `<|image_gen_pad|>` x `num_image_gen_pad_tokens` + `<|image_gen_end|>`.
+`<|image_gen_start|>` + `<|image_gen_pad|>` x `num_image_gen_pad_tokens` + `<|image_gen_end|>`. Each `<video>` of a
+user turn (the chat template knows only `<image>` in string contents, so it is rewritten here) becomes
+`<|vision_start|>` + `<|video_pad|>` x merged patches + `<|vision_end|>`, its file decoded by `video_io.load_video`.
 
 Labels (the text loss) cover the assistant turns only: each turn's content and its closing `<|im_end|>`, found by
 character spans of the rendered text, so they follow the chat template rather than assumptions about token ids.
@@ -27,9 +29,15 @@ import torch
 
 from ..image_io import load_image
 from ..processing import NULL_PROMPT_MESSAGES
-from ..tokenization import IM_END
+from ..tokenization import IM_END, VIDEO_PAD, VISION_END, VISION_START
+from ..video_io import VideoSampling, load_video
 
 IGNORE_INDEX = -100
+# LLaMA-Factory's video placeholder in sharegpt rows (validated by `data.formats`).
+SHAREGPT_VIDEO_PLACEHOLDER = "<video>"
+_VIDEO_SLOT = VISION_START + VIDEO_PAD + VISION_END
+# the processor's outputs for understanding images and videos, passed on when present
+_VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def row_name(row: Mapping[str, Any], position: int) -> str:
@@ -85,6 +93,14 @@ def _labelled_tokens(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]
     return list(encoded["input_ids"]), mask
 
 
+def _with_video_slots(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """User turns' `<video>` placeholders as the video slot Qwen2-VL's template writes for a video part."""
+    return [
+        {**m, "content": m["content"].replace(SHAREGPT_VIDEO_PLACEHOLDER, _VIDEO_SLOT)} if m["role"] == "user" else m
+        for m in messages
+    ]
+
+
 class SFTCollator:
     """Rows with `messages`, `images` (understanding inputs) and `gen_images` (generation targets) to a batch.
 
@@ -100,6 +116,9 @@ class SFTCollator:
     image) with the empty one of `NULL_PROMPT_MESSAGES` with probability p (torch's global generator, like
     `random_crop`): the model then learns the unconditional image distribution that null-prompt guidance
     (`uncond_mode="null_prompt"`) subtracts at inference.
+
+    Rows may carry `videos` (file paths, one per `<video>`): their frames are sampled and sized by `video_sampling`
+    (default: Qwen2-VL's, `VideoSampling()`) and the batch gains `pixel_values_videos` and `video_grid_thw`.
     """
 
     def __init__(
@@ -112,6 +131,7 @@ class SFTCollator:
         max_pixels: int | None = None,
         resize_ratio: float = 1.125,
         prompt_dropout: float = 0.0,
+        video_sampling: VideoSampling | None = None,
     ):
         _positive_int(image_gen_resolution, "image_gen_resolution")
         if not 0.0 <= prompt_dropout < 1.0:
@@ -131,9 +151,12 @@ class SFTCollator:
         self.max_pixels = max_pixels
         self.resize_ratio = resize_ratio
         self.prompt_dropout = prompt_dropout
+        self.video_sampling = video_sampling or VideoSampling()
 
     def _maybe_drop_prompt(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
-        text_to_image = row.get("gen_images") and not row["images"]
+        # a one-turn drawing request only: a conversation that draws after a question keeps its question
+        one_turn = sum(m["role"] == "user" for m in row["messages"]) == 1
+        text_to_image = row.get("gen_images") and not row["images"] and not row.get("videos") and one_turn
         if not text_to_image or self.prompt_dropout == 0.0 or float(torch.rand(())) >= self.prompt_dropout:
             return row
         # every user turn emptied, system turns dropped: a one-turn row becomes exactly the null conversation
@@ -149,13 +172,16 @@ class SFTCollator:
         processor, tokenizer = self.processor, self.processor.tokenizer
         texts, bases = [], []
         for row in rows:
-            text, spans = render_with_label_spans(tokenizer, processor.chat_template, row["messages"])
+            text, spans = render_with_label_spans(
+                tokenizer, processor.chat_template, _with_video_slots(row["messages"])
+            )
             texts.append(text)
             bases.append(_labelled_tokens(tokenizer, text, spans))
-        images = [self._load(path, name) for row, name in zip(rows, names, strict=True) for path in row["images"]]
+        images, videos = self._understanding_inputs(rows, names)
         batch = processor(
             text=texts,
             images=images or None,
+            videos=videos or None,
             image_gen_num_tokens=self.num_image_gen_pad_tokens,
             padding=True,
             padding_side="right",
@@ -173,9 +199,7 @@ class SFTCollator:
             labels[b, :length] = torch.tensor(row_labels, dtype=labels.dtype)
         out = {key: batch[key] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
         out["labels"] = labels
-        if images:
-            out["pixel_values"] = batch["pixel_values"]
-            out["image_grid_thw"] = batch["image_grid_thw"]
+        out |= {key: batch[key] for key in _VISUAL_KEYS if batch.get(key) is not None}
         targets = [
             self._target(path, name) for row, name in zip(rows, names, strict=True) for path in row["gen_images"]
         ]
@@ -186,11 +210,27 @@ class SFTCollator:
             out["pixel_gen_values"] = torch.stack(targets)
         return out
 
+    def _understanding_inputs(self, rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> tuple[list, list]:
+        """The rows' understanding images and videos (each a list of frames), decoded, in reading order."""
+        images = [self._load(path, name) for row, name in zip(rows, names, strict=True) for path in row["images"]]
+        videos = [
+            self._load_video(path, name)
+            for row, name in zip(rows, names, strict=True)
+            for path in row.get("videos") or []
+        ]
+        return images, videos
+
     def _load(self, path: str, name: str) -> Any:
         try:
             return load_image(path)
         except ValueError as error:
             raise ValueError(f"{name}: cannot read image {path}: {error}") from error
+
+    def _load_video(self, path: str, name: str) -> list[Any]:
+        try:
+            return load_video(path, self.video_sampling)
+        except ValueError as error:
+            raise ValueError(f"{name}: cannot read video {path}: {error}") from error
 
     def _target(self, path: str, name: str) -> torch.Tensor:
         image = self._load(path, name)
@@ -202,7 +242,7 @@ class SFTCollator:
         """Carry the per-token answer mask from the plain tokenization over to the processor's expanded sequence,
         where `<|image_pad|>` and `<|image_gen_pad|>` runs have been inserted."""
         processor = self.processor
-        inserted = (processor.image_token_id, processor.image_gen_pad_token_id)
+        inserted = (processor.image_token_id, processor.video_token_id, processor.image_gen_pad_token_id)
         never_labelled = (*inserted, processor.image_gen_end_token_id)
         labels, i = [], 0
         for token in expanded:
@@ -233,9 +273,17 @@ class PreferenceCollator:
         random_crop: bool = False,
         max_pixels: int | None = None,
         resize_ratio: float = 1.125,
+        video_sampling: VideoSampling | None = None,
     ):
         self.sft = SFTCollator(
-            processor, image_gen_resolution, num_image_gen_pad_tokens, max_length, random_crop, max_pixels, resize_ratio
+            processor,
+            image_gen_resolution,
+            num_image_gen_pad_tokens,
+            max_length,
+            random_crop,
+            max_pixels,
+            resize_ratio,
+            video_sampling=video_sampling,
         )
 
     @staticmethod
@@ -245,6 +293,7 @@ class PreferenceCollator:
             "messages": [*row["prompt"], {"role": "assistant", "content": row[which]}],
             "images": row["images"],
             "gen_images": row[f"{which}_gen_images"],
+            "videos": row.get("videos") or [],
             "source_file": row.get("source_file"),
             "source_row": row.get("source_row"),
         }

@@ -1,13 +1,16 @@
 """Training data on disk: LLaMA-Factory "sharegpt" rows (SFT and preference pairs), validated row by row.
 
-SFT row: `{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...], "images": [path, ...]}`.
+SFT row: `{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...], "images": [path, ...]}`,
+optionally with `"videos": [path, ...]` (video files, one per `<video>` placeholder, as LLaMA-Factory writes them).
 Preference row (as LLaMA-Factory's `dpo_en_demo.json`): `{"conversations": [...], "chosen": {...},
 "rejected": {...}, "images": [...]}`, the prompt ending with a user turn and `chosen`/`rejected` one assistant
 message each (a `{"from": "gpt", "value": ...}` or `{"role": "assistant", "content": ...}` object, a one-message
 list, or a bare string). Either message spelling (`role`/`content` with user/assistant/system, or `from`/`value`
 with human/gpt/system) and either list key (`messages`, `conversations`) is accepted in both kinds of file.
 
-`<image>` in a user turn is an understanding input (ViT); `<image_gen>` in an assistant turn is a generation target.
+`<image>` in a user turn is an understanding input (ViT); `<image_gen>` in an assistant turn is a generation target;
+`<video>` in a user turn is a video input (the ViT's video path), matched in order against the row's own `videos`
+list, as LLaMA-Factory keeps images and videos in separate lists. A preference row's videos belong to its prompt.
 As in the original (its mm_plugin matches one `images` list against the placeholders of the concatenated message
 contents), `images` lists the files in the order the placeholders appear, both kinds mixed. For a preference row
 that reading order is prompt, then `chosen`, then `rejected`: understanding inputs first, then the chosen target(s),
@@ -17,7 +20,9 @@ as given), so pass `image_root` for such files.
 
 Validation happens once, at load time: structure, roles, placeholders, and that every image file exists and
 decodes (each distinct file once; `decode_images=False` checks existence only, for datasets too large to decode
-twice). One bad byte, row or image costs that row, never the file: a line that is not UTF-8 is a bad row, and a
+twice). A video file is checked by reading its header and packets (`probe_video`: container, frame size,
+frame count; no frame decoded) with `decode_images`, for existence only without. One bad byte, row or image costs that
+row, never the file: a line that is not UTF-8 is a bad row, and a
 UTF-8 byte order mark at the start of a file is accepted. The collator still names the row if a file turns
 unreadable later. Bad rows are never dropped silently: they are counted per reason in a `ValidationReport` (or
 raise with `strict=True`).
@@ -48,16 +53,21 @@ from ..tokenization import (
     SHAREGPT_IMAGE_GEN_PLACEHOLDER,
     SHAREGPT_IMAGE_PLACEHOLDER,
 )
+from ..video_io import probe_video
+from .collator import SHAREGPT_VIDEO_PLACEHOLDER
 
 PathInput = str | os.PathLike | Sequence[str | os.PathLike]
 
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 MESSAGE_LIST_KEYS = ("messages", "conversations")
-UNSUPPORTED_MEDIA_KEYS = ("videos", "audios")
+UNSUPPORTED_MEDIA_KEYS = ("audios",)
 # Control tokens that must not appear literally in data: the tokenizer would read them as structure.
 RESERVED_TOKENS = (*QWEN2_VL_SPECIAL_TOKENS, *IMAGE_GEN_SPECIAL_TOKENS)
 _PLACEHOLDER_PATTERN = re.compile(
-    "|".join(re.escape(token) for token in (SHAREGPT_IMAGE_GEN_PLACEHOLDER, SHAREGPT_IMAGE_PLACEHOLDER))
+    "|".join(
+        re.escape(token)
+        for token in (SHAREGPT_IMAGE_GEN_PLACEHOLDER, SHAREGPT_IMAGE_PLACEHOLDER, SHAREGPT_VIDEO_PLACEHOLDER)
+    )
 )
 MAX_EXAMPLES_PER_REASON = 5
 
@@ -78,12 +88,22 @@ IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
 UNSUPPORTED_MEDIA = "unsupported_media"
+VIDEO_OUTSIDE_USER_TURN = "video_outside_user_turn"
+VIDEO_COUNT_MISMATCH = "video_count_mismatch"
+MISSING_VIDEO = "missing_video"
+UNREADABLE_VIDEO = "unreadable_video"
 
 _MESSAGE_FEATURE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 _PATHS_FEATURE = datasets.List(datasets.Value("string"))
 _SOURCE_FEATURES = {"source_file": datasets.Value("string"), "source_row": datasets.Value("int64")}
 SFT_FEATURES = datasets.Features(
-    {"messages": _MESSAGE_FEATURE, "images": _PATHS_FEATURE, "gen_images": _PATHS_FEATURE, **_SOURCE_FEATURES}
+    {
+        "messages": _MESSAGE_FEATURE,
+        "images": _PATHS_FEATURE,
+        "gen_images": _PATHS_FEATURE,
+        "videos": _PATHS_FEATURE,
+        **_SOURCE_FEATURES,
+    }
 )
 PREFERENCE_FEATURES = datasets.Features(
     {
@@ -93,6 +113,7 @@ PREFERENCE_FEATURES = datasets.Features(
         "images": _PATHS_FEATURE,
         "chosen_gen_images": _PATHS_FEATURE,
         "rejected_gen_images": _PATHS_FEATURE,
+        "videos": _PATHS_FEATURE,
         **_SOURCE_FEATURES,
     }
 )
@@ -296,7 +317,13 @@ def _placeholders(message: dict[str, str], where: str) -> list[str]:
         raise _RowError(IMAGE_GEN_OUTSIDE_ASSISTANT_TURN, f"{where} ({message['role']}) holds <image_gen>")
     if SHAREGPT_IMAGE_PLACEHOLDER in found and message["role"] != "user":
         raise _RowError(IMAGE_OUTSIDE_USER_TURN, f"{where} ({message['role']}) holds <image>")
-    return found
+    if SHAREGPT_VIDEO_PLACEHOLDER in found and message["role"] != "user":
+        raise _RowError(VIDEO_OUTSIDE_USER_TURN, f"{where} ({message['role']}) holds <video>")
+    return [p for p in found if p != SHAREGPT_VIDEO_PLACEHOLDER]
+
+
+def _video_count(messages: Sequence[dict[str, str]]) -> int:
+    return sum(m["content"].count(SHAREGPT_VIDEO_PLACEHOLDER) for m in messages)
 
 
 class _ImageResolver:
@@ -341,7 +368,56 @@ class _ImageResolver:
         return resolved
 
 
-def _sft_row(row: Any, base_dir: Path, images: _ImageResolver) -> dict[str, Any]:
+class _VideoResolver:
+    """Resolve a row's `videos` against a folder and check, once per distinct path, that the file exists and (with
+    `decode`) is a video within the limits (`probe_video`: header and packets, no frame decoded)."""
+
+    def __init__(self, decode: bool = True) -> None:
+        self.decode = decode
+        self._problems: dict[str, tuple[str, str] | None] = {}
+
+    def _problem(self, original: str, path: str) -> tuple[str, str] | None:
+        if not os.path.isfile(path):
+            return MISSING_VIDEO, f"video {original!r} not found (looked at {path})"
+        if self.decode:
+            try:
+                probe_video(path)
+            except ValueError as error:
+                return UNREADABLE_VIDEO, f"video {original!r} cannot be read: {error}"
+        return None
+
+    def paths(self, row: dict[str, Any], base_dir: Path, expected: int) -> list[str]:
+        raw = row.get("videos")
+        if raw is None:
+            raw = []
+        elif isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list) or not all(isinstance(p, str) and p.strip() for p in raw):
+            raise _RowError(BAD_TYPE, "'videos' must be a list of non-empty path strings")
+        if len(raw) != expected:
+            raise _RowError(VIDEO_COUNT_MISMATCH, f"{expected} <video> placeholder(s) but {len(raw)} video(s)")
+        resolved = [os.path.abspath(p if os.path.isabs(p) else base_dir / p) for p in raw]
+        for original, path in zip(raw, resolved, strict=True):
+            if path not in self._problems:
+                self._problems[path] = self._problem(original, path)
+            problem = self._problems[path]
+            if problem is not None:
+                raise _RowError(*problem)
+        return resolved
+
+
+def _videos(
+    row: dict[str, Any], base_dir: Path, expected: int, images: _ImageResolver, videos: _VideoResolver | None
+) -> list[str]:
+    """The row's video paths; without a shared resolver (callers that predate videos) a row-local one checks them,
+    decoding as the image check does."""
+    if not expected and not row.get("videos"):
+        return []
+    resolver = videos if videos is not None else _VideoResolver(decode=images.decode)
+    return resolver.paths(row, base_dir, expected)
+
+
+def _sft_row(row: Any, base_dir: Path, images: _ImageResolver, videos: _VideoResolver | None = None) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise _RowError(NOT_AN_OBJECT, f"row is a {type(row).__name__}, not an object")
     messages = _conversation(row)
@@ -352,6 +428,7 @@ def _sft_row(row: Any, base_dir: Path, images: _ImageResolver) -> dict[str, Any]
         "messages": messages,
         "images": [p for p, kind in zip(paths, order, strict=True) if kind == SHAREGPT_IMAGE_PLACEHOLDER],
         "gen_images": [p for p, kind in zip(paths, order, strict=True) if kind == SHAREGPT_IMAGE_GEN_PLACEHOLDER],
+        "videos": _videos(row, base_dir, _video_count(messages), images, videos),
     }
 
 
@@ -368,7 +445,9 @@ def _response(raw: Any, key: str) -> dict[str, str]:
     return message
 
 
-def _preference_row(row: Any, base_dir: Path, images: _ImageResolver) -> dict[str, Any]:
+def _preference_row(
+    row: Any, base_dir: Path, images: _ImageResolver, videos: _VideoResolver | None = None
+) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise _RowError(NOT_AN_OBJECT, f"row is a {type(row).__name__}, not an object")
     for key in ("chosen", "rejected"):
@@ -390,6 +469,7 @@ def _preference_row(row: Any, base_dir: Path, images: _ImageResolver) -> dict[st
         "images": paths[:n_prompt],
         "chosen_gen_images": paths[n_prompt : n_prompt + n_chosen],
         "rejected_gen_images": paths[n_prompt + n_chosen :],
+        "videos": _videos(row, base_dir, _video_count(prompt), images, videos),
     }
 
 
@@ -404,7 +484,7 @@ def _load(
     files = _as_path_list(paths)
     report = ValidationReport(files=[str(f) for f in files])
     columns: dict[str, list[Any]] = {name: [] for name in features}
-    resolver = _ImageResolver(decode=decode_images)
+    resolver, video_resolver = _ImageResolver(decode=decode_images), _VideoResolver(decode=decode_images)
     for path in files:
         base_dir = Path(image_root) if image_root is not None else path.parent
         for index, row in _read_rows(path):
@@ -412,7 +492,7 @@ def _load(
             try:
                 if isinstance(row, _RowError):
                     raise row
-                parsed = parse_row(row, base_dir, resolver)
+                parsed = parse_row(row, base_dir, resolver, video_resolver)
             except _RowError as error:
                 if strict:
                     raise DataValidationError(str(path), index, error.reason, error.detail) from None
@@ -431,7 +511,8 @@ def load_sft_dataset(
     """Load and validate SFT rows from JSON / JSONL files.
 
     Columns: `messages` (canonical role/content list), `images` (absolute paths of the `<image>` inputs, in order),
-    `gen_images` (absolute paths of the `<image_gen>` targets, in order), `source_file`, `source_row`.
+    `gen_images` (absolute paths of the `<image_gen>` targets, in order), `videos` (absolute paths of the `<video>`
+    inputs, in order), `source_file`, `source_row`.
     `strict=True` raises `DataValidationError` at the first bad row; otherwise bad rows are skipped and counted.
     `decode_images=False` only checks that image files exist (see the module docstring).
     """
@@ -445,7 +526,7 @@ def load_preference_dataset(
 
     Columns: `prompt` (messages ending with a user turn), `chosen` and `rejected` (assistant contents), `images`
     (the prompt's `<image>` inputs), `chosen_gen_images` and `rejected_gen_images` (each side's `<image_gen>`
-    targets), `source_file`, `source_row`. The row's `images` list is read in placeholder order: prompt, chosen,
-    rejected. `strict` and `decode_images` as in `load_sft_dataset`.
+    targets), `videos` (the prompt's `<video>` inputs), `source_file`, `source_row`. The row's `images` list is
+    read in placeholder order: prompt, chosen, rejected. `strict` and `decode_images` as in `load_sft_dataset`.
     """
     return _load(paths, strict, image_root, _preference_row, PREFERENCE_FEATURES, decode_images)

@@ -17,6 +17,10 @@ counts and gathers the logged samples and metrics on rank 0. The model's share o
 GPU on a machine with 8:
 
     accelerate launch --num_processes=8 -m lmms_eval --model vargpt --model_args pretrained=DIR --tasks mmbench_en_dev
+
+Video tasks work too: a visual that is a video file path (`.mp4`, `.webm`, `.mkv`, `.mov`, `.avi`, `.m4v`, as
+lmms-eval's video tasks give them) is decoded with PyAV (the `video` extra) and sampled as Qwen2-VL samples videos;
+`video_fps` and `video_max_frames` (model_args) change the sampling.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..pipeline import VARGPTPipeline, default_model_name
 from ..rope_index import FORWARD_POSITIONS
+from ..video_io import VIDEO_FPS, VIDEO_MAX_FRAMES, VideoSampling, load_video
 
 if TYPE_CHECKING:
     from lmms_eval.models.registry_v2 import ModelManifest
@@ -46,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 # Generation settings lmms-eval tasks commonly pass that have no meaning for this model's greedy / sampled decoding.
 _SILENTLY_IGNORED_KEYS = frozenset({"image_aspect_ratio", "use_cache"})
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
+AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".m4a")
 
 
 def model_manifest() -> ModelManifest:
@@ -71,6 +78,7 @@ class VARGPTLmms(lmms):
 
     Under several processes each one loads the model on its own device (see `process_device`): `device` may then
     name a device type ("cuda", "cpu") but not one indexed device, which every process would share.
+    `video_fps` / `video_max_frames` set how video files are sampled (Qwen2-VL's defaults: 2 fps, at most 768).
     """
 
     is_simple = True
@@ -85,6 +93,8 @@ class VARGPTLmms(lmms):
         seed: int = 0,
         max_batch_size: int | None = None,
         positions: str | None = None,
+        video_fps: float = VIDEO_FPS,
+        video_max_frames: int = VIDEO_MAX_FRAMES,
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -100,6 +110,9 @@ class VARGPTLmms(lmms):
         if positions is not None and positions not in FORWARD_POSITIONS:
             raise ValueError(f"positions must be one of {FORWARD_POSITIONS}, got {positions!r}")
         self.positions = positions
+        self.video_sampling = VideoSampling(
+            fps=float(video_fps), max_frames=int(video_max_frames), min_frames=min(4, int(video_max_frames))
+        )
         self._rank, self._world_size, local_rank = launcher_ranks(os.environ)
         device = process_device(device, local_rank, self._world_size, torch.cuda.device_count())
         self.pipe = VARGPTPipeline.from_pretrained(name, device=device, dtype=dtype, seed=int(seed))
@@ -125,18 +138,43 @@ class VARGPTLmms(lmms):
         for indices in _group_by_generation_kwargs(requests):
             until, max_new_tokens, settings = self._generation_settings(requests[indices[0]].args[1])
             for batch in _chunks(indices, self.batch_size):
-                texts, images = [], []
+                texts, images, videos = [], [], []
                 for i in batch:
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args
                     texts.append(_strip_image_tags(context))
-                    images.append(_visuals(doc_to_visual(self.task_dict[task][split][doc_id])))
-                replies = self.pipe.chat_batch(texts, images, max_new_tokens=max_new_tokens, **settings)
+                    request_images, request_videos = _visuals(doc_to_visual(self.task_dict[task][split][doc_id]))
+                    images.append(request_images)
+                    videos.append(request_videos)
+                replies = self._answers(texts, images, videos, max_new_tokens, settings)
                 for i, reply in zip(batch, replies, strict=True):
                     answers[i] = _truncate(reply, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args[:2], answers[i])
                 progress.update(len(batch))
         progress.close()
         return [a if a is not None else "" for a in answers]
+
+    def _answers(
+        self,
+        texts: list[str],
+        images: list[list[Image.Image | str]],
+        videos: list[list[str]],
+        max_new_tokens: int,
+        settings: dict[str, Any],
+    ) -> list[str]:
+        """One batch's answers: in one `chat_batch` call without videos; with videos, one text-only turn each."""
+        if not any(videos):
+            return self.pipe.chat_batch(texts, images, max_new_tokens=max_new_tokens, **settings)
+        return [
+            self.pipe.converse(
+                text,
+                images=row_images,
+                videos=[load_video(path, self.video_sampling) for path in row_videos],
+                allow_images=False,
+                max_new_tokens=max_new_tokens,
+                **settings,
+            ).text
+            for text, row_images, row_videos in zip(texts, images, videos, strict=True)
+        ]
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """(log p(continuation | context, images), whether greedy decoding would produce the continuation).
@@ -154,8 +192,8 @@ class VARGPTLmms(lmms):
                 raise ValueError(
                     f"loglikelihood needs a text continuation, the task gave {type(continuation).__name__}"
                 )
-            visuals = _visuals(doc_to_visual(doc)) if doc_to_visual is not None else []
-            result = self.continuation_logprob(_strip_image_tags(context), continuation, visuals)
+            visuals, videos = _visuals(doc_to_visual(doc)) if doc_to_visual is not None else ([], [])
+            result = self.continuation_logprob(_strip_image_tags(context), continuation, visuals, videos)
             self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
             results.append(result)
         return results
@@ -166,9 +204,14 @@ class VARGPTLmms(lmms):
     # -- scoring ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def continuation_logprob(
-        self, context: str, continuation: str, images: Sequence[Image.Image | str] = ()
+        self,
+        context: str,
+        continuation: str,
+        images: Sequence[Image.Image | str] = (),
+        videos: Sequence[str] = (),
     ) -> tuple[float, bool]:
-        """Sum of the continuation tokens' log-probabilities after the chat prompt for (images, context).
+        """Sum of the continuation tokens' log-probabilities after the chat prompt for (images, videos, context);
+        `videos` are video file paths, decoded with this model's `video_sampling`.
 
         The continuation is tokenised on its own and appended to the prompt's ids (which end with the assistant
         header), so the scored tokens are exactly those the model would have to generate.
@@ -180,14 +223,17 @@ class VARGPTLmms(lmms):
         if not cont_ids:
             raise ValueError(f"the continuation {continuation!r} has no tokens")
         content: list[dict[str, str]] = [{"type": "image"} for _ in images]
+        content += [{"type": "video"} for _ in videos]
         content.append({"type": "text", "text": context})
         prompt = processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
-        enc = processor(text=[prompt], images=list(images) or None, return_tensors="pt")
+        frames = [load_video(path, self.video_sampling) for path in videos]
+        enc = processor(text=[prompt], images=list(images) or None, videos=frames or None, return_tensors="pt")
         prompt_len = enc["input_ids"].shape[1]
         cont_1N = torch.tensor([cont_ids], dtype=enc["input_ids"].dtype)
-        inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("pixel_values", "image_grid_thw")}
+        visual_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+        inputs = {k: v.to(self.device) for k, v in enc.items() if k in visual_keys}
         inputs["input_ids"] = torch.cat([enc["input_ids"], cont_1N], dim=1).to(self.device)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         logits_NV = self.pipe.model(**inputs, positions=self.positions).logits[0, prompt_len - 1 : -1].float()
@@ -308,8 +354,9 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
 
 
 def _strip_image_tags(context: str) -> str:
-    """Images go before the text in our chat template; tasks that inline `<image>` markers lose them here."""
-    return context.replace("<image>", "").strip()
+    """Images and videos go before the text in our chat template; tasks that inline `<image>` or `<video>` markers
+    lose them here."""
+    return context.replace("<image>", "").replace("<video>", "").strip()
 
 
 def _truncate(text: str, until: Sequence[str]) -> str:
@@ -319,23 +366,26 @@ def _truncate(text: str, until: Sequence[str]) -> str:
     return text
 
 
-def _visuals(visuals: Any) -> list[Image.Image | str]:
-    """A task's `doc_to_visual` output as a flat list of images (PIL images or image file paths)."""
+def _visuals(visuals: Any) -> tuple[list[Image.Image | str], list[str]]:
+    """A task's `doc_to_visual` output as (images: PIL images or image file paths, videos: video file paths), each
+    flat and in the task's order. Video files are told apart by their extension, as lmms-eval's own models do."""
+    images: list[Image.Image | str] = []
+    videos: list[str] = []
     if visuals is None:
-        return []
-    if not isinstance(visuals, (list, tuple)):
-        visuals = [visuals]
-    flat: list[Image.Image | str] = []
-    for item in visuals:
+        return images, videos
+    for item in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
         if isinstance(item, (list, tuple)):
-            flat.extend(_visuals(item))
+            more_images, more_videos = _visuals(item)
+            images += more_images
+            videos += more_videos
         elif isinstance(item, Image.Image):
-            flat.append(item)
-        elif isinstance(item, (str, os.PathLike)) and not str(item).lower().endswith((".mp4", ".avi", ".mov", ".wav")):
-            flat.append(os.fspath(item))
+            images.append(item)
+        elif isinstance(item, (str, os.PathLike)) and not str(item).lower().endswith(AUDIO_EXTENSIONS):
+            is_video = str(item).lower().endswith(VIDEO_EXTENSIONS)
+            (videos if is_video else images).append(os.fspath(item))
         else:
-            raise ValueError(f"vargpt understands images only, the task gave {type(item).__name__}: {item!r:.80}")
-    return flat
+            raise ValueError(f"vargpt understands images and videos, the task gave {type(item).__name__}: {item!r:.80}")
+    return images, videos
 
 
 __all__ = ["MODEL_ID", "VARGPTLmms", "launcher_ranks", "model_manifest", "process_device"]

@@ -18,6 +18,11 @@ Choices where OpenAI's API has no answer for this model:
 * Earlier assistant turns are fed back as text; images they contained are dropped (no slot in the template).
 * Image URLs must be `data:` URLs. The server never fetches remote URLs or reads its own files. Input images
   must be PNG, JPEG, WebP, GIF, BMP or TIFF (`SERVER_IMAGE_FORMATS`): other decoders never see untrusted bytes.
+* Videos (OpenAI has no video part) come as vLLM and SGLang take them, `{"type": "video_url", "video_url": {"url":
+  "data:video/mp4;base64,..."}}` (MP4/QuickTime, WebM/Matroska, GIF or AVI; decoding needs the `video` extra), or
+  as frames, `{"type": "video", "video": [image data URLs]}`. Like images they must be data URLs; frames are
+  sampled as Qwen2-VL samples them (2 per second) up to `max_video_frames`, each within `max_image_pixels`, from a
+  file of at most `max_video_source_frames` frames.
 * `images/generations` and `images/edits` answer `b64_json` whether or not `response_format` is given (as OpenAI's
   gpt-image models do); `response_format: "url"` is refused with a 400, since the server keeps no files to link.
 * A model whose folder holds a `model_card.json` (the shipped `vargpt-shapes-tiny` does; see `vargpt.model_card`)
@@ -64,9 +69,10 @@ from ..conversation import (
     user_message,
 )
 from ..generation import GenerationCancelled, stop_when
-from ..image_io import ImageInputError, load_image
+from ..image_io import ImageInputError, load_image, load_video_frames
 from ..model_card import model_card_of
 from ..pipeline import VARGPTPipeline
+from ..video_io import VideoSampling, load_video
 from .batching import BatchCancelledError, BatchingWorker, Job, QueueFullError
 from .schemas import APIError, ChatCompletionRequest, ChatMessage, ImageGenerationRequest, error_body
 from .validation import check_length, check_text, image_settings, square_size
@@ -97,6 +103,9 @@ class ServerConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_images_per_request: int = 4
+    max_videos_per_request: int = 1
+    max_video_frames: int = 32  # frames the model sees per video (sampled from a file, or given as frames)
+    max_video_source_frames: int = 18_000  # frames in an uploaded file: 10 minutes at 30 frames per second
     max_n: int = 8
     max_prompt_tokens: int = 4096
     max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_BOUND * max_prompt_tokens
@@ -108,6 +117,13 @@ class ServerConfig:
             raise ValueError(f"timeout must be positive, got {self.timeout_s}")
         if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
             raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
+        if self.max_video_frames < 2:
+            raise ValueError(f"max_video_frames must be >= 2 (frames are paired), got {self.max_video_frames}")
+
+    @property
+    def video_sampling(self) -> VideoSampling:
+        """Qwen2-VL's frame sampling with this server's frame limit."""
+        return VideoSampling(max_frames=self.max_video_frames, min_frames=min(4, self.max_video_frames))
 
     @property
     def prompt_char_limit(self) -> int:
@@ -254,25 +270,33 @@ class _Service:
             raise APIError(400, str(error), param=param, code=code) from None
 
     async def image_from_url(self, url: str, param: str) -> Image.Image:
-        if not url.startswith("data:"):
-            raise APIError(
-                400,
-                "image_url must be a data URL (data:image/png;base64,...): this server does not fetch remote "
-                "URLs or read local files",
-                param=param,
-                code="remote_image_not_allowed",
-            )
-        header, comma, payload = url[len("data:") :].partition(",")
-        media_type = header.split(";")[0].strip().lower()
-        if not comma or ";base64" not in header.lower():
-            raise APIError(400, "image data URLs must be base64 encoded (data:image/png;base64,...)", param=param)
-        if not media_type.startswith("image/"):
-            raise APIError(400, f"the data URL holds {media_type or 'no media type'}, not an image", param=param)
+        return await self.decode_image(_data_url_bytes(url, param, "image"), param)
+
+    async def video_from_url(self, url: str, param: str) -> list[Image.Image]:
+        """A video file's sampled frames; the file is checked (format, frame size, length) before decoding."""
+        data = _data_url_bytes(url, param, "video")
+        limits = (self.config.video_sampling, self.config.max_image_pixels, self.config.max_video_source_frames)
         try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, "the image data URL is not valid base64", param=param, code="invalid_base64") from None
-        return await self.decode_image(data, param)
+            return await asyncio.to_thread(load_video, data, *limits)
+        except ImageInputError as error:
+            code = "video_too_large" if "over the limit" in str(error) or "too long" in str(error) else "invalid_video"
+            raise APIError(400, str(error), param=param, code=code) from None
+        except ImportError as error:
+            raise APIError(400, str(error), param=param, code="video_not_supported") from None
+
+    async def video_from_frames(self, urls: Any, param: str) -> list[Image.Image]:
+        """A video given as its frames, each an image data URL; all of one size."""
+        if not isinstance(urls, list) or not urls:
+            raise APIError(400, "video parts need a non-empty 'video' list of image data URLs", param=param)
+        if len(urls) > self.config.max_video_frames:
+            raise APIError(
+                400, f"at most {self.config.max_video_frames} frames per video, got {len(urls)}", param=param
+            )
+        frames = [await self.image_from_url(url, f"{param}.video[{k}]") for k, url in enumerate(urls)]
+        try:
+            return load_video_frames(frames, self.config.max_image_pixels)
+        except ImageInputError as error:
+            raise APIError(400, str(error), param=param, code="invalid_video") from None
 
     def submit(self, job: Job) -> asyncio.Future:
         try:
@@ -312,7 +336,7 @@ class _Service:
     async def chat(self, body: ChatCompletionRequest, request: Request | None = None):
         self.check_model(body.model)
         deadline = time.monotonic() + self.config.timeout_s
-        conversation, images = await self.conversation(body.messages)
+        conversation, images, videos = await self.conversation(body.messages)
         max_new = body.max_completion_tokens or body.max_tokens or self.config.default_max_tokens
         text = await self.off_loop(
             self.pipe.processor.apply_chat_template, conversation, add_generation_prompt=True, tokenize=False
@@ -324,7 +348,13 @@ class _Service:
             sampling |= {"do_sample": True, "temperature": body.temperature, "top_p": body.top_p or 1.0}
         alone = body.seed is not None
         key = (tuple(sorted(sampling.items())), object() if alone else None)
-        payload = {"conversation": conversation, "images": images, "sampling": sampling, "seed": body.seed}
+        payload = {
+            "conversation": conversation,
+            "images": images,
+            "videos": videos,
+            "sampling": sampling,
+            "seed": body.seed,
+        }
         events: asyncio.Queue = asyncio.Queue()
         job = Job("chat", key, payload, on_event=events.put_nowait if body.stream else None)
         future = self.submit(job)
@@ -406,14 +436,17 @@ class _Service:
             if not future.done():
                 self.worker.cancel(job)
 
-    async def conversation(self, messages: Sequence[ChatMessage]) -> tuple[list[dict], list[Image.Image]]:
-        """OpenAI messages to the chat template's messages plus the images in placeholder order.
+    async def conversation(
+        self, messages: Sequence[ChatMessage]
+    ) -> tuple[list[dict], list[Image.Image], list[list[Image.Image]]]:
+        """OpenAI messages to the chat template's messages plus the images and videos in placeholder order.
 
         All text is checked (Unicode, total length) before any image is decoded or anything is tokenised."""
         parts_of = [_parts(message) for message in messages]
         self.check_prompt(_message_texts(messages, parts_of), "messages")
         conversation: list[dict] = []
         images: list[Image.Image] = []
+        videos: list[list[Image.Image]] = []
         for i, (message, parts) in enumerate(zip(messages, parts_of, strict=True)):
             texts = [p["text"] or "" for p in parts if p["type"] == "text"]
             if message.role in ("system", "developer"):
@@ -421,13 +454,21 @@ class _Service:
             elif message.role == "assistant":
                 conversation.append(assistant_message("".join(texts)))
             else:
-                conversation.append(await self.user_turn(i, parts, texts, images))
+                conversation.append(await self.user_turn(i, parts, texts, images, videos))
         if conversation[-1]["role"] != "user":
             raise APIError(400, "the last message must come from the user", param="messages")
-        return conversation, images
+        return conversation, images, videos
 
-    async def user_turn(self, index: int, parts: list[dict], texts: list[str], images: list[Image.Image]) -> dict:
-        """Message `index` (a user's) as a template message; its images are decoded and appended to `images`."""
+    async def user_turn(
+        self,
+        index: int,
+        parts: list[dict],
+        texts: list[str],
+        images: list[Image.Image],
+        videos: list[list[Image.Image]],
+    ) -> dict:
+        """Message `index` (a user's) as a template message; its images and videos are decoded and appended to
+        `images` and `videos`."""
         urls = [(j, p["image_url"]) for j, p in enumerate(parts) if p["type"] == "image_url"]
         for j, url in urls:
             param = f"messages[{index}].content[{j}]"
@@ -438,8 +479,26 @@ class _Service:
                     400, f"at most {self.config.max_images_per_request} images per request", param="messages"
                 )
             images.append(await self.image_from_url(url["url"], param))
+        added = await self.user_videos(index, parts, videos)
         with _refused_as(f"messages[{index}].content"):
-            return user_message("\n".join(t for t in texts if t), len(urls))
+            return user_message("\n".join(t for t in texts if t), len(urls), added)
+
+    async def user_videos(self, index: int, parts: list[dict], videos: list[list[Image.Image]]) -> int:
+        """Decode message `index`'s video parts onto `videos`; how many it had."""
+        found = [(j, p) for j, p in enumerate(parts) if p["type"] in ("video_url", "video")]
+        for j, part in found:
+            param = f"messages[{index}].content[{j}]"
+            if len(videos) == self.config.max_videos_per_request:
+                raise APIError(
+                    400, f"at most {self.config.max_videos_per_request} video(s) per request", param="messages"
+                )
+            if part["type"] == "video":
+                videos.append(await self.video_from_frames(part.get("video"), param))
+                continue
+            if not (part.get("video_url") or {}).get("url"):
+                raise APIError(400, "video_url parts need a video_url.url", param=param)
+            videos.append(await self.video_from_url(part["video_url"]["url"], param))
+        return len(found)
 
     def _run_chat(self, jobs: Sequence[Job]) -> list[tuple[Any, dict]]:
         decoders = [StreamDecoder(self.pipe) for _ in jobs]
@@ -459,10 +518,12 @@ class _Service:
                     pass  # the drawn image is sent with the result
 
         first = jobs[0].payload
+        videos = [job.payload["videos"] for job in jobs]
         turns = converse_batch(
             self.pipe,
             [job.payload["conversation"] for job in jobs],
             [job.payload["images"] for job in jobs],
+            **({"videos": videos} if any(videos) else {}),
             on_token=on_token,
             seed=first["seed"],
             **first["sampling"],
@@ -622,6 +683,29 @@ def _message_texts(messages: Sequence[ChatMessage], parts_of: Sequence[list[dict
         for j, part in enumerate(parts)
         if part["type"] == "text"
     ]
+
+
+def _data_url_bytes(url: str, param: str, kind: str) -> bytes:
+    """The bytes of a base64 `data:` URL whose media type is `kind`/* ("image" or "video"); anything else is a 400."""
+    example = "data:image/png;base64,..." if kind == "image" else "data:video/mp4;base64,..."
+    if not url.startswith("data:"):
+        raise APIError(
+            400,
+            f"{kind}_url must be a data URL ({example}): this server does not fetch remote URLs or read local files",
+            param=param,
+            code=f"remote_{kind}_not_allowed",
+        )
+    header, comma, payload = url[len("data:") :].partition(",")
+    media_type = header.split(";")[0].strip().lower()
+    if not comma or ";base64" not in header.lower():
+        raise APIError(400, f"{kind} data URLs must be base64 encoded ({example})", param=param)
+    if not media_type.startswith(f"{kind}/"):
+        what = "an image" if kind == "image" else "a video"
+        raise APIError(400, f"the data URL holds {media_type or 'no media type'}, not {what}", param=param)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"the {kind} data URL is not valid base64", param=param, code="invalid_base64") from None
 
 
 def _last_user_text(messages: Sequence[ChatMessage]) -> str:

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible endpoints, and errors in OpenAI's shape.
 
 Unknown fields are accepted and ignored (clients send `user`, `quality`, ... routinely); fields we cannot honour
-(`response_format="url"`, remote image URLs) are refused with a 400 naming the field rather than ignored.
+(`response_format="url"`, remote image or video URLs) are refused with a 400 naming the field rather than ignored.
 """
 
 from __future__ import annotations
@@ -52,9 +52,15 @@ class ImageURL(_Lenient):
 
 
 class ContentPart(_Lenient):
-    type: Literal["text", "image_url"]
+    """A content part: text, an image, or a video as vLLM and SGLang accept it (OpenAI defines no video part):
+    `{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}`, or its frames as
+    `{"type": "video", "video": ["data:image/png;base64,...", ...]}` (qwen-vl-utils' list-of-frames form)."""
+
+    type: Literal["text", "image_url", "video_url", "video"]
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: ImageURL | None = None
+    video: list[str] | None = None
 
 
 class ChatMessage(_Lenient):
