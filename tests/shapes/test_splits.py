@@ -21,6 +21,8 @@ SMALL = {
     "validation": {"understanding": 3, "generation": 4, "editing": 2},
     "test": {"understanding": 5, "generation": 6, "editing": 2},
 }
+# sha256 of SMALL's test split from `shapes-tiny`, written by the code before the broad language was added
+PINNED_SMALL_TEST_SHA256 = "a6de4aa11c875ae93d80d7c9a60c78ee977c571ff5b3f6a5a4536831170168c1"
 
 
 def _small_spec():
@@ -108,3 +110,67 @@ def test_the_command_refuses_recipes_without_a_shapes_data_step(tmp_path, capsys
     assert main(["data", "shapes", "--out", str(tmp_path), "--recipe", "vargpt-v1.1-paper", "--quiet"]) == 2
     assert "fine-tuning recipe" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+BROAD = {
+    "train": {"understanding": 4, "generation": 6, "editing": 2, "conversation": 3},
+    "validation": {"understanding": 2, "generation": 3, "editing": 1},
+    "test": {"understanding": 3, "generation": 6, "editing": 1, "conversation": 3},
+    "test_paraphrase": {"understanding": 5, "generation": 12, "editing": 2, "conversation": 3},
+}
+
+
+def _broad_spec():
+    spec = load_recipe("shapes-tiny-broad")
+    return dataclasses.replace(spec, data=dataclasses.replace(spec.data, **BROAD))
+
+
+def test_the_template_language_writes_todays_bytes(tmp_path):
+    """Pinned before the broad language existed: the default language's rows must not move (the shipped model's
+    scores are measured on them)."""
+    import hashlib
+
+    spec = _small_spec()
+    write_recipe_splits(spec.data, spec.seed, tmp_path, ["test"])
+    digest = hashlib.sha256((tmp_path / "test.jsonl").read_bytes()).hexdigest()
+    assert digest == PINNED_SMALL_TEST_SHA256
+
+
+def test_a_broad_recipe_writes_the_paraphrase_split_with_conversations(tmp_path):
+    spec = _broad_spec()
+    counts = write_recipe_splits(spec.data, spec.seed, tmp_path)
+    assert set(counts) == {"train", "validation", "test", "test-paraphrase"}
+    assert counts["test-paraphrase"]["understanding"] == 5 + 3  # conversations are understanding rows
+    rows = {
+        split: [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()] for split in counts
+    }
+    prompts = {s: {r["messages"][0]["content"] for r in rows[s] if r["meta"]["task"] == "generation"} for s in rows}
+    assert not prompts["train"] & (prompts["test"] | prompts["test-paraphrase"] | prompts["validation"])
+    assert all(r["split"] == "test-paraphrase" for r in (row["meta"] for row in rows["test-paraphrase"]))
+    conversations = [r for r in rows["test-paraphrase"] if r["meta"].get("category") == "conversation"]
+    assert len(conversations) == 3 and all(len(r["messages"]) == 4 for r in conversations)
+    task_file = (tmp_path / "test-paraphrase-understanding.jsonl").read_text().splitlines()
+    assert len(task_file) == 8
+
+
+def test_the_paraphrase_split_needs_a_broad_recipe(tmp_path):
+    spec = _small_spec()
+    with pytest.raises(ValueError, match="test-paraphrase needs a recipe"):
+        write_recipe_splits(spec.data, spec.seed, tmp_path, ["test-paraphrase"])
+    with pytest.raises(ValueError, match="language"):
+        write_sharegpt_dataset(tmp_path, "test-paraphrase", 1, 1, 1)
+    with pytest.raises(ValueError, match="broad language only"):
+        write_sharegpt_dataset(tmp_path, "test", 1, 1, 1, n_conversation=2)
+
+
+def test_the_command_writes_the_paraphrase_split_of_a_broad_recipe(tmp_path, capsys):
+    raw = json.loads(resources.files("vargpt").joinpath("recipes", "shapes-tiny-broad.json").read_text())
+    recipe = tmp_path / "broad.json"
+    recipe.write_text(json.dumps(raw | {"data": raw["data"] | BROAD}))
+    out = tmp_path / "data"
+    assert main(["data", "shapes", "--out", str(out), "--recipe", str(recipe), "--splits", "test-paraphrase"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == {
+        "test-paraphrase": {"understanding": 8, "generation": 12, "editing": 2}
+    }
+    assert main(["eval", "shapes", "--data", str(out), "--split", "test-paraphrase", "--samples-per-prompt", "1"]) == 2
+    assert "--samples-per-prompt must be 0 (off) or at least 2" in capsys.readouterr().err

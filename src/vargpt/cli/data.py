@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..shapes.scene import SPLITS
+from ..shapes.dataset import DATA_SPLITS
 from .options import add_quiet_argument
 
 DEFAULT_RECIPE = "shapes-tiny"
@@ -27,10 +27,11 @@ def register_data_commands(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--splits",
         nargs="+",
-        default=list(SPLITS),
-        choices=SPLITS,
+        default=None,
+        choices=DATA_SPLITS,
         metavar="SPLIT",
-        help=f"which of {', '.join(SPLITS)} to write (default: all; the recipe's train split takes a minute or two)",
+        help=f"which of {', '.join(DATA_SPLITS)} to write (default: all the recipe has; test-paraphrase only for "
+        "recipes in the broad language; the recipe's train split takes a minute or two)",
     )
     s.add_argument("--recipe", default=DEFAULT_RECIPE, help="packaged recipe name or JSON file (default: %(default)s)")
     add_quiet_argument(s)
@@ -46,7 +47,7 @@ def run_data_shapes(args: argparse.Namespace) -> int:
     if is_data_recipe(args.recipe):
         raise ValueError(f"{args.recipe} is a fine-tuning recipe on its own data: it has no shapes-world data step")
     spec = load_recipe(args.recipe)
-    splits = list(dict.fromkeys(args.splits))
+    splits = None if args.splits is None else list(dict.fromkeys(args.splits))
     counts = write_recipe_splits(spec.data, spec.seed, args.out, splits, progress=not args.quiet)
     print(json.dumps({"recipe": spec.name, "seed": spec.seed, "out": str(args.out), "rows": counts}, indent=2))
     return 0

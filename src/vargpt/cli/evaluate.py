@@ -52,11 +52,24 @@ def _register_shapes(evals: argparse._SubParsersAction) -> None:
     e = evals.add_parser("shapes", help="shapes-world generation / understanding / editing scores")
     add_model_arguments(e)
     e.add_argument("--data", required=True, help="folder with <split>.jsonl (a run's data/ folder) or a JSONL file")
-    e.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    e.add_argument(
+        "--split",
+        default="test",
+        choices=("train", "validation", "test", "test-paraphrase"),
+        help="split file to score (default: %(default)s; test-paraphrase: held-out wordings, broad-language recipes)",
+    )
     e.add_argument("--json", default=None, help="write the report here (and a sample grid PNG beside it)")
     e.add_argument("--limit", type=int, default=None, help="rows per task (default: all)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=0,
+        help="also draw N samples (N >= 2) of the first --diversity-prompts prompts and report the share of "
+        "distinct images among them with their accuracy (default: off)",
+    )
+    e.add_argument("--diversity-prompts", type=int, default=32, help="prompts for --samples-per-prompt")
     add_image_arguments(e, SHAPES_SETTINGS, preset_help="image settings preset (default: the model's own settings)")
     add_quiet_argument(e)
     e.set_defaults(func=_eval_shapes)
@@ -66,6 +79,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
     from ..pipeline import VARGPTPipeline
     from ..shapes.evaluate import evaluate_split
 
+    if args.samples_per_prompt == 1 or args.samples_per_prompt < 0 or args.diversity_prompts < 1:
+        raise ValueError("--samples-per-prompt must be 0 (off) or at least 2, and --diversity-prompts positive")
     data = Path(args.data)
     split_file = data / f"{args.split}.jsonl" if data.is_dir() else data
     if not split_file.is_file():
@@ -81,6 +96,8 @@ def _eval_shapes(args: argparse.Namespace) -> int:
         seed=args.seed,
         grid_path=grid,
         progress=not args.quiet,
+        samples_per_prompt=args.samples_per_prompt,
+        diversity_prompts=args.diversity_prompts,
     )
     text = json.dumps(report, indent=2)
     if args.json:

@@ -15,8 +15,17 @@ from typing import Any
 
 from PIL import Image
 
+from . import broad_dataset
+from .broad import LANGUAGES
+from .conversations import conversation_rows
 from .scene import ShapesWorldConfig, has_held_out_pair
 from .world import EDIT_KINDS, GENEVAL_CATEGORIES, SPLITS, VQA_TYPES, ShapesWorld
+
+# Test scenes worded only with the broad language's held-out phrasings (see `vargpt.shapes.broad`)
+PARAPHRASE_SPLIT = "test-paraphrase"
+DATA_SPLITS = (*SPLITS, PARAPHRASE_SPLIT)
+# keeps the paraphrase split's random stream apart from every (seed, split) stream of the three splits
+_PARAPHRASE_SEED_OFFSET = 1_000_003
 
 IMAGE_TOKEN = "<image>"
 IMAGE_GEN_TOKEN = "<image_gen>"
@@ -106,30 +115,73 @@ def write_sharegpt_dataset(
     image_size: int = 32,
     config: ShapesWorldConfig | None = None,
     caption_fraction: float = 0.2,
+    language: str = "templates",
+    n_conversation: int = 0,
 ) -> Path:
     """Write `<out_dir>/<split>.jsonl` and its PNGs under `<out_dir>/images/<split>/`; return the JSONL path.
 
-    Rows come in three blocks (understanding, generation, editing); categories cycle so each is balanced.
-    The same (seed, split) always writes the same files; different splits never share a scene or a prompt.
+    Rows come in blocks (understanding, generation, editing, then conversations); categories cycle so each is
+    balanced. The same (seed, split) always writes the same files; different splits never share a scene or a
+    prompt. `language="broad"` words rows with the broad grammar and allows `n_conversation` multi-turn rows
+    and the `test-paraphrase` split (test scenes, held-out phrasings only); "templates" writes exactly the rows
+    it always wrote.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    for name, value in (("n_understanding", n_understanding), ("n_generation", n_generation), ("n_editing", n_editing)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if not 0 <= caption_fraction <= 1:
-        raise ValueError(f"caption_fraction must be in [0, 1], got {caption_fraction}")
+    _check_arguments(split, language, caption_fraction, n_understanding, n_generation, n_editing, n_conversation)
     root = Path(out_dir)
-    world = ShapesWorld(seed * len(SPLITS) + SPLITS.index(split), image_size=image_size, config=config)
     save = _ImageWriter(root, split)
-    rows = _understanding_rows(world, split, n_understanding, caption_fraction, save)
-    rows += _generation_rows(world, split, n_generation, save)
-    rows += _editing_rows(world, split, n_editing, save)
+    if language == "templates":
+        world = ShapesWorld(seed * len(SPLITS) + SPLITS.index(split), image_size=image_size, config=config)
+        rows = _understanding_rows(world, split, n_understanding, caption_fraction, save)
+        rows += _generation_rows(world, split, n_generation, save)
+        rows += _editing_rows(world, split, n_editing, save)
+    else:
+        counts = (n_understanding, n_generation, n_editing, n_conversation)
+        rows = _broad_rows(split, counts, seed, image_size, config, caption_fraction, save)
     path = root / f"{split}.jsonl"
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def _check_arguments(split: str, language: str, caption_fraction: float, *counts: int) -> None:
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
+    if split not in DATA_SPLITS or (split == PARAPHRASE_SPLIT and language != "broad"):
+        known = DATA_SPLITS if language == "broad" else SPLITS
+        raise ValueError(f"split must be one of {known} in the {language} language, got {split!r}")
+    names = ("n_understanding", "n_generation", "n_editing", "n_conversation")
+    for name, value in zip(names, counts, strict=True):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if counts[3] and language != "broad":
+        raise ValueError("conversation rows are written in the broad language only (language='broad')")
+    if not 0 <= caption_fraction <= 1:
+        raise ValueError(f"caption_fraction must be in [0, 1], got {caption_fraction}")
+
+
+def _broad_rows(
+    split: str,
+    counts: tuple[int, int, int, int],
+    seed: int,
+    image_size: int,
+    config: ShapesWorldConfig | None,
+    caption_fraction: float,
+    save,
+) -> list[dict]:
+    """The rows of a split in the broad language; the paraphrase split draws test scenes."""
+    held_out = split == PARAPHRASE_SPLIT
+    scene_split = "test" if held_out else split
+    stream = seed * len(SPLITS) + SPLITS.index(scene_split) + (_PARAPHRASE_SEED_OFFSET if held_out else 0)
+    world = ShapesWorld(stream, image_size=image_size, config=config)
+    n_understanding, n_generation, n_editing, n_conversation = counts
+    rows = broad_dataset.understanding_rows(
+        world, split, scene_split, n_understanding, caption_fraction, save, held_out
+    )
+    rows += broad_dataset.generation_rows(world, split, scene_split, n_generation, save, held_out)
+    rows += broad_dataset.editing_rows(world, split, scene_split, n_editing, save, held_out)
+    rows += conversation_rows(world, split, scene_split, n_conversation, save, held_out)
+    return rows
 
 
 def validate_sharegpt_dataset(jsonl_path: str | Path) -> int:

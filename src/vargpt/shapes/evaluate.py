@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from ..data.jsonl import read_jsonl
 from .detector import read_scene
+from .diversity import distinct_samples
+from .multiturn import conversation_summary, score_conversations
 from .scene import Scene
 from .scoring import (
     edit_check,
@@ -106,13 +108,19 @@ def evaluate_split(
     seed: int = 0,
     grid_path: str | Path | None = None,
     progress: bool = True,
+    samples_per_prompt: int = 0,
+    diversity_prompts: int = 32,
 ) -> dict[str, Any]:
-    """Score a model on one split; `limit` caps the rows of each task. Returns the report dict."""
+    """Score a model on one split; `limit` caps the rows of each task (conversations count as their own task).
+
+    Conversation rows (broad-language recipes) add `conversation`, the multi-turn accuracy; `samples_per_prompt`
+    >= 2 adds `distinct_samples`: that many samples of each of the first `diversity_prompts` prompts, the share
+    of them that differ and their accuracy. Returns the report dict."""
     rows = read_rows(jsonl)
     by_task = _rows_by_task(rows, limit)
     report: dict[str, Any] = {
         "split_file": Path(jsonl).name,
-        "counts": {k: len(v) for k, v in by_task.items()},
+        "counts": {k: len(v) for k, v in by_task.items() if v or k != "conversation"},
         "image_settings": pipe.image_config.to_dict(),
     }
     with Image.open(_image_path(rows[0], 0)) as first:
@@ -131,6 +139,7 @@ def evaluate_split(
         report["generation_prompt_shuffled"] = prompt_shuffled_baseline(drawn)
     if by_task["editing"]:
         report["editing_baselines"] = editing_baselines(by_task["editing"])
+    report.update(_turn_and_sample_scores(run, by_task, samples_per_prompt, diversity_prompts))
     report["unseen_combinations"] = _summaries(
         [r for r in gen_results if r["unseen"]],
         [p for p, i in zip(vqa_preds, vqa_items, strict=True) if i["unseen"]],
@@ -142,14 +151,48 @@ def evaluate_split(
     return report
 
 
+def _turn_and_sample_scores(
+    run: _TaskRun, by_task: dict[str, list[dict[str, Any]]], samples_per_prompt: int, diversity_prompts: int
+) -> dict[str, Any]:
+    """The multi-turn score of the conversation rows and, when asked, the distinct-sample rate."""
+    out: dict[str, Any] = {}
+    conversations = score_conversations(
+        run.pipe, by_task["conversation"], batch_size=run.batch_size, seed=run.seed, to_world=run.to_world
+    )
+    if conversations:
+        out["conversation"] = conversation_summary(conversations)
+        unseen = [r for r in conversations if r["unseen"]]
+        if unseen:
+            out["unseen_conversation"] = conversation_summary(unseen)
+    if samples_per_prompt and by_task["generation"]:
+        out["distinct_samples"] = distinct_samples(
+            run.pipe,
+            by_task["generation"],
+            samples_per_prompt=samples_per_prompt,
+            prompts=diversity_prompts,
+            batch_size=run.batch_size,
+            seed=run.seed,
+            to_world=run.to_world,
+        )
+    return out
+
+
 def _rows_by_task(rows: Sequence[dict[str, Any]], limit: int | None) -> dict[str, list[dict[str, Any]]]:
-    """The rows of each task in file order, at most `limit` each; free-form captions are left out."""
-    by_task: dict[str, list[dict[str, Any]]] = {"generation": [], "understanding": [], "editing": []}
+    """The rows of each task in file order, at most `limit` each; free-form captions are left out, and
+    conversation rows (understanding rows of several turns) form a task of their own."""
+    by_task: dict[str, list[dict[str, Any]]] = {
+        "generation": [],
+        "understanding": [],
+        "editing": [],
+        "conversation": [],
+    }
     for row in rows:
-        task = row["meta"]["task"]
+        task, category = row["meta"]["task"], row["meta"].get("category")
+        if task == "understanding" and category == "conversation":
+            task = "conversation"
+        elif task == "understanding" and category == "caption":
+            continue  # free-form captions have no single exact answer
         if task in by_task and (limit is None or len(by_task[task]) < limit):
-            if task == "understanding" and row["meta"].get("category") == "caption":
-                continue  # free-form captions have no single exact answer
             by_task[task].append(row)
     return by_task
 

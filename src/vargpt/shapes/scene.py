@@ -19,8 +19,10 @@ SUPPORTED_SHAPES = ("circle", "square", "triangle")
 SUPPORTED_BACKGROUNDS = ("white", "grey", "stripes")
 SPLITS = ("train", "validation", "test")
 # How text-to-image targets are laid out: "random" (cells, sizes and background drawn like any scene) or
-# "canonical" (one fixed layout per object count or asked relation, large shapes on white)
-GENERATION_LAYOUTS = ("random", "canonical")
+# "canonical" (one fixed layout per object count or asked relation, large shapes on white) or "varied" (a few
+# layouts per count or relation, objects shuffled among their cells, large shapes on any background: what the
+# prompt leaves open varies between samples, while the picture space stays small enough to learn)
+GENERATION_LAYOUTS = ("random", "canonical", "varied")
 
 # Background pixel colours. Both are far (> 150 in RGB distance) from every palette colour, so that a pixel's
 # nearest reference colour tells shape from background even under noise.
@@ -124,8 +126,10 @@ class ShapesWorldConfig:
             raise ValueError(f"test_unseen_fraction must be in [0, 1], got {self.test_unseen_fraction}")
         if self.generation_layout not in GENERATION_LAYOUTS:
             raise ValueError(f"generation_layout must be one of {GENERATION_LAYOUTS}, got {self.generation_layout!r}")
-        if self.generation_layout == "canonical" and self.max_objects > 4:
-            raise ValueError(f"the canonical layout places at most 4 objects, max_objects is {self.max_objects}")
+        if self.generation_layout in ("canonical", "varied") and self.max_objects > 4:
+            raise ValueError(
+                f"the {self.generation_layout} layout places at most 4 objects, max_objects is {self.max_objects}"
+            )
 
     @property
     def colours(self) -> tuple[str, ...]:

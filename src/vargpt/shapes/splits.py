@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..training.recipe import TASKS, DataSpec
-from .dataset import write_sharegpt_dataset
+from ..training.recipe import DATA_ROW_KINDS, TASKS, DataSpec
+from .dataset import DATA_SPLITS, PARAPHRASE_SPLIT, write_sharegpt_dataset
 from .scene import SPLITS, ShapesWorldConfig
 
 
@@ -26,32 +26,45 @@ def recipe_world_config(image_size: int, generation_layout: str) -> ShapesWorldC
 
 
 def split_rows(data_spec: DataSpec, split: str) -> dict[str, int]:
-    """Rows per task of one split of a recipe's `DataSpec` (tasks it leaves out: 0)."""
-    sizes = getattr(data_spec, split)
-    return {task: int(sizes.get(task, 0)) for task in TASKS}
+    """Rows per task (and conversations) of one split of a recipe's `DataSpec` (kinds it leaves out: 0)."""
+    sizes = getattr(data_spec, split.replace("-", "_"))
+    return {kind: int(sizes.get(kind, 0)) for kind in DATA_ROW_KINDS}
+
+
+def recipe_splits(data_spec: DataSpec) -> tuple[str, ...]:
+    """The splits a recipe's data step writes: the three, and `test-paraphrase` when the recipe asks for it."""
+    return DATA_SPLITS if any(data_spec.test_paraphrase.values()) else SPLITS
 
 
 def write_recipe_splits(
     data_spec: DataSpec,
     seed: int,
     folder: str | Path,
-    splits: Sequence[str] = SPLITS,
+    splits: Sequence[str] | None = None,
     *,
     progress: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Write `splits` of a recipe's data (`data_spec`: its `DataSpec`, `seed`: the recipe's seed) into `folder`.
 
     Returns the rows written per split and task. Each split depends only on (seed, split), so writing `test`
-    alone gives the same test rows as the recipe's full data step. The bar counts rows, advancing a split at a
-    time (the writer does not report single rows).
+    alone gives the same test rows as the recipe's full data step. `splits` defaults to `recipe_splits`. The bar
+    counts rows, advancing a split at a time (the writer does not report single rows). Conversation rows are
+    understanding rows (`meta.task`), so they land in `<split>-understanding.jsonl`.
     """
-    unknown = [s for s in splits if s not in SPLITS]
+    known = recipe_splits(data_spec)
+    splits = known if splits is None else splits
+    unknown = [s for s in splits if s not in known]
     if unknown or not splits:
-        raise ValueError(f"splits must be some of {SPLITS}, got {list(splits)}")
+        hint = (
+            f" ({PARAPHRASE_SPLIT} needs a recipe with data.test_paraphrase rows)"
+            if PARAPHRASE_SPLIT in unknown
+            else ""
+        )
+        raise ValueError(f"splits must be some of {known}, got {list(splits)}{hint}")
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     world = recipe_world_config(data_spec.image_size, data_spec.generation_layout)
-    ordered = [s for s in SPLITS if s in splits]  # the data step's order, whatever order they were asked in
+    ordered = [s for s in known if s in splits]  # the data step's order, whatever order they were asked in
     counts: dict[str, dict[str, int]] = {}
     bar = _bar(sum(sum(split_rows(data_spec, s).values()) for s in ordered), progress)
     try:
@@ -67,6 +80,8 @@ def write_recipe_splits(
                 seed=seed,
                 image_size=data_spec.image_size,
                 config=world,
+                language=data_spec.language,
+                n_conversation=rows["conversation"],
             )
             counts[split] = _write_task_files(path, root, split)
             bar.update(sum(counts[split].values()))

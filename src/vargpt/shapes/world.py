@@ -73,6 +73,15 @@ _CANONICAL_RELATION_CELLS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = 
     "below": ((2, 1), (0, 1)),
 }
 
+# The varied layout: a few cell sets per object count, and every row (left/right) or column (above/below) for a
+# relation. With the background free too, one prompt has 6-9 pictures instead of the canonical one.
+_VARIED_CELLS: dict[int, tuple[tuple[tuple[int, int], ...], ...]] = {
+    1: (((1, 1),), ((0, 1),), ((2, 1),)),
+    2: (((1, 0), (1, 2)), ((0, 0), (0, 2)), ((2, 0), (2, 2))),
+    3: (((1, 0), (1, 1), (1, 2)), ((0, 0), (0, 1), (0, 2)), ((2, 0), (2, 1), (2, 2))),
+    4: (((0, 0), (0, 2), (2, 0), (2, 2)), ((0, 1), (1, 0), (1, 2), (2, 1))),
+}
+
 __all__ = [
     "EDIT_KINDS",
     "GENEVAL_CATEGORIES",
@@ -242,7 +251,7 @@ class ShapesWorld:
         self.config.validate_split(split)
         if mentions_held_out_pair(metadata, self.config) and split != "test":
             raise ValueError(f"prompt {metadata.get('prompt')!r} names a held-out pair; it belongs to test")
-        if self.config.generation_layout == "canonical":
+        if self.config.generation_layout in ("canonical", "varied"):
             return self._draw_scene_for(metadata)
         for _ in range(_MAX_ATTEMPTS):
             scene = self._draw_scene_for(metadata)
@@ -259,8 +268,12 @@ class ShapesWorld:
         total = sum(clause["count"] for clause in include)
         if not include or total > self.config.max_objects:
             raise ValueError(f"metadata needs 1 to {self.config.max_objects} objects, got {total}")
-        canonical = self.config.generation_layout == "canonical"
-        if canonical:
+        layout = self.config.generation_layout
+        canonical = layout in ("canonical", "varied")  # both fill cells in order with large shapes
+        if layout == "varied":
+            free = list(self.rng.choice(_VARIED_CELLS[total]))
+            self.rng.shuffle(free)
+        elif canonical:
             free = list(_CANONICAL_CELLS[total])
         else:
             free = list(all_cells())
@@ -271,9 +284,7 @@ class ShapesWorld:
                 relation, anchor = clause["position"]
                 if clause["count"] != 1 or include[anchor]["count"] != 1:
                     raise ValueError("position clauses are drawn for single objects only")
-                subject_cell, anchor_cell = (
-                    self._canonical_cells_in_relation(relation) if canonical else self._cells_in_relation(relation)
-                )
+                subject_cell, anchor_cell = self._relation_cells(relation, layout)
                 placed[index], placed[anchor] = [subject_cell], [anchor_cell]
                 free = [c for c in free if c not in (subject_cell, anchor_cell)]
         largest = max(self.config.sizes, key=lambda item: item[1])[0]
@@ -284,8 +295,22 @@ class ShapesWorld:
             for cell in cells:
                 size = largest if canonical else self.rng.choice(self.config.size_names)
                 objects.append(ShapeInstance(cell, clause["class"], shared, size))
-        background = self.config.backgrounds[0] if canonical else self.rng.choice(self.config.backgrounds)
+        fixed_background = layout == "canonical"
+        background = self.config.backgrounds[0] if fixed_background else self.rng.choice(self.config.backgrounds)
         return Scene(tuple(objects), background)
+
+    def _relation_cells(self, relation: str, layout: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(subject, anchor) cells of a relation: fixed (canonical), on any row or column at the grid's two
+        ends (varied), or anywhere on one line (random)."""
+        if layout == "canonical":
+            return self._canonical_cells_in_relation(relation)
+        if layout == "random":
+            return self._cells_in_relation(relation)
+        subject, anchor = self._canonical_cells_in_relation(relation)
+        line = self.rng.randrange(3)
+        if relation in ("left of", "right of"):
+            return (line, subject[1]), (line, anchor[1])
+        return (subject[0], line), (anchor[0], line)
 
     @staticmethod
     def _canonical_cells_in_relation(relation: str) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..generation.config import ImageGenerationConfig
+from ..shapes.broad import LANGUAGES
 from ..shapes.scene import GENERATION_LAYOUTS
 from ..shapes.world import GENEVAL_CATEGORIES
 from .preference_pairs import DPO_LOSERS
@@ -33,6 +34,36 @@ class DataSpec:
     # text-to-image targets: "random" (laid out like every other scene) or "canonical" (one layout per object
     # count or relation, large shapes on white: the image loss is then about the prompt; see `vargpt.shapes.world`)
     generation_layout: str = "random"
+    # the words of prompts, questions and instructions: "templates" (the first language, a few fixed phrasings
+    # per category; exactly the rows it always wrote) or "broad" (a grammar of many phrasings, see
+    # `vargpt.shapes.broad`). "broad" allows "conversation" rows in a split (multi-turn rows, trained with the
+    # understanding rows) and the `test_paraphrase` split (test scenes in phrasings training never reads).
+    language: str = "templates"
+    test_paraphrase: dict[str, int] = field(default_factory=dict)
+
+
+DATA_ROW_KINDS = (*TASKS, "conversation")
+
+
+def _data_problem(data: DataSpec) -> str | None:
+    """What is wrong with a recipe's data section (None: nothing)."""
+    if data.generation_layout not in GENERATION_LAYOUTS:
+        return f"data.generation_layout must be one of {GENERATION_LAYOUTS}, got {data.generation_layout!r}"
+    if data.language not in LANGUAGES:
+        return f"data.language must be one of {LANGUAGES}, got {data.language!r}"
+    splits = {"train": data.train, "validation": data.validation, "test": data.test}
+    splits["test_paraphrase"] = data.test_paraphrase
+    for name, rows in splits.items():
+        if not isinstance(rows, dict):
+            return f"data.{name} must map row kinds to counts"
+        unknown = sorted(set(rows) - set(DATA_ROW_KINDS))
+        if unknown:
+            return f"data.{name}: unknown row kinds {unknown}; choose from {DATA_ROW_KINDS}"
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in rows.values()):
+            return f"data.{name}: row counts must be non-negative integers, got {rows}"
+        if data.language != "broad" and (rows.get("conversation") or (name == "test_paraphrase" and rows)):
+            return f"data.{name}: conversation rows and the test_paraphrase split need data.language 'broad'"
+    return None
 
 
 @dataclass(frozen=True)
@@ -240,10 +271,8 @@ def load_recipe(name_or_path: str | Path) -> RecipeSpec:
             raise ValueError(f"recipe {name_or_path!s}: {part} learning_rate must be positive")
     if spec.threads is not None and spec.threads < 1:
         raise ValueError(f"recipe {name_or_path!s}: threads must be a positive count, got {spec.threads}")
-    if spec.data.generation_layout not in GENERATION_LAYOUTS:
-        raise ValueError(
-            f"recipe {name_or_path!s}: data.generation_layout must be one of {GENERATION_LAYOUTS}, "
-            f"got {spec.data.generation_layout!r}"
-        )
+    problem = _data_problem(spec.data)
+    if problem:
+        raise ValueError(f"recipe {name_or_path!s}: {problem}")
     ImageGenerationConfig().updated(**spec.image_generation)  # unknown or invalid settings: a clear error now
     return spec
