@@ -54,17 +54,22 @@ def _describe(source: ImageSource) -> str:
     return f"image file {os.fspath(source)!r}"
 
 
-def _open(source: str | os.PathLike | bytes, max_pixels: int, formats: Sequence[str] | None = None) -> Image.Image:
-    """Open lazily (header only), enforce the pixel limit, then decode every pixel."""
-    what = _describe(source)
-    if isinstance(source, bytes):
-        return _decode(io.BytesIO(source), max_pixels, what, formats)
+def existing_file(source: str | os.PathLike, what: str) -> str:
+    """`source` as a path string, once it names an existing regular file (else `ImageInputError` naming `what`)."""
     path = os.fspath(source)
     if not os.path.exists(path):
         raise ImageInputError(f"{what} does not exist")
     if not os.path.isfile(path):
         raise ImageInputError(f"{what} is not a regular file")
-    with open(path, "rb") as file:
+    return path
+
+
+def _open(source: str | os.PathLike | bytes, max_pixels: int, formats: Sequence[str] | None = None) -> Image.Image:
+    """Open lazily (header only), enforce the pixel limit, then decode every pixel."""
+    what = _describe(source)
+    if isinstance(source, bytes):
+        return _decode(io.BytesIO(source), max_pixels, what, formats)
+    with open(existing_file(source, what), "rb") as file:
         return _decode(file, max_pixels, what, formats)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from .image_io import DEFAULT_MAX_PIXELS, ImageInputError
+from .image_io import DEFAULT_MAX_PIXELS, ImageInputError, existing_file
 
 VideoFile = str | os.PathLike | bytes
 
@@ -169,12 +169,7 @@ def _container_of(head: bytes) -> str | None:
 def _read_head(source: VideoFile, what: str) -> bytes:
     if isinstance(source, bytes):
         return source[:_HEADER_BYTES]
-    path = os.fspath(source)
-    if not os.path.exists(path):
-        raise ImageInputError(f"{what} does not exist")
-    if not os.path.isfile(path):
-        raise ImageInputError(f"{what} is not a regular file")
-    with open(path, "rb") as file:
+    with open(existing_file(source, what), "rb") as file:
         return file.read(_HEADER_BYTES)
 
 

@@ -326,84 +326,80 @@ def _video_count(messages: Sequence[dict[str, str]]) -> int:
     return sum(m["content"].count(SHAREGPT_VIDEO_PLACEHOLDER) for m in messages)
 
 
-class _ImageResolver:
-    """Resolve image paths against a folder and check, once per distinct path, that the file exists and (with
-    `decode`) decodes, so a broken file costs its rows rather than stopping a training run halfway."""
+class _MediaResolver:
+    """Resolve a row's media paths (`key`: "images" or "videos") against a folder and check, once per distinct path,
+    that the file exists and (with `decode`) reads, so a broken file costs its rows rather than stopping a
+    training run halfway. Subclasses say how a file is read and which reasons a problem is counted under."""
+
+    key = ""
+    noun = ""
+    placeholder = ""
+    missing = unreadable = count_mismatch = ""
 
     def __init__(self, decode: bool = True) -> None:
         self.decode = decode
         self._problems: dict[str, tuple[str, str] | None] = {}
 
+    def _read(self, path: str) -> None:
+        raise NotImplementedError
+
     def _problem(self, original: str, path: str) -> tuple[str, str] | None:
-        """(reason, detail) of what is wrong with one image file, or None."""
+        """(reason, detail) of what is wrong with one file, or None."""
         if not os.path.isfile(path):
-            return MISSING_IMAGE, f"image {original!r} not found (looked at {path})"
+            return self.missing, f"{self.noun} {original!r} not found (looked at {path})"
         if self.decode:
             try:
-                load_image(path)
+                self._read(path)
             except ValueError as error:
-                return UNREADABLE_IMAGE, f"image {original!r} cannot be read: {error}"
+                return self.unreadable, f"{self.noun} {original!r} cannot be read: {error}"
         return None
+
+    def paths(self, row: dict[str, Any], base_dir: Path, expected: int) -> list[str]:
+        raw = row.get(self.key)
+        if raw is None:
+            raw = []
+        elif isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list) or not all(isinstance(p, str) and p.strip() for p in raw):
+            raise _RowError(BAD_TYPE, f"'{self.key}' must be a list of non-empty path strings")
+        if len(raw) != expected:
+            raise _RowError(
+                self.count_mismatch, f"{expected} {self.placeholder} placeholder(s) but {len(raw)} {self.noun}(s)"
+            )
+        resolved = [os.path.abspath(p if os.path.isabs(p) else base_dir / p) for p in raw]
+        for original, path in zip(raw, resolved, strict=True):
+            if path not in self._problems:
+                self._problems[path] = self._problem(original, path)
+            problem = self._problems[path]
+            if problem is not None:
+                raise _RowError(*problem)
+        return resolved
+
+
+class _ImageResolver(_MediaResolver):
+    """Images: a file must decode (`load_image`); rows with other unsupported media are refused here."""
+
+    key, noun, placeholder = "images", "image", "image"
+    missing, unreadable, count_mismatch = MISSING_IMAGE, UNREADABLE_IMAGE, IMAGE_COUNT_MISMATCH
+
+    def _read(self, path: str) -> None:
+        load_image(path)
 
     def paths(self, row: dict[str, Any], base_dir: Path, expected: int) -> list[str]:
         for key in UNSUPPORTED_MEDIA_KEYS:
             if row.get(key):
                 raise _RowError(UNSUPPORTED_MEDIA, f"row has {key!r}; only images are supported")
-        raw = row.get("images")
-        if raw is None:
-            raw = []
-        elif isinstance(raw, str):
-            raw = [raw]
-        if not isinstance(raw, list) or not all(isinstance(p, str) and p.strip() for p in raw):
-            raise _RowError(BAD_TYPE, "'images' must be a list of non-empty path strings")
-        if len(raw) != expected:
-            raise _RowError(IMAGE_COUNT_MISMATCH, f"{expected} image placeholder(s) but {len(raw)} image(s)")
-        resolved = [os.path.abspath(p if os.path.isabs(p) else base_dir / p) for p in raw]
-        for original, path in zip(raw, resolved, strict=True):
-            if path not in self._problems:
-                self._problems[path] = self._problem(original, path)
-            problem = self._problems[path]
-            if problem is not None:
-                raise _RowError(*problem)
-        return resolved
+        return super().paths(row, base_dir, expected)
 
 
-class _VideoResolver:
-    """Resolve a row's `videos` against a folder and check, once per distinct path, that the file exists and (with
-    `decode`) is a video within the limits (`probe_video`: header and packets, no frame decoded)."""
+class _VideoResolver(_MediaResolver):
+    """Videos: a file must pass `probe_video` (header and packets, no frame decoded)."""
 
-    def __init__(self, decode: bool = True) -> None:
-        self.decode = decode
-        self._problems: dict[str, tuple[str, str] | None] = {}
+    key, noun, placeholder = "videos", "video", "<video>"
+    missing, unreadable, count_mismatch = MISSING_VIDEO, UNREADABLE_VIDEO, VIDEO_COUNT_MISMATCH
 
-    def _problem(self, original: str, path: str) -> tuple[str, str] | None:
-        if not os.path.isfile(path):
-            return MISSING_VIDEO, f"video {original!r} not found (looked at {path})"
-        if self.decode:
-            try:
-                probe_video(path)
-            except ValueError as error:
-                return UNREADABLE_VIDEO, f"video {original!r} cannot be read: {error}"
-        return None
-
-    def paths(self, row: dict[str, Any], base_dir: Path, expected: int) -> list[str]:
-        raw = row.get("videos")
-        if raw is None:
-            raw = []
-        elif isinstance(raw, str):
-            raw = [raw]
-        if not isinstance(raw, list) or not all(isinstance(p, str) and p.strip() for p in raw):
-            raise _RowError(BAD_TYPE, "'videos' must be a list of non-empty path strings")
-        if len(raw) != expected:
-            raise _RowError(VIDEO_COUNT_MISMATCH, f"{expected} <video> placeholder(s) but {len(raw)} video(s)")
-        resolved = [os.path.abspath(p if os.path.isabs(p) else base_dir / p) for p in raw]
-        for original, path in zip(raw, resolved, strict=True):
-            if path not in self._problems:
-                self._problems[path] = self._problem(original, path)
-            problem = self._problems[path]
-            if problem is not None:
-                raise _RowError(*problem)
-        return resolved
+    def _read(self, path: str) -> None:
+        probe_video(path)
 
 
 def _videos(

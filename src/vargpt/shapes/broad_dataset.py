@@ -13,8 +13,8 @@ from typing import Any
 from PIL import Image
 
 from .broad import broad_instruction, broad_t2i_metadata, broad_vqa
-from .language import mentions_held_out_pair
-from .scene import has_held_out_pair, stable_unit_hash
+from .language import VQAItem, mentions_held_out_pair
+from .scene import Scene, has_held_out_pair, stable_unit_hash
 from .world import EDIT_KINDS, GENEVAL_CATEGORIES, VQA_TYPES, ShapesWorld
 
 IMAGE_TOKEN = "<image>"
@@ -53,8 +53,16 @@ def broad_t2i(world: ShapesWorld, category: str, scene_split: str, held_out: boo
 
 
 def understanding_rows(
-    world: ShapesWorld, split: str, scene_split: str, n: int, caption_fraction: float, save: Save, held_out: bool
+    world: ShapesWorld,
+    split: str,
+    scene_split: str,
+    n: int,
+    caption_fraction: float,
+    save: Save,
+    questions: Callable[[Scene], list[VQAItem]],
 ) -> list[dict]:
+    """Captions and questions about drawn scenes; `questions` words them (the templates' `world.vqa`, or the broad
+    grammar), so both languages draw scenes, captions and question types in the same order."""
     rows = []
     for index in range(n):
         scene = world.sample_scene(scene_split)
@@ -64,13 +72,21 @@ def understanding_rows(
             meta.update(category="caption", unseen_combination=has_held_out_pair(scene, world.config))
         else:
             wanted = VQA_TYPES[index % len(VQA_TYPES)]
-            items = broad_vqa(scene, world.config, world.rng, include_held_out=scene_split == "test", held_out=held_out)
-            item = next(q for q in items if q.qtype == wanted)
+            item = next(q for q in questions(scene) if q.qtype == wanted)
             question, answer = item.question, item.answer
             meta.update(category=item.qtype, form=item.form, unseen_combination=item.unseen_combination)
         meta["answer"] = answer
         rows.append(row([(IMAGE_TOKEN + question, answer)], [save(world.render(scene))], meta))
     return rows
+
+
+def broad_questions(world: ShapesWorld, scene_split: str, held_out: bool) -> Callable[[Scene], list[VQAItem]]:
+    """The broad grammar's questions about a scene, drawn from the world's generator."""
+
+    def questions(scene: Scene) -> list[VQAItem]:
+        return broad_vqa(scene, world.config, world.rng, include_held_out=scene_split == "test", held_out=held_out)
+
+    return questions
 
 
 def generation_rows(world: ShapesWorld, split: str, scene_split: str, n: int, save: Save, held_out: bool) -> list[dict]:

@@ -18,8 +18,8 @@ from PIL import Image
 from . import broad_dataset
 from .broad import LANGUAGES
 from .conversations import conversation_rows
-from .scene import ShapesWorldConfig, has_held_out_pair
-from .world import EDIT_KINDS, GENEVAL_CATEGORIES, SPLITS, VQA_TYPES, ShapesWorld
+from .scene import ShapesWorldConfig
+from .world import EDIT_KINDS, GENEVAL_CATEGORIES, SPLITS, ShapesWorld
 
 # Test scenes worded only with the broad language's held-out phrasings (see `vargpt.shapes.broad`)
 PARAPHRASE_SPLIT = "test-paraphrase"
@@ -51,21 +51,7 @@ def _row(user: str, assistant: str, images: list[str], meta: dict[str, Any]) -> 
 
 
 def _understanding_rows(world: ShapesWorld, split: str, n: int, caption_fraction: float, save) -> list[dict]:
-    rows = []
-    for index in range(n):
-        scene = world.sample_scene(split)
-        meta = {"task": "understanding", "split": split, "scene": scene.to_dict()}
-        if world.rng.random() < caption_fraction:
-            question, answer = "Describe the image.", world.caption(scene)
-            meta.update(category="caption", unseen_combination=has_held_out_pair(scene, world.config))
-        else:
-            wanted = VQA_TYPES[index % len(VQA_TYPES)]
-            item = next(q for q in world.vqa(scene) if q.qtype == wanted)
-            question, answer = item.question, item.answer
-            meta.update(category=item.qtype, form=item.form, unseen_combination=item.unseen_combination)
-        meta["answer"] = answer
-        rows.append(_row(IMAGE_TOKEN + question, answer, [save(world.render(scene))], meta))
-    return rows
+    return broad_dataset.understanding_rows(world, split, split, n, caption_fraction, save, world.vqa)
 
 
 def _generation_rows(world: ShapesWorld, split: str, n: int, save) -> list[dict]:
@@ -175,8 +161,9 @@ def _broad_rows(
     stream = seed * len(SPLITS) + SPLITS.index(scene_split) + (_PARAPHRASE_SEED_OFFSET if held_out else 0)
     world = ShapesWorld(stream, image_size=image_size, config=config)
     n_understanding, n_generation, n_editing, n_conversation = counts
+    questions = broad_dataset.broad_questions(world, scene_split, held_out)
     rows = broad_dataset.understanding_rows(
-        world, split, scene_split, n_understanding, caption_fraction, save, held_out
+        world, split, scene_split, n_understanding, caption_fraction, save, questions
     )
     rows += broad_dataset.generation_rows(world, split, scene_split, n_generation, save, held_out)
     rows += broad_dataset.editing_rows(world, split, scene_split, n_editing, save, held_out)
