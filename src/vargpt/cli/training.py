@@ -12,6 +12,7 @@ server imports `vargpt.cli.options` and has no use for the Trainer, peft or `dat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -73,7 +74,11 @@ def add_data_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stop-after", default=None, help="end after this stage (a later run continues)")
     group.add_argument("--strict-data", action="store_true", help="fail on the first bad row instead of skipping")
     group.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
-    group.add_argument("--no-bf16", action="store_true", help="full precision even where the recipe asks for bf16")
+    group.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="full precision even where the recipe asks for bf16 (any recipe; the numbers then differ from bf16 runs)",
+    )
 
 
 def data_recipe_flags_given(args: argparse.Namespace) -> list[str]:
@@ -114,7 +119,7 @@ def run_train(args: argparse.Namespace) -> int:
         stages = {s["stage"]: s["status"] for s in summary["stages"]}
         print(json.dumps({"stages": stages, "complete": summary["complete"], "final": summary["final"]}, indent=2))
         return 0
-    flags = data_recipe_flags_given(args)
+    flags = [flag for flag in data_recipe_flags_given(args) if flag != "--no-bf16"]  # --no-bf16 serves both kinds
     if flags:
         raise ValueError(f'{", ".join(flags)}: only for fine-tuning recipes ("kind": "finetune"), not {args.recipe}')
     # loaded only for a shapes-world run: the runner, the world's detector and its scoring take seconds to import
@@ -123,7 +128,10 @@ def run_train(args: argparse.Namespace) -> int:
     from ..training.runner import run_recipe
 
     out = args.out or f"runs/{Path(args.recipe).stem}"
-    summary = run_recipe(load_recipe(args.recipe), out, progress=not args.quiet, judges=shapes_judges())
+    spec = load_recipe(args.recipe)
+    if args.no_bf16 and spec.bf16:
+        spec = dataclasses.replace(spec, bf16=False)
+    summary = run_recipe(spec, out, progress=not args.quiet, judges=shapes_judges())
     print(json.dumps({"stages": [s["stage"] for s in summary["stages"]], "final": f"{out}/final"}, indent=2))
     return 0
 
