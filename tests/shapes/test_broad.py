@@ -115,3 +115,18 @@ def test_edit_instructions_keep_their_content():
     framed = {broad_instruction("Make the circle red.", rng) for _ in range(40)}
     assert len(framed) >= 3 and all("the circle red" in f for f in framed)
     assert all("ould you" in f or "Kindly" in f for f in (broad_instruction("Remove the square.", rng, True),))
+
+
+def test_the_broad_prompt_world_gives_dpo_pairs_broad_training_prompts_whose_scenes_satisfy_them():
+    from vargpt.shapes.broad_dataset import BroadPromptWorld
+    from vargpt.shapes.language import enumerate_prompts
+
+    world = BroadPromptWorld(ShapesWorld(5, image_size=32, config=CONFIG))
+    templates = {m["prompt"] for c in GENEVAL_CATEGORIES for m in enumerate_prompts(c, CONFIG)}
+    items = [world.t2i_prompt(GENEVAL_CATEGORIES[i % len(GENEVAL_CATEGORIES)], "train") for i in range(60)]
+    assert sum(item.prompt not in templates for item in items) >= 30  # worded by the grammar, not the templates
+    for item in items:
+        assert not any(marker in item.prompt.lower() for marker in _held_out_markers())  # training phrasings only
+        assert not item.unseen_combination
+        correct, _ = evaluate_generated_image(world.render(item.scene), item.metadata, CONFIG)
+        assert correct, item.prompt

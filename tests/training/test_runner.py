@@ -447,3 +447,24 @@ def test_mixed_dpo_losers_take_another_prompts_scene_where_the_models_sample_is_
         chosen, rejected = (Image.open(tmp_path / "p" / name).convert("RGB") for name in row["images"])
         assert rejected.getpixel((0, 0)) != (255, 0, 255)  # a rendered scene, not the model's sample
         assert chosen.tobytes() != rejected.tobytes()
+
+
+def test_a_broad_recipes_dpo_pairs_are_worded_by_the_broad_grammar(tmp_path):
+    from vargpt.shapes.language import enumerate_prompts
+    from vargpt.shapes.splits import recipe_world_config
+    from vargpt.shapes.world import GENEVAL_CATEGORIES
+    from vargpt.training.runner import build_stage_pairs
+
+    def prompts_of(language: str) -> list[str]:
+        dpo = dict(SMOKE["stages"][3], dpo_pairs=12, dpo_losers="other_prompts")
+        path = tmp_path / f"{language}.json"
+        path.write_text(json.dumps(dict(SMOKE, data=dict(SMOKE["data"], language=language), stages=[dpo])))
+        pairs = build_stage_pairs(load_recipe(path), 0, None, lambda image, row: False, tmp_path / language)
+        return [json.loads(line)["conversations"][0]["content"] for line in pairs.read_text().splitlines()]
+
+    world = recipe_world_config(32, "random")  # SMOKE's layout
+    templates = {m["prompt"] for c in GENEVAL_CATEGORIES for m in enumerate_prompts(c, world)}
+    templated, broad = prompts_of("templates"), prompts_of("broad")
+    assert len(templated) == len(broad) == 12
+    assert set(templated) <= templates  # the template recipes' pairs are as before
+    assert sum(p not in templates for p in broad) >= 6

@@ -15,7 +15,7 @@ from PIL import Image
 from .broad import broad_instruction, broad_t2i_metadata, broad_vqa
 from .language import VQAItem, mentions_held_out_pair
 from .scene import Scene, has_held_out_pair, stable_unit_hash
-from .world import EDIT_KINDS, GENEVAL_CATEGORIES, VQA_TYPES, ShapesWorld
+from .world import EDIT_KINDS, GENEVAL_CATEGORIES, VQA_TYPES, ShapesWorld, T2IItem
 
 IMAGE_TOKEN = "<image>"
 IMAGE_GEN_TOKEN = "<image_gen>"
@@ -50,6 +50,23 @@ def broad_t2i(world: ShapesWorld, category: str, scene_split: str, held_out: boo
         ):
             return metadata
     raise RuntimeError(f"no {scene_split} prompt of {category!r} found in 1000 draws")
+
+
+class BroadPromptWorld:
+    """A shapes world whose text-to-image prompts are worded by the broad grammar (training phrasings only): what
+    a broad recipe's DPO stage draws its pairs from, so preference data speaks the language its SFT data spoke."""
+
+    def __init__(self, world: ShapesWorld) -> None:
+        self.world = world
+
+    def t2i_prompt(self, category: str, split: str = "train") -> T2IItem:
+        metadata = broad_t2i(self.world, category, split, held_out=False)
+        scene = self.world.scene_for_prompt(metadata, split)
+        unseen = mentions_held_out_pair(metadata, self.world.config)
+        return T2IItem(metadata["prompt"], metadata, scene, split, unseen)
+
+    def render(self, scene: Scene) -> Image.Image:
+        return self.world.render(scene)
 
 
 def understanding_rows(

@@ -41,6 +41,7 @@ from ..generation.config import DEFAULT_IMAGE_PRESET, ImageGenerationConfig
 from ..modeling import VARGPTForConditionalGeneration
 from ..pipeline import VARGPTPipeline
 from ..processing import VARGPTProcessor, postprocess_generated, preprocess_generation_target
+from ..shapes.broad_dataset import BroadPromptWorld
 from ..shapes.scene import GRID_SIZE, Scene
 from ..shapes.splits import recipe_world_config, write_recipe_splits
 from ..shapes.world import ShapesWorld
@@ -344,6 +345,8 @@ def build_stage_pairs(
         image_size=spec.data.image_size,
         config=recipe_world_config(spec.data.image_size, spec.data.generation_layout),
     )
+    if spec.data.language == "broad":
+        world = BroadPromptWorld(world)  # the pairs' prompts in the language the recipe's SFT rows spoke
     return build_preference_pairs(
         world,
         GENEVAL_CATEGORIES,
