@@ -134,12 +134,3 @@ def test_no_bf16_trains_a_shapes_recipe_in_full_precision(monkeypatch, tmp_path)
     assert main(["train", "--recipe", "shapes-tiny", "--out", str(tmp_path), "--quiet", "--no-bf16"]) == 0
     assert [spec.bf16 for spec in specs] == [True, False]
     assert specs[0].stages == specs[1].stages  # nothing else changes
-
-
-def test_the_bf16_check_reads_the_cpu_flags():
-    from vargpt.training.runner import cpu_has_fast_bf16
-
-    assert not cpu_has_fast_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
-    assert cpu_has_fast_bf16("flags\t\t: avx2 avx512f avx512_bf16\n")
-    assert cpu_has_fast_bf16("flags\t\t: avx2 amx_tile amx_bf16\n")
-    assert cpu_has_fast_bf16("model name : unknown\n")  # no flags line: nothing is claimed

@@ -25,6 +25,7 @@ from ..hub import resolve_checkpoint
 from ..modeling import VARGPTForConditionalGeneration
 from ..pipeline import preset_processor
 from ..processing import VARGPTProcessor
+from .precision import warn_if_bf16_is_slow_here
 from .stage_trainer import StageSetup, build_stage_trainer, stage_training_arguments, train_resuming
 from .stages import StagePlan, apply_stage, get_stage
 
@@ -195,6 +196,9 @@ def run_finetune(args: FinetuneArgs) -> dict:
     plan = get_stage(args.stage, args.trainable)
     training_args = training_arguments(args, plan)
     check_plan(args, training_args)
+    warn_if_bf16_is_slow_here(
+        training_args.bf16, training_args.device.type == "cpu", "drop --bf16 to fine-tune in fp32 on this CPU"
+    )
     model, processor = load_for_training(
         args.model, training_dtype(args.dtype, training_args), args.seed, quantization=args.quantize
     )

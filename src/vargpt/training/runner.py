@@ -53,6 +53,7 @@ from ..tokenization import (
     learn_tiny_merges,
 )
 from .plots import image_rows, loss_curve
+from .precision import warn_if_bf16_is_slow_here
 from .preference_pairs import PromptScorer, build_preference_pairs, draws_own_samples
 from .recipe import GENEVAL_CATEGORIES, RecipeSpec, StageSpec
 from .stage_trainer import StageSetup, build_stage_trainer, stage_training_arguments, train_resuming
@@ -458,21 +459,6 @@ def run_stage(
     return metrics
 
 
-def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX), read from /proc/cpuinfo's flags; True where they
-    cannot be read (not Linux), so that nothing is claimed about an unknown CPU."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return True
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-    return not flags or bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
 def run_recipe(spec: RecipeSpec, out_dir: str | Path, *, progress: bool = True, judges: RecipeJudges) -> dict[str, Any]:
     """Run (or resume) a whole recipe; returns the summary that is also written to summary.json.
 
@@ -515,13 +501,11 @@ def _run_recipe(spec: RecipeSpec, out: Path, progress: bool, judges: RecipeJudge
     started = time.perf_counter()
     set_seed(spec.seed)
     (out / "recipe.json").write_text(json.dumps(spec.to_dict(), indent=2))
-    if spec.bf16 and not torch.cuda.is_available() and not cpu_has_fast_bf16():
-        warnings.warn(
-            "this CPU has no bf16 instructions (AVX512-BF16 or AMX): bf16 autocast runs its convolutions about 17x "
-            "slower than fp32 (measured on an AVX2-only host), so this recipe may take hours; `vargpt train --no-bf16` "
-            "trains in fp32, whose numbers differ from the bf16 runs reported in the README",
-            stacklevel=2,
-        )
+    warn_if_bf16_is_slow_here(
+        spec.bf16,
+        not torch.cuda.is_available(),
+        "`vargpt train --no-bf16` trains in fp32, whose numbers differ from the bf16 runs reported in the README",
+    )
     data = prepare_data(spec, out / "data")
     processor = build_processor(spec, data)
     model = VARGPTForConditionalGeneration(VARGPTConfig.from_preset(spec.model_preset, **spec.model_overrides))
