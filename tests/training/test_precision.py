@@ -40,6 +40,7 @@ def test_finetune_with_bf16_on_such_a_cpu_warns_before_loading(tmp_path, monkeyp
 
     monkeypatch.setattr(finetune, "load_for_training", stop)
     monkeypatch.setattr("vargpt.training.precision.cpu_has_fast_bf16", lambda cpuinfo=None: False)
-    args = finetune.FinetuneArgs(model="tiny", data=[str(tmp_path / "rows.jsonl")], out=str(tmp_path / "out"), bf16=True)
+    rows, out = str(tmp_path / "rows.jsonl"), str(tmp_path / "out")
+    args = finetune.FinetuneArgs(model="tiny", data=[rows], out=out, bf16=True)
     with pytest.warns(UserWarning, match="drop --bf16"), pytest.raises(Loaded):
         finetune.run_finetune(args)
