@@ -130,3 +130,19 @@ def test_the_broad_prompt_world_gives_dpo_pairs_broad_training_prompts_whose_sce
         assert not item.unseen_combination
         correct, _ = evaluate_generated_image(world.render(item.scene), item.metadata, CONFIG)
         assert correct, item.prompt
+
+
+def test_the_trained_grammar_uses_every_word_of_the_template_prompts():
+    from vargpt.model_card import prompt_words
+    from vargpt.shapes.language import enumerate_prompts
+
+    rng = random.Random(3)
+    broad_words = set()
+    for index in range(3000):
+        category = GENEVAL_CATEGORIES[index % len(GENEVAL_CATEGORIES)]
+        metadata = broad_t2i_metadata(category, CONFIG, rng, unseen=False, held_out=False)
+        broad_words.update(prompt_words(metadata["prompt"]))
+    template_words = {
+        w for c in GENEVAL_CATEGORIES for m in enumerate_prompts(c, CONFIG) for w in prompt_words(m["prompt"])
+    }
+    assert template_words <= broad_words, sorted(template_words - broad_words)

@@ -8,7 +8,8 @@ word order for colours, a joiner, a relation form, a clause order), each drawn f
 Every bank keeps some phrasings out of training: `held_out=True` draws only those, which is how the
 `test-paraphrase` split asks for wordings the model never read. Held-out phrasings reuse content words the
 trained ones teach (left, above, red, two ...) and add only filler, so a model that learned the meaning can
-answer them; the answers and GenEval metadata are the same as for the template language.
+answer them; the answers and GenEval metadata are the same as for the template language. The trained banks
+hold every word of the templates' prompts too, so a model trained on this language has read the templates' words.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ FRAMES = Phrasings(
         "a photo of {x}",
         "an image of {x}",
         "a picture of {x}",
+        "a picture showing {x}",
+        "a picture containing {x}",
         "draw {x}",
         "please draw {x}",
         "draw me {x}, please",
@@ -181,7 +184,7 @@ def object_phrase(clause: dict[str, Any], rng: random.Random, held_out: bool) ->
         determiner = rng.choice(("a", "one")) if not colour else rng.choice(("a", "a", "one"))
     else:
         noun, be = plural(shape), "are"
-        determiner = rng.choice((number_word(n), str(n)))
+        determiner = rng.choice((number_word(n), str(n), f"exactly {number_word(n)}"))
     if colour is None:
         phrase = f"{determiner} {noun}"
     else:
