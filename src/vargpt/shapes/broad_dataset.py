@@ -52,6 +52,13 @@ def broad_t2i(world: ShapesWorld, category: str, scene_split: str, held_out: boo
     raise RuntimeError(f"no {scene_split} prompt of {category!r} found in 1000 draws")
 
 
+def broad_t2i_item(world: ShapesWorld, category: str, scene_split: str, held_out: bool) -> T2IItem:
+    """A broad prompt of `scene_split` with its ground-truth scene (what generation rows and DPO pairs draw)."""
+    metadata = broad_t2i(world, category, scene_split, held_out)
+    scene = world.scene_for_prompt(metadata, scene_split)
+    return T2IItem(metadata["prompt"], metadata, scene, scene_split, mentions_held_out_pair(metadata, world.config))
+
+
 class BroadPromptWorld:
     """A shapes world whose text-to-image prompts are worded by the broad grammar (training phrasings only): what
     a broad recipe's DPO stage draws its pairs from, so preference data speaks the language its SFT data spoke."""
@@ -60,10 +67,7 @@ class BroadPromptWorld:
         self.world = world
 
     def t2i_prompt(self, category: str, split: str = "train") -> T2IItem:
-        metadata = broad_t2i(self.world, category, split, held_out=False)
-        scene = self.world.scene_for_prompt(metadata, split)
-        unseen = mentions_held_out_pair(metadata, self.world.config)
-        return T2IItem(metadata["prompt"], metadata, scene, split, unseen)
+        return broad_t2i_item(self.world, category, split, held_out=False)
 
     def render(self, scene: Scene) -> Image.Image:
         return self.world.render(scene)
@@ -109,15 +113,15 @@ def broad_questions(world: ShapesWorld, scene_split: str, held_out: bool) -> Cal
 def generation_rows(world: ShapesWorld, split: str, scene_split: str, n: int, save: Save, held_out: bool) -> list[dict]:
     rows = []
     for index in range(n):
-        metadata = broad_t2i(world, GENEVAL_CATEGORIES[index % len(GENEVAL_CATEGORIES)], scene_split, held_out)
-        scene = world.scene_for_prompt(metadata, scene_split)
+        item = broad_t2i_item(world, GENEVAL_CATEGORIES[index % len(GENEVAL_CATEGORIES)], scene_split, held_out)
+        metadata, scene = item.metadata, item.scene
         meta = {
             "task": "generation",
             "split": split,
             "category": metadata["tag"],
             "tags": [metadata["tag"]],
             "geneval": metadata,
-            "unseen_combination": mentions_held_out_pair(metadata, world.config),
+            "unseen_combination": item.unseen_combination,
             "scene": scene.to_dict(),
         }
         rows.append(row([(metadata["prompt"], IMAGE_GEN_TOKEN)], [save(world.render(scene))], meta))
